@@ -1,0 +1,43 @@
+"""The `recblr` command line: one subcommand per pipeline step, each a thin call into pipeline/ or recblr/.
+
+Every subcommand takes --json and then prints one JSON object as the last line of stdout; otherwise it
+prints a human-readable summary. Errors a user can fix (bad input files, missing data) exit with code 2 and
+one line on stderr naming what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+console = Console(stderr=True)
+
+DataDir = typer.Option(Path("data/default"), "--data-dir", help="Folder for this dataset's files.")
+AsJson = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout.")
+
+
+def emit(summary: dict, as_json: bool, title: str) -> None:
+    """Print a step's summary: a JSON line for machines, a two-column table for people."""
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+        return
+    table = Table(title=title, show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value))
+    Console().print(table)
+
+
+def main() -> None:
+    from pipeline.errors import PipelineError
+
+    try:
+        app()
+    except PipelineError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise SystemExit(2)

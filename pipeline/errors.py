@@ -1,0 +1,5 @@
+"""Errors a user can act on: the CLI prints them as one line, Airflow shows them as the task's failure."""
+
+
+class PipelineError(Exception):
+    """Bad input or a missing prerequisite, with a message naming the file, the line and the rule."""

@@ -1,0 +1,30 @@
+"""What every sequential recommender here shares: the tied item table, full-softmax scores and the init.
+
+The training and evaluation code only touches this surface (see the protocol in `recblr.models`), so a new
+model is a config dataclass plus `forward(items) -> hidden`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class SequentialRecommender(nn.Module):
+    """Base class: subclasses set `self.config` and `self.item_embedding` and define `forward`."""
+
+    config: object
+    item_embedding: nn.Embedding  # (n_items + 1, D), row 0 is padding and stays zero
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., n_items + 1) logits against the tied item table."""
+        return hidden @ self.item_embedding.weight.T
+
+    def init_weights(self, module: nn.Module) -> None:
+        """SASRec/RecBole init, used by the authors for RecBLR too: N(0, 0.02) weights, zero biases."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()

@@ -1,0 +1,141 @@
+"""RecBLR (Liu et al. 2024): item embedding -> N x [gated BD-LRU layer, PFFN] -> tied output table.
+
+Where the paper's text is open or differs, this follows the authors' code (see the top of PAPER.md):
+post-LayerNorm residual blocks, expansion E=2, a causal depthwise conv of width 4, and Lambda spread so that
+exp(-softplus(Lambda)) spans [0.9, 0.999] evenly in Lambda, not uniformly in the decay.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import bdlru
+from recblr.base import SequentialRecommender
+
+
+@dataclass(frozen=True)
+class RecBLRConfig:
+    n_items: int
+    d_model: int = 64
+    n_layers: int = 2
+    expand: int = 2
+    d_conv: int = 4
+    dropout: float = 0.2
+    # the ablations of paper Table 3 (n_layers=1 is the fourth)
+    use_conv: bool = True
+    use_ffn: bool = True
+    lambda_init: str = "paper"  # "paper": the deterministic span above; "random": Lambda ~ N(0, 1)
+
+    def __post_init__(self):
+        if self.n_items < 1 or self.d_model < 1 or self.n_layers < 1 or self.expand < 1 or self.d_conv < 1:
+            raise ValueError(f"RecBLRConfig: sizes must be positive, got {self}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"RecBLRConfig: dropout must be in [0, 1), got {self.dropout}")
+        if self.lambda_init not in ("paper", "random"):
+            raise ValueError(f"RecBLRConfig: lambda_init must be 'paper' or 'random', got {self.lambda_init!r}")
+
+
+def init_lambda(size: int, how: str) -> torch.Tensor:
+    if how == "random":
+        return torch.randn(size)
+    inv_softplus = lambda y: math.log(math.expm1(y))  # noqa: E731
+    return torch.linspace(inv_softplus(-math.log(0.9)), inv_softplus(-math.log(0.999)), size)
+
+
+class GatedRecurrentLayer(nn.Module):
+    """Paper Algorithm 1: expand, causal conv + SiLU, BD-LRU gated by SiLU(z), project back."""
+
+    def __init__(self, cfg: RecBLRConfig):
+        super().__init__()
+        d, e = cfg.d_model, cfg.expand * cfg.d_model
+        self.in_proj = nn.Linear(d, 2 * e, bias=False)
+        # padding k-1 on both sides, then keep the first T outputs: each sees only itself and the past
+        self.conv = nn.Conv1d(e, e, cfg.d_conv, groups=e, padding=cfg.d_conv - 1) if cfg.use_conv else None
+        self.gates = nn.Linear(e, 2 * e)
+        self.lam = nn.Parameter(init_lambda(e, cfg.lambda_init))  # (E*D,)
+        self.out_proj = nn.Linear(e, d, bias=False)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        T = u.shape[1]
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, T, E*D) each
+        if self.conv is not None:
+            x = self.conv(x.transpose(1, 2))[..., :T].transpose(1, 2)  # (B, T, E*D)
+        x = F.silu(x)
+        r, i = self.gates(x).chunk(2, dim=-1)  # (B, T, E*D) each
+        return self.out_proj(bdlru(x, r, i, self.lam, z=z))  # (B, T, D)
+
+    def step(self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        """One event: u (B, D); state = (conv window (B, E*D, k-1) of past pre-conv inputs, h (B, E*D))."""
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, E*D) each
+        window, h = state
+        if self.conv is not None:
+            window = torch.cat([window, x[:, :, None]], dim=-1)  # (B, E*D, k)
+            x = (window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias
+            window = window[:, :, 1:]
+        x = F.silu(x)
+        r, i = self.gates(x).chunk(2, dim=-1)
+        y, h = bdlru(x[:, None], r[:, None], i[:, None], self.lam, z=z[:, None], h0=h, return_state=True)
+        return self.out_proj(y[:, 0]), (window, h)  # (B, D)
+
+
+class Block(nn.Module):
+    """h = LN(x + Dropout(GRL(x))); out = LN(h + Dropout(W2 Dropout(SiLU(W1 h))))."""
+
+    def __init__(self, cfg: RecBLRConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.recurrent = GatedRecurrentLayer(cfg)
+        self.ln_1 = nn.LayerNorm(d, eps=1e-12)
+        self.ffn = nn.Sequential(
+            nn.Linear(d, 4 * d), nn.SiLU(), nn.Dropout(cfg.dropout), nn.Linear(4 * d, d)
+        ) if cfg.use_ffn else None
+        self.ln_2 = nn.LayerNorm(d, eps=1e-12) if cfg.use_ffn else None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.ffn is None else self.ln_2(h + self.drop(self.ffn(h)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        return self.feed_forward(self.ln_1(x + self.drop(self.recurrent(x))))
+
+    def step(self, x: torch.Tensor, state):  # (B, D) -> (B, D)
+        y, state = self.recurrent.step(x, state)
+        return self.feed_forward(self.ln_1(x + self.drop(y))), state
+
+
+class RecBLR(SequentialRecommender):
+    def __init__(self, config: RecBLRConfig):
+        super().__init__()
+        self.config = config
+        self.item_embedding = nn.Embedding(config.n_items + 1, config.d_model, padding_idx=0)
+        self.drop = nn.Dropout(config.dropout)
+        self.ln = nn.LayerNorm(config.d_model, eps=1e-12)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.apply(self.init_weights)  # Linear/Embedding only: Conv1d keeps its default, Lambda its span
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """items (B, T) right-padded with 0 -> hidden (B, T, D); position t sees items[:, :t+1] only."""
+        x = self.ln(self.drop(self.item_embedding(items)))  # (B, T, D)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def allocate_state(self, batch_size: int, device: torch.device | str = "cpu") -> list:
+        """Per layer: the conv's last k-1 inputs and the BD-LRU hidden state, all zero (no history yet)."""
+        e = self.config.expand * self.config.d_model
+        k = self.config.d_conv - 1 if self.config.use_conv else 0
+        return [(torch.zeros(batch_size, e, k, device=device), torch.zeros(batch_size, e, device=device))
+                for _ in self.blocks]
+
+    def step(self, items: torch.Tensor, state: list):
+        """Advance every user by one event: items (B,) -> (scores (B, n_items + 1), new state)."""
+        x = self.ln(self.drop(self.item_embedding(items)))  # (B, D)
+        new_state = []
+        for block, layer_state in zip(self.blocks, state):
+            x, layer_state = block.step(x, layer_state)
+            new_state.append(layer_state)
+        return self.scores(x), new_state

@@ -1,0 +1,72 @@
+"""The model registry and the one checkpoint format every model shares.
+
+Protocol (what train.py and evaluate.py rely on; see `recblr.base.SequentialRecommender`):
+- a frozen config dataclass with `n_items`; `dataclasses.asdict(config)` is what gets logged and saved;
+- `model.item_embedding`: nn.Embedding(n_items + 1, D, padding_idx=0), also the output table;
+- `model(items (B, T) right-padded with 0) -> hidden (B, T, D)`, causal;
+- `model.scores(hidden (..., D)) -> (..., n_items + 1)`;
+- recurrent models add `allocate_state(batch_size, device)` and `step(items (B,), state) -> (scores, state)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from recblr.base import SequentialRecommender
+from recblr.model import RecBLR, RecBLRConfig
+
+MODELS: dict[str, tuple[type, type[SequentialRecommender]]] = {
+    "recblr": (RecBLRConfig, RecBLR),
+}
+
+
+def build(name: str, n_items: int, **overrides) -> SequentialRecommender:
+    """A fresh model `name` over items 1..n_items, config defaults replaced by `overrides`."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    config_cls, model_cls = MODELS[name]
+    fields = {f.name for f in dataclasses.fields(config_cls)} - {"n_items"}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"{name} has no config field(s) {sorted(unknown)}; fields: {sorted(fields)}")
+    return model_cls(config_cls(n_items=n_items, **overrides))
+
+
+def model_name(model: SequentialRecommender) -> str:
+    for name, (_, model_cls) in MODELS.items():
+        if type(model) is model_cls:
+            return name
+    raise ValueError(f"{type(model).__name__} is not in the registry")
+
+
+def save(model: SequentialRecommender, path: Path, **extra) -> Path:
+    """Write {"model", "config", "state_dict", **extra}: plain types only, so weights_only loading works."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"model": model_name(model), "config": dataclasses.asdict(model.config),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(path)  # a run killed mid-write leaves the previous file intact
+    return path
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> SequentialRecommender:
+    """The model saved by `save`, in eval mode; the extra keys are in `load_blob`."""
+    blob = load_blob(path, map_location)
+    config_cls, model_cls = MODELS[blob["model"]]
+    model = model_cls(config_cls(**blob["config"]))
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()
+
+
+def load_blob(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no saved model here")
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    if blob.get("model") not in MODELS:
+        raise ValueError(f"{path}: model {blob.get('model')!r} is not in the registry {sorted(MODELS)}")
+    return blob

@@ -15,10 +15,19 @@ from pathlib import Path
 import torch
 
 from recblr.base import SequentialRecommender
+from recblr.gru4rec import GRU4Rec, GRU4RecConfig
+from recblr.lrurec import LRURec, LRURecConfig
 from recblr.model import RecBLR, RecBLRConfig
+from recblr.popularity import Popularity, PopularityConfig
+from recblr.sasrec import SASRec, SASRecConfig
 
 MODELS: dict[str, tuple[type, type[SequentialRecommender]]] = {
     "recblr": (RecBLRConfig, RecBLR),
+    # the baselines of the paper's Table 1, through the same training and evaluation
+    "sasrec": (SASRecConfig, SASRec),
+    "gru4rec": (GRU4RecConfig, GRU4Rec),
+    "lrurec": (LRURecConfig, LRURec),
+    "pop": (PopularityConfig, Popularity),
 }
 
 

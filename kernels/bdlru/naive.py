@@ -3,6 +3,27 @@ import torch
 import torch.nn.functional as F
 
 
+def check_inputs(x, r, i, lam, z=None, h0=None):
+    """Raise ValueError unless the shapes, dtypes and devices fit one BD-LRU call."""
+    if x.dim() != 3 or x.shape[1] == 0:
+        raise ValueError(f"x must be (B, T, D) with T >= 1, got shape {tuple(x.shape)}")
+    B, T, D = x.shape
+    for name, t in (("r", r), ("i", i), ("z", z)):
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+    if lam.shape != (D,):
+        raise ValueError(f"lam must be ({D},), got {tuple(lam.shape)}")
+    if h0 is not None and h0.shape != (B, D):
+        raise ValueError(f"h0 must be ({B}, {D}), got {tuple(h0.shape)}")
+    for name, t in (("x", x), ("r", r), ("i", i), ("lam", lam), ("z", z), ("h0", h0)):
+        if t is None:
+            continue
+        if t.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"{name} must be float32 or bfloat16, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
 def bdlru_gates(r: torch.Tensor, i: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Forget gate a and input gate b from the pre-activations (RecBLR eq. 4-5)."""
     a = torch.exp(-F.softplus(lam) * torch.sigmoid(r))
@@ -16,13 +37,13 @@ def bdlru_reference(x, r, i, lam, z=None, h0=None, return_state=False):
 
     Same signature as `kernels.bdlru`; returns float32 whatever the input dtype.
     """
+    check_inputs(x, r, i, lam, z, h0)
     x, r, i, lam = (t.float() for t in (x, r, i, lam))
     a, b = bdlru_gates(r, i, lam)  # (B, T, D) each
-    bx = b * x
     h = torch.zeros_like(x[:, 0]) if h0 is None else h0.float()  # (B, D)
     hs = []
-    for t in range(x.shape[1]):
-        h = a[:, t] * h + bx[:, t]
+    for a_t, bx_t in zip(a.unbind(1), (b * x).unbind(1)):
+        h = a_t * h + bx_t
         hs.append(h)
     out = torch.stack(hs, dim=1)  # (B, T, D)
     if z is not None:

@@ -1,0 +1,115 @@
+"""The fused BD-LRU kernel against the float32 reference, outputs and every gradient."""
+import pytest
+import torch
+
+from kernels.bdlru import fused_recurrent
+from kernels import bdlru, bdlru_reference, fused_recurrent_bdlru
+
+VARIANTS = {
+    "plain": dict(),
+    "z": dict(z=True),
+    "h0+state": dict(h0=True, return_state=True),
+    "z+h0+state": dict(z=True, h0=True, return_state=True),
+}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(fused_recurrent, "POISON_OUTPUTS", True)
+
+
+def make_inputs(B, T, D, dtype, device, z=False, h0=False, return_state=False, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(device=device, dtype=dtype).requires_grad_()
+
+    inputs = dict(x=rand(B, T, D), r=rand(B, T, D, scale=2.0), i=rand(B, T, D, scale=2.0), lam=rand(D))
+    if z:
+        inputs["z"] = rand(B, T, D)
+    if h0:
+        inputs["h0"] = rand(B, D)
+    upstream = (torch.randn(B, T, D, generator=g).to(device), torch.randn(B, D, generator=g).to(device))
+    return inputs, upstream, return_state
+
+
+def run(fn, inputs, upstream, return_state):
+    """Outputs and gradients of every input, with random upstream gradients for out (and h_T)."""
+    res = fn(**inputs, return_state=return_state)
+    out, ht = res if return_state else (res, None)
+    loss = (out.float() * upstream[0]).sum() + ((ht * upstream[1]).sum() if return_state else 0)
+    grads = torch.autograd.grad(loss, list(inputs.values()))
+    return [out] + ([ht] if return_state else []), dict(zip(inputs, grads))
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def assert_close(fn, inputs, upstream, return_state, tol):
+    outs, grads = run(fn, inputs, upstream, return_state)
+    ref_outs, ref_grads = run(bdlru_reference, inputs, upstream, return_state)
+    for got, want in zip(outs, ref_outs):
+        assert not got.isnan().any()
+        assert rel_err(got, want) < tol
+    for name, want in ref_grads.items():
+        assert not grads[name].isnan().any(), f"d{name} has unwritten elements"
+        assert rel_err(grads[name], want) < tol, f"d{name}: {rel_err(grads[name], want):.2e}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("T", [1, 7, 37])
+def test_fused_recurrent_matches_reference_fp32(T, variant):
+    inputs, upstream, state = make_inputs(2, T, 40, torch.float32, "cpu", **VARIANTS[variant], seed=T)
+    assert_close(fused_recurrent_bdlru, inputs, upstream, state, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("variant", ["plain", "z+h0+state"])
+def test_fused_recurrent_matches_reference_bf16(variant):
+    inputs, upstream, state = make_inputs(2, 37, 24, torch.bfloat16, "cpu", **VARIANTS[variant], seed=1)
+    assert_close(fused_recurrent_bdlru, inputs, upstream, state, TOL[torch.bfloat16])
+
+
+def test_reference_state_is_last_step_and_h0_decays():
+    inputs, _, _ = make_inputs(3, 6, 4, torch.float32, "cpu", h0=True)
+    out, ht = bdlru_reference(**inputs, return_state=True)
+    torch.testing.assert_close(ht, out[:, -1])
+    # with x = 0 the state only decays: |h_t| < |h_{t-1}| since 0 < a < 1
+    zero_x = dict(inputs, x=torch.zeros_like(inputs["x"]))
+    h = bdlru_reference(**zero_x).detach()
+    assert (h[:, 1:].abs() < h[:, :-1].abs()).all() and (h[:, 0].abs() < inputs["h0"].detach().abs()).all()
+
+
+def test_cpu_bdlru_keeps_input_dtype():
+    inputs, upstream, state = make_inputs(2, 9, 8, torch.bfloat16, "cpu", z=True, h0=True, return_state=True)
+    out, ht = bdlru(**inputs, return_state=True)
+    assert out.dtype == torch.bfloat16 and ht.dtype == torch.float32
+    assert_close(bdlru, inputs, upstream, state, TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(lam=torch.zeros(5)), "lam must be"),
+        (dict(h0=torch.zeros(2, 5)), "h0 must be"),
+        (dict(z=torch.zeros(2, 3, 5)), "z must have"),
+        (dict(x=torch.zeros(2, 0, 4), r=torch.zeros(2, 0, 4), i=torch.zeros(2, 0, 4)), "T >= 1"),
+        (dict(x=torch.zeros(2, 3, 4, dtype=torch.float16)), "float32 or bfloat16"),
+    ],
+    ids=["lam", "h0", "z", "empty_T", "fp16"],
+)
+def test_bad_inputs_raise_value_error(change, message):
+    inputs = dict(x=torch.zeros(2, 3, 4), r=torch.zeros(2, 3, 4), i=torch.zeros(2, 3, 4), lam=torch.zeros(4))
+    with pytest.raises(ValueError, match=message):
+        bdlru(**(inputs | change))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B, T, D", [(64, 200, 128), (4, 1000, 256), (3, 333, 96)])
+def test_fused_recurrent_gpu_real_sizes(B, T, D, dtype):
+    for variant in ("plain", "z+h0+state"):
+        inputs, upstream, state = make_inputs(B, T, D, dtype, "cuda", **VARIANTS[variant], seed=B)
+        assert_close(bdlru, inputs, upstream, state, TOL[dtype])

@@ -33,6 +33,18 @@ def emit(summary: dict, as_json: bool, title: str) -> None:
     Console().print(table)
 
 
+@app.command()
+def prepare(
+    data_dir: Path = DataDir,
+    min_count: int = typer.Option(5, "--min-count", help="Keep users and items with at least this many events (k-core)."),
+    as_json: bool = AsJson,
+) -> None:
+    """Filter events to the k-core, index users and items, and split each user's sequence leave-one-out."""
+    from pipeline.prepare import prepare as run_prepare
+
+    emit(run_prepare(data_dir, min_count=min_count), as_json, "prepare")
+
+
 def main() -> None:
     from pipeline.errors import PipelineError
 

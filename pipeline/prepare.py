@@ -1,0 +1,133 @@
+"""prepare: k-core filter, dense ids, chronological order and the leave-one-out split, in DuckDB SQL.
+
+Reads DATA_DIR/events.parquet and writes DATA_DIR/prepared/ (sequences, items, users, summary.json; see
+the README's data contracts). The statements live in sql/prepare_*.sql. Ids are deterministic: items
+1..N by count descending then raw id (0 is padding), users 0..U-1 by first event (timestamp, then source
+row, then raw id). Each user's events are ordered by timestamp with ties broken by source row; the last
+item is the test target, the second-last the validation target, the rest the training history, as in the
+paper. The output is built in a temporary folder and renamed into place, so a failed run leaves the
+previous prepared/ (or none), never a half-written one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from functools import cache
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError
+
+SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+EVENT_COLUMNS = ("row", "user_id", "item_id", "timestamp")
+MIN_EVENTS_PER_USER = 3  # history, validation target, test target
+# A third of a 24 GB box leaves room for Python and the OS; DuckDB spills to disk beyond it.
+# Insertion order is never relied on (every output has an ORDER BY), and keeping it costs memory.
+DUCKDB_CONFIG = {"memory_limit": "8GB", "threads": os.cpu_count() or 1, "preserve_insertion_order": False}
+
+
+@cache
+def _sql(name: str) -> str:
+    return (SQL_DIR / f"{name}.sql").read_text()
+
+
+def _one(con: duckdb.DuckDBPyConnection, query: str) -> tuple:
+    return con.execute(query).fetchall()[0]
+
+
+def _check_events(events: Path, data_dir: Path) -> None:
+    if not events.is_file():
+        raise PipelineError(f"{events} not found: run `recblr ingest --data-dir {data_dir}` first")
+    try:
+        names = set(pq.read_schema(events).names)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise PipelineError(f"{events}: not a readable Parquet file ({err}); run `recblr ingest` again") from None
+    missing = [c for c in EVENT_COLUMNS if c not in names]
+    if missing:
+        raise PipelineError(f"{events}: missing column(s) {', '.join(missing)}; run `recblr ingest` again")
+
+
+def _build(con: duckdb.DuckDBPyConnection, events: Path, out: Path, min_count: int, bar: tqdm) -> dict:
+    seconds = {}
+    start = time.perf_counter()
+    con.execute(_sql("prepare_load"), {"events": str(events)})
+    events_in, users_in, items_in = _one(con, "SELECT count(*), count(DISTINCT user_id), count(DISTINCT item_id) FROM core")
+    seconds["load"] = time.perf_counter() - start
+    bar.update()
+
+    start, rows, rounds, deleted = time.perf_counter(), events_in, 0, None
+    while deleted != 0:
+        (deleted,) = con.execute(_sql("prepare_kcore"), {"k": min_count}).fetchall()[0]
+        rows, rounds = rows - deleted, rounds + 1
+        bar.set_postfix(kcore_round=rounds, events=rows)
+    seconds["kcore"] = time.perf_counter() - start
+    bar.update()
+    if rows == 0:
+        raise PipelineError(
+            f"{events}: nothing survives the {min_count}-core filter ({events_in} events, {users_in} users, "
+            f"{items_in} items before it); try a lower --min-count"
+        )
+
+    start = time.perf_counter()
+    con.execute(_sql("prepare_items"))
+    con.execute(_sql("prepare_users"))
+    con.execute(_sql("prepare_write_sequences"), {"path": str(out / "sequences.parquet")})
+    con.execute(_sql("prepare_write_items"), {"path": str(out / "items.parquet")})
+    con.execute(_sql("prepare_write_users"), {"path": str(out / "users.parquet")})
+    seconds["split"] = time.perf_counter() - start
+    bar.update()
+    n_users, n_items = _one(con, "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM items)")
+    return {
+        "users": n_users, "items": n_items, "interactions": rows, "min_count": min_count,
+        "kcore_rounds": rounds, "events_in": events_in, "users_in": users_in, "items_in": items_in,
+        "source": str(events), "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
+
+
+def _swap_in(staged: Path, target: Path) -> None:
+    """Replace target with staged by renames; the old copy is parked beside staged (and deleted with it)."""
+    parked = staged.with_name("previous")
+    if target.exists():
+        target.rename(parked)
+    try:
+        staged.rename(target)
+    except OSError:
+        if parked.exists():
+            parked.rename(target)
+        raise
+
+
+def prepare(data_dir: Path, min_count: int = 5) -> dict:
+    """Filter DATA_DIR/events.parquet to its min_count-core, index it and split it into DATA_DIR/prepared/.
+
+    Returns {"users", "items", "interactions", "output"}; prepared/summary.json holds these and more
+    (rounds of the k-core filter, counts before it, seconds per stage).
+    """
+    data_dir = Path(data_dir)
+    if min_count < MIN_EVENTS_PER_USER:
+        raise PipelineError(
+            f"--min-count must be >= {MIN_EVENTS_PER_USER} (got {min_count}): the leave-one-out split needs "
+            "a history, a validation item and a test item per user"
+        )
+    events = data_dir / "events.parquet"
+    _check_events(events, data_dir)
+    target = data_dir / "prepared"
+    with tempfile.TemporaryDirectory(prefix=".prepare-", dir=data_dir) as work:
+        staged = Path(work) / "prepared"
+        staged.mkdir()
+        con = duckdb.connect(config={**DUCKDB_CONFIG, "temp_directory": str(Path(work) / "spill")})
+        try:
+            con.execute("SET enable_progress_bar = false")  # the tqdm bar below reports progress
+            with tqdm(total=3, desc="prepare", unit="stage", disable=None) as bar:
+                summary = _build(con, events, staged, min_count, bar)
+        finally:
+            con.close()
+        (staged / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _swap_in(staged, target)
+    return {"users": summary["users"], "items": summary["items"], "interactions": summary["interactions"],
+            "output": str(target)}

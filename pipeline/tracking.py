@@ -1,0 +1,213 @@
+"""MLflow tracking and registry: where runs go, what a training run logs, and the champion gate.
+
+One experiment per dataset (`recblr-<dataset>`). The default store is embedded: a SQLite database and an
+artifact folder under the data root (`<data root>/mlflow/`), so a fresh machine needs no server; any
+other tracking URI (an `http://` server) works the same. Each pipeline run is tagged with its run key
+(the logical date), and a rerun of the same key replaces the earlier MLflow run instead of adding one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "recblr"
+GATE_METRIC = "test_ndcg_at_10"
+RUN_KEY_TAG = "recblr.run_key"
+DIGEST_TAG = "recblr.dataset_digest"
+PYFUNC_FILE = Path(__file__).with_name("recblr_pyfunc.py")
+SIGNATURE = mlflow.models.ModelSignature(
+    inputs=Schema([ColSpec(Array(DataType.string), "history")]),
+    outputs=Schema([ColSpec(Array(DataType.string), "item_ids"), ColSpec(Array(DataType.double), "scores")]),
+    params=ParamSchema([ParamSpec("k", DataType.long, 10)]),
+)
+
+
+def default_tracking_uri(data_dir: Path) -> str:
+    """SQLite store beside the dataset folders: data/<dataset> -> data/mlflow/mlflow.db."""
+    root = Path(data_dir).resolve().parent / "mlflow"
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(data_dir: Path, tracking_uri: str | None = None) -> str:
+    """The URI given, else $MLFLOW_TRACKING_URI, else the embedded SQLite store of `data_dir`."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(data_dir)
+
+
+def use_experiment(tracking_uri: str, dataset: str) -> str:
+    """Point MLflow at the store and return the dataset's experiment id, creating it on first use."""
+    mlflow.set_tracking_uri(tracking_uri)
+    name = f"recblr-{dataset}"
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        # Without this, a SQLite store puts artifacts in ./mlruns of whatever folder the process runs in.
+        location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def dataset_digest(prepared_dir: Path) -> str:
+    """Content digest of the prepared Parquet files: equal digests mean the same train/valid/test split."""
+    h = hashlib.sha256()
+    for name in ("sequences.parquet", "items.parquet"):
+        h.update((Path(prepared_dir) / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def flatten(prefix: str, value) -> dict:
+    """{"train": {"lr": 1e-3}} -> {"train.lr": 0.001}: MLflow params are one flat namespace."""
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in flatten(f"{prefix}.{key}" if prefix else key, sub).items()}
+    return {prefix: value}
+
+
+def start_training_run(tracking_uri: str, dataset: str, run_key: str, prepared_dir: Path) -> str:
+    """Open the run for one pipeline run key, replacing an earlier run of the same key; return its id."""
+    experiment_id = use_experiment(tracking_uri, dataset)
+    client = MlflowClient()
+    for old in client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'"):
+        log.info("replacing MLflow run %s of run key %s", old.info.run_id, run_key)
+        client.delete_run(old.info.run_id)
+    mlflow.set_system_metrics_sampling_interval(1)
+    mlflow.set_system_metrics_samples_before_logging(1)
+    digest = dataset_digest(prepared_dir)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{dataset}-{run_key}", log_system_metrics=True,
+                           tags={RUN_KEY_TAG: run_key, DIGEST_TAG: digest, "recblr.dataset": dataset})
+    import pandas as pd
+
+    sequences = pd.read_parquet(Path(prepared_dir) / "sequences.parquet")
+    mlflow.log_input(mlflow.data.from_pandas(sequences, source=str(Path(prepared_dir).resolve()), name=dataset,
+                                             digest=digest), context="training")
+    return run.info.run_id
+
+
+def log_epoch(epoch: int, metrics: dict) -> None:
+    """fit's on_epoch hook: loss and validation metrics of one epoch, keyed by epoch."""
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch" and isinstance(v, (int, float))},
+                       step=int(epoch))
+
+
+def log_training(result: dict, prepared_dir: Path) -> None:
+    """After fit: the flat config, the training curve, the per-epoch table and the item id map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    mlflow.log_params(flatten("", {"model": result["model"], "config": result["config"], "train": result["train"]}))
+    mlflow.log_metrics({"best_epoch": result["best_epoch"], "train_seconds": result["seconds"]})
+    history = pd.DataFrame(result["history"])
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "history.csv"
+        history.to_csv(table, index=False)
+        mlflow.log_artifact(str(table), "metrics")
+        fig, loss_ax = plt.subplots(figsize=(7, 4))
+        loss_ax.plot(history["epoch"], history["loss"], "o-", color="tab:blue", label="train loss")
+        loss_ax.set_xlabel("epoch")
+        loss_ax.set_ylabel("train loss")
+        val_ax = loss_ax.twinx()
+        for name in [c for c in history.columns if c.startswith("val_ndcg") or c.startswith("val_hr")]:
+            val_ax.plot(history["epoch"], history[name], "s--", label=name)
+        val_ax.set_ylabel("validation metric")
+        fig.legend(loc="upper right")
+        fig.tight_layout()
+        curve = Path(tmp) / "training_curve.png"
+        fig.savefig(curve, dpi=100)
+        plt.close(fig)
+        mlflow.log_artifact(str(curve), "plots")
+    mlflow.log_artifact(str(Path(prepared_dir) / "items.parquet"), "item_map")
+
+
+def log_evaluation(test: dict, valid: dict) -> None:
+    """Final metrics of the saved model: test_* (the gate's numbers) and valid_*, plus a JSON table."""
+    mlflow.log_metrics({f"test_{k}": float(v) for k, v in test.items()})
+    mlflow.log_metrics({f"valid_{k}": float(v) for k, v in valid.items()})
+    mlflow.log_dict({"test": test, "valid": valid}, "metrics/final.json")
+
+
+def register(model_path: Path, prepared_dir: Path, name: str, max_len: int | None) -> str:
+    """Log the pyfunc in the active run, register it under `name` and tag the version; return the version."""
+    import pandas as pd
+
+    items = pd.read_parquet(Path(prepared_dir) / "items.parquet", columns=["item_id"])["item_id"].astype(str)
+    example = pd.DataFrame({"history": [list(items[:3]), list(items[3:4])]})  # two lengths: nothing is frozen
+    repo = Path(__file__).resolve().parent.parent
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(PYFUNC_FILE),
+        artifacts={"weights": str(model_path), "items": str(Path(prepared_dir) / "items.parquet")},
+        code_paths=[str(repo / "recblr"), str(repo / "kernels")],
+        model_config={"max_len": max_len or 0, "k": 10},
+        signature=SIGNATURE,
+        input_example=example,
+        # Inferring requirements costs ~15 s and would pin whatever this machine happens to have.
+        pip_requirements=["torch", "numpy", "pandas", "pyarrow", "mlflow"],
+        registered_model_name=name,
+    )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    tags = client.get_run(mlflow.active_run().info.run_id).data.tags
+    for key in (RUN_KEY_TAG, DIGEST_TAG):
+        client.set_model_version_tag(name, version, key, tags[key])
+    return version
+
+
+def promote(name: str, version: str) -> dict:
+    """Give `version` the alias challenger, and champion only if its test NDCG@10 beats the champion's.
+
+    Both numbers must come from the same prepared dataset (equal digests); a champion trained on another
+    split is kept, since its number says nothing about this one. The decision is logged to the active run.
+    """
+    client = MlflowClient()
+    client.set_registered_model_alias(name, "challenger", version)
+    candidate = client.get_model_version(name, version)
+    cand_run = client.get_run(candidate.run_id)
+    cand_score = cand_run.data.metrics.get(GATE_METRIC)
+    if cand_score is None:
+        raise PipelineError(f"run {candidate.run_id} has no {GATE_METRIC} metric: run the evaluate step first")
+    decision = {"model": name, "version": version, "candidate_" + GATE_METRIC: cand_score}
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except mlflow.exceptions.MlflowException:
+        champion = None
+    if champion is None:
+        decision.update(champion_version=None, promoted=True, reason="first model becomes champion")
+    else:
+        champ_run = client.get_run(champion.run_id)
+        champ_score = champ_run.data.metrics.get(GATE_METRIC)
+        decision.update(champion_version=str(champion.version), **{"champion_" + GATE_METRIC: champ_score})
+        same_data = champ_run.data.tags.get(DIGEST_TAG) == cand_run.data.tags.get(DIGEST_TAG)
+        if not same_data:
+            decision.update(promoted=False, reason="champion was evaluated on another prepared dataset")
+        elif champ_score is None or cand_score > champ_score:
+            decision.update(promoted=True, reason=f"{GATE_METRIC} {cand_score:.5f} > {champ_score}")
+        else:
+            decision.update(promoted=False, reason=f"{GATE_METRIC} {cand_score:.5f} <= champion's {champ_score:.5f}")
+    if decision["promoted"]:
+        client.set_registered_model_alias(name, "champion", version)
+    if champion is not None and "champion_" + GATE_METRIC in decision and decision["champion_" + GATE_METRIC] is not None:
+        mlflow.log_metric("gate_champion_" + GATE_METRIC, decision["champion_" + GATE_METRIC])
+    mlflow.log_metric("gate_candidate_" + GATE_METRIC, cand_score)
+    mlflow.set_tags({"gate.decision": "champion" if decision["promoted"] else "challenger",
+                     "gate.reason": decision["reason"]})
+    mlflow.log_dict(decision, "gate/decision.json")
+    log.info("promotion gate: %s", json.dumps(decision))
+    return decision

@@ -1,0 +1,141 @@
+"""MLflow side without Airflow: the pyfunc round trip, the champion gate, and run replacement per run key."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipeline import tracking
+from recblr import models
+
+N_ITEMS = 30
+
+
+def write_prepared(folder: Path, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    pd.DataFrame({"item_idx": np.arange(1, N_ITEMS + 1, dtype=np.int32),
+                  "item_id": [f"sku-{i * 7}" for i in range(1, N_ITEMS + 1)],
+                  "count": np.full(N_ITEMS, 5, dtype=np.int64)}).to_parquet(folder / "items.parquet")
+    hist = [rng.integers(1, N_ITEMS + 1, size=rng.integers(3, 9)).astype(np.int32).tolist() for _ in range(8)]
+    pd.DataFrame({"user_idx": np.arange(8, dtype=np.int32), "history": hist,
+                  "valid_item": rng.integers(1, N_ITEMS + 1, 8).astype(np.int32),
+                  "test_item": rng.integers(1, N_ITEMS + 1, 8).astype(np.int32)}).to_parquet(folder / "sequences.parquet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def shared_store(root):
+    # one SQLite store for the module: creating one runs MLflow's migrations (~5 s)
+    return tracking.default_tracking_uri(root / "data" / "toy")
+
+
+@pytest.fixture
+def store(shared_store):
+    yield shared_store
+    mlflow.end_run()
+
+
+@pytest.fixture
+def weights(tmp_path):
+    torch.manual_seed(0)
+    return models.save(models.build("recblr", N_ITEMS, d_model=16, n_layers=1), tmp_path / "model.pt")
+
+
+def candidate(uri, prepared, weights, run_key, ndcg, name):
+    """A run as the pipeline leaves it before registering: tagged, with its test metric; then register+gate."""
+    tracking.start_training_run(uri, name, run_key, prepared)
+    tracking.log_evaluation({"ndcg_at_10": ndcg}, {"ndcg_at_10": ndcg})
+    version = tracking.register(weights, prepared, name, max_len=50)
+    decision = tracking.promote(name, version)
+    run_id = mlflow.active_run().info.run_id
+    mlflow.end_run()
+    return decision, run_id
+
+
+def test_default_store_is_sqlite_beside_the_datasets(root, store, monkeypatch):
+    assert store == f"sqlite:///{(root / 'data' / 'mlflow' / 'mlflow.db').resolve()}"
+    experiment = MlflowClient(store).get_experiment(tracking.use_experiment(store, "other"))
+    assert experiment.name == "recblr-other"
+    assert experiment.artifact_location == (root / "data" / "mlflow" / "artifacts").resolve().as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.resolve_tracking_uri(root / "data" / "toy") == "http://127.0.0.1:5000"
+    assert tracking.resolve_tracking_uri(root / "data" / "toy", "sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_flatten_nested_config():
+    assert tracking.flatten("", {"config": {"d_model": 16, "opt": {"lr": 1e-3}}, "model": "recblr"}) == {
+        "config.d_model": 16, "config.opt.lr": 1e-3, "model": "recblr"}
+
+
+def test_pyfunc_serves_variable_length_histories(tmp_path, store, weights):
+    prepared = write_prepared(tmp_path / "prepared")
+    decision, run_id = candidate(store, prepared, weights, "2026-01-01", 0.1, "serve")
+    model_dir = Path(mlflow.artifacts.download_artifacts("models:/serve@champion", tracking_uri=store))
+    # model from code: no pickled Python object in the model folder, the weights are a plain torch file
+    assert not list(model_dir.rglob("*.pkl")) and (model_dir / "artifacts" / "model.pt").is_file()
+    served = mlflow.pyfunc.load_model("models:/serve@champion")
+    assert served.metadata.signature.inputs.to_dict()[0]["type"] == "array"
+    histories = [["sku-7", "sku-14", "sku-21", "sku-28", "sku-35"], ["sku-70"], ["sku-7", "unknown", "sku-63"]]
+    out = served.predict(pd.DataFrame({"history": histories}), params={"k": 5})
+    assert list(out.columns) == ["item_ids", "scores"] and len(out) == 3
+    vocab = set(pd.read_parquet(prepared / "items.parquet")["item_id"])
+    for ids, scores in zip(out["item_ids"], out["scores"]):
+        assert len(ids) == 5 and set(ids) <= vocab and list(scores) == sorted(scores, reverse=True)
+    # the scores are the model's own at the last real position, unknown items dropped
+    model = models.load(weights)
+    with torch.no_grad():
+        logits = model.scores(model(torch.tensor([[1, 9]]))[0, -1])
+    expected = logits[1:].topk(5)
+    assert out["item_ids"][2] == [f"sku-{(i + 1) * 7}" for i in expected.indices.tolist()]
+    np.testing.assert_allclose(out["scores"][2], expected.values.numpy(), rtol=1e-5)
+
+
+def test_gate_keeps_a_worse_candidate_as_challenger(tmp_path, store, weights):
+    prepared = write_prepared(tmp_path / "prepared")
+    first, _ = candidate(store, prepared, weights, "2026-01-01", 0.20, "gate")
+    assert first["promoted"] and first["champion_version"] is None
+    worse, worse_run = candidate(store, prepared, weights, "2026-01-02", 0.15, "gate")
+    client = MlflowClient(store)
+    assert not worse["promoted"]
+    assert str(client.get_model_version_by_alias("gate", "champion").version) == first["version"]
+    assert str(client.get_model_version_by_alias("gate", "challenger").version) == worse["version"]
+    logged = client.get_run(worse_run).data
+    assert logged.metrics["gate_candidate_test_ndcg_at_10"] == 0.15
+    assert logged.metrics["gate_champion_test_ndcg_at_10"] == 0.20
+    assert logged.tags["gate.decision"] == "challenger"
+    better, _ = candidate(store, prepared, weights, "2026-01-03", 0.25, "gate")
+    assert better["promoted"] and str(client.get_model_version_by_alias("gate", "champion").version) == better["version"]
+
+
+def test_gate_never_compares_numbers_from_different_data(tmp_path, store, weights):
+    first, _ = candidate(store, write_prepared(tmp_path / "a", seed=0), weights, "2026-01-01", 0.10, "split")
+    other, _ = candidate(store, write_prepared(tmp_path / "b", seed=1), weights, "2026-01-02", 0.90, "split")
+    assert not other["promoted"] and "another prepared dataset" in other["reason"]
+    assert str(MlflowClient(store).get_model_version_by_alias("split", "champion").version) == first["version"]
+
+
+def test_rerun_of_a_run_key_replaces_its_mlflow_run(tmp_path, store):
+    prepared = write_prepared(tmp_path / "prepared")
+    ids = []
+    for _ in range(2):
+        ids.append(tracking.start_training_run(store, "toy", "2026-01-01", prepared))
+        tracking.log_epoch(1, {"epoch": 1, "loss": 2.0, "val_ndcg_at_10": 0.1})
+        mlflow.end_run()
+    client = MlflowClient(store)
+    live = client.search_runs([tracking.use_experiment(store, "toy")])
+    assert [r.info.run_id for r in live] == [ids[1]]
+    run = client.get_run(ids[1])
+    assert run.data.metrics["val_ndcg_at_10"] == 0.1
+    assert run.inputs.dataset_inputs[0].dataset.digest == tracking.dataset_digest(prepared)

@@ -45,6 +45,44 @@ def prepare(
     emit(run_prepare(data_dir, min_count=min_count), as_json, "prepare")
 
 
+@app.command()
+def compare(
+    data_dir: Path = DataDir,
+    models: str = typer.Option("recblr,sasrec,gru4rec,lrurec,pop", "--models", help="Comma-separated registry names."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epoch cap per model (default: train's)."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Most recent items a model reads."),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout for every model that has one."),
+    set_: list[str] = typer.Option([], "--set", help="MODEL.FIELD=VALUE config override, repeatable."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
+    as_json: bool = AsJson,
+) -> None:
+    """Train and evaluate several models on one prepared dataset: a table, a bar chart, MLflow runs."""
+    from pipeline.compare import METRICS, compare as run_compare
+    from pipeline.errors import PipelineError
+
+    overrides: dict = {}
+    for item in set_:
+        key, sep, value = item.partition("=")
+        model, dot, field = key.partition(".")
+        if not (sep and dot and model and field):
+            raise PipelineError(f"--set {item!r}: expected MODEL.FIELD=VALUE, e.g. sasrec.n_layers=3")
+        try:
+            overrides.setdefault(model, {})[field] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides.setdefault(model, {})[field] = value
+    summary = run_compare(data_dir, [m.strip() for m in models.split(",") if m.strip()], epochs=epochs,
+                          max_len=max_len, dropout=dropout, overrides=overrides, tracking_uri=tracking_uri)
+    if as_json:
+        emit(summary, True, "compare")
+        return
+    table = Table(title=f"compare: {summary['output']} (best: {summary['best']})")
+    for column in ["model", *METRICS]:
+        table.add_column(column.replace("_at_", "@"))
+    for row in summary["rows"]:
+        table.add_row(row["model"], *(f"{row[k]:.4f}" for k in METRICS))
+    Console().print(table)
+
+
 def main() -> None:
     from pipeline.errors import PipelineError
 

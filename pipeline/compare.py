@@ -1,0 +1,132 @@
+"""Compare models on one prepared dataset: same training, same full-ranking evaluation, one table.
+
+`train_one` trains and scores one model (torch only, so benchmarks/peers.py runs it on a GPU machine
+without MLflow); `compare` runs it for each model under an MLflow parent run that holds the table and the
+bar chart, with one child run per model logged like a training run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from recblr.evaluate import metric_keys
+
+METRICS = metric_keys((10, 20))  # hr/ndcg/mrr at 10 and 20
+DEFAULT_MODELS = ("recblr", "sasrec", "gru4rec", "lrurec", "pop")
+
+
+def train_one(prepared_dir: Path, out_dir: Path, name: str, *, train=None, overrides: Optional[dict] = None,
+              dropout: Optional[float] = None, on_epoch: Optional[Callable] = None) -> dict:
+    """fit() one model into out_dir/<name>; fit's result plus the model's trainable parameter count.
+
+    dropout, if given, goes to the model when its config has a `dropout` field (the paper's one knob per
+    dataset); `overrides` (config fields) win over it.
+    """
+    from recblr.models import MODELS, load
+    from recblr.train import fit
+
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    fields = {f.name for f in dataclasses.fields(MODELS[name][0])}
+    merged = {**({"dropout": dropout} if dropout is not None and "dropout" in fields else {}), **(overrides or {})}
+    result = fit(prepared_dir, Path(out_dir) / name, name, overrides=merged or None, train=train, on_epoch=on_epoch)
+    result["parameters"] = sum(p.numel() for p in load(result["model_path"]).parameters() if p.requires_grad)
+    return result
+
+
+def table_rows(results: list[dict]) -> list[dict]:
+    """One flat row per model: test metrics, then what it cost."""
+    return [{"model": r["model"], **{k: r["test"][k] for k in METRICS}, "best_epoch": r["best_epoch"],
+             "epochs": r["epochs"], "seconds": round(r["seconds"]), "parameters": r["parameters"]}
+            for r in results]
+
+
+def markdown(rows: list[dict]) -> str:
+    head = list(rows[0])
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(fmt(row[k]) for k in head) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(rows: list[dict], path: Path, title: str) -> Path:
+    """Grouped bars: one group per metric, one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for n, row in enumerate(rows):
+        ax.bar([m + n * width for m in range(len(METRICS))], [row[k] for k in METRICS], width, label=row["model"])
+    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(METRICS))], [k.replace("_at_", "@").upper() for k in METRICS])
+    ax.set_ylabel("test score (full ranking)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def compare(data_dir: Path, models=DEFAULT_MODELS, *, epochs: Optional[int] = None, max_len: Optional[int] = None,
+            dropout: Optional[float] = None, overrides: Optional[dict] = None,
+            tracking_uri: Optional[str] = None) -> dict:
+    """Train and evaluate `models` on DATA_DIR/prepared into DATA_DIR/compare/; log it all to MLflow.
+
+    overrides: {model: {config field: value}}. Writes comparison.md, comparison.csv and comparison.png
+    beside the models' folders and returns {"rows", "best", "parent_run_id", "output"}.
+    """
+    import mlflow
+    import pandas as pd
+
+    from pipeline import tracking
+    from pipeline.errors import PipelineError
+    from recblr.models import MODELS
+    from recblr.train import TrainConfig
+
+    data_dir = Path(data_dir)
+    prepared = data_dir / "prepared"
+    if not (prepared / "sequences.parquet").is_file():
+        raise PipelineError(f"{prepared / 'sequences.parquet'}: missing; run `recblr prepare --data-dir {data_dir}`")
+    unknown = sorted(set(models) - set(MODELS)) + sorted(set(overrides or {}) - set(models))
+    if unknown:
+        raise PipelineError(f"unknown or unselected model(s) {unknown}; choose from {sorted(MODELS)}")
+    for name, fields in (overrides or {}).items():
+        known = {f.name for f in dataclasses.fields(MODELS[name][0])} - {"n_items"}
+        if set(fields) - known:
+            raise PipelineError(f"{name} has no config field(s) {sorted(set(fields) - known)}; fields: {sorted(known)}")
+    train = TrainConfig(**{k: v for k, v in {"epochs": epochs, "max_len": max_len}.items() if v is not None})
+    out = data_dir / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    tracking_uri = tracking_uri or tracking.default_tracking_uri(data_dir)
+    dataset = data_dir.resolve().name
+    experiment_id = tracking.use_experiment(tracking_uri, dataset)
+    digest = tracking.dataset_digest(prepared)
+    tags = {tracking.DIGEST_TAG: digest, "recblr.dataset": dataset}
+    results = []
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}",
+                          tags={**tags, "recblr.kind": "compare"}) as parent:
+        mlflow.log_params({"models": ",".join(models), "dropout": dropout, **tracking.flatten("train", train)})
+        for name in models:
+            with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True,
+                                  tags={**tags, "recblr.kind": "compare-model"}):
+                result = train_one(prepared, out, name, train=train, overrides=(overrides or {}).get(name),
+                                   dropout=dropout, on_epoch=tracking.log_epoch)
+                tracking.log_training(result, prepared)
+                tracking.log_evaluation(result["test"], result["valid"])
+                mlflow.log_metric("parameters", result["parameters"])
+            results.append(result)
+        rows = table_rows(results)
+        (out / "comparison.md").write_text(markdown(rows))
+        pd.DataFrame(rows).to_csv(out / "comparison.csv", index=False)
+        bar_chart(rows, out / "comparison.png", f"{dataset}: leave-one-out test, full ranking")
+        for name in ("comparison.md", "comparison.csv", "comparison.png"):
+            mlflow.log_artifact(str(out / name))
+        mlflow.log_metrics({f"{row['model']}_test_{k}": row[k] for row in rows for k in METRICS})
+        best = max(rows, key=lambda row: row["ndcg_at_10"])["model"]
+        mlflow.set_tag("recblr.best_model", best)
+    return {"rows": rows, "best": best, "parent_run_id": parent.info.run_id, "output": str(out)}

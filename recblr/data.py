@@ -1,0 +1,115 @@
+"""Prepared data (DATA_DIR/prepared/*.parquet) as flat numpy arrays, and the windows models train and rank on.
+
+Sequences are ragged, so they are kept as one flat item array plus offsets (CSR, like Arrow's list layout):
+a million users cost two arrays, and every batch is one vectorised gather. Models read right-padded
+windows: the real items first, then zeros.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+
+@dataclass(frozen=True)
+class Sequences:
+    flat: np.ndarray  # (total,) int64 item ids, user after user
+    offsets: np.ndarray  # (U + 1,) int64; user u owns flat[offsets[u]:offsets[u + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def append(self, last: np.ndarray) -> "Sequences":
+        """Each sequence with one more item at its end (history + valid item = the test input)."""
+        flat = np.insert(self.flat, self.offsets[1:], last)
+        return Sequences(flat, self.offsets + np.arange(len(self.offsets)))
+
+    def last(self, rows: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(start, stop) of the last `max_len` items of the given users."""
+        stop = self.offsets[rows + 1]
+        return np.maximum(self.offsets[rows], stop - max_len), stop
+
+
+@dataclass(frozen=True)
+class Prepared:
+    n_items: int
+    history: Sequences  # all but the last two events of each user
+    valid_item: np.ndarray  # (U,) int64
+    test_item: np.ndarray  # (U,) int64
+
+    @property
+    def n_users(self) -> int:
+        return len(self.valid_item)
+
+    def split(self, split: str) -> tuple[Sequences, np.ndarray]:
+        """Leave-one-out inputs and targets: valid = history -> valid item, test = history + valid -> test."""
+        if split == "valid":
+            return self.history, self.valid_item
+        if split == "test":
+            return self.history.append(self.valid_item), self.test_item
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+
+    def item_counts(self) -> np.ndarray:
+        """(n_items + 1,) training-history count of each item; index 0 (padding) is 0."""
+        return np.bincount(self.history.flat, minlength=self.n_items + 1)
+
+
+def load_prepared(prepared_dir: Path) -> Prepared:
+    """Read sequences.parquet and items.parquet (the contract in the README) with pyarrow only."""
+    prepared_dir = Path(prepared_dir)
+    seq_path, items_path = prepared_dir / "sequences.parquet", prepared_dir / "items.parquet"
+    for path in (seq_path, items_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; run `recblr prepare` first")
+    table = pq.read_table(seq_path, columns=["user_idx", "history", "valid_item", "test_item"])
+    table = table.sort_by("user_idx")
+    history = table.column("history").combine_chunks()
+    if isinstance(history, pa.ChunkedArray):  # an empty table has no chunks
+        history = pa.array([], type=pa.list_(pa.int32()))
+    offsets = history.offsets.to_numpy().astype(np.int64)
+    flat = history.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    n_items = pq.read_metadata(items_path).num_rows
+    valid = table.column("valid_item").to_numpy().astype(np.int64)
+    test = table.column("test_item").to_numpy().astype(np.int64)
+    for name, values in (("history", flat), ("valid_item", valid), ("test_item", test)):
+        if values.size and (values.min() < 1 or values.max() > n_items):
+            raise ValueError(f"{seq_path}: {name} holds item ids outside 1..{n_items} (items.parquet rows)")
+    return Prepared(n_items, Sequences(flat, offsets - offsets[0]), valid, test)
+
+
+def gather(flat: np.ndarray, start: np.ndarray, stop: np.ndarray) -> torch.Tensor:
+    """flat[start[b]:stop[b]] for each b, right-padded with 0 -> LongTensor (B, max length, at least 1)."""
+    lengths = stop - start
+    width = max(int(lengths.max(initial=0)), 1)
+    cols = np.arange(width)
+    idx = np.minimum(start[:, None] + cols, max(len(flat) - 1, 0))  # (B, T), clipped where padded
+    items = np.where(cols < lengths[:, None], flat[idx] if len(flat) else 0, 0)
+    return torch.from_numpy(items.astype(np.int64))
+
+
+def training_windows(history: Sequences, max_len: int, regime: str) -> tuple[np.ndarray, np.ndarray]:
+    """(start, stop) of every training input in flat; the targets are the items one step later.
+
+    "prefix" (the paper's): one sample per training target, its last `max_len` items before it; the loss
+    is at the last position. "all": one window per user, loss at every position; a history longer than
+    max_len + 1 is cut from its end into windows of max_len targets, so every target is used once.
+    """
+    off, lengths = history.offsets[:-1], history.lengths
+    if regime == "prefix":
+        user = np.repeat(np.arange(len(lengths)), lengths)
+        target = np.arange(len(history.flat))
+        keep = target > off[user]  # the first event of a user has nothing before it
+        target, user = target[keep], user[keep]
+        return np.maximum(off[user], target - max_len), target
+    if regime == "all":
+        n_windows = np.where(lengths >= 2, -(-(lengths - 1) // max_len), 0)
+        user = np.repeat(np.arange(len(lengths)), n_windows)
+        k = np.arange(len(user)) - np.repeat(np.cumsum(n_windows) - n_windows, n_windows)  # index in user
+        stop = off[user] + lengths[user] - 1 - k * max_len
+        return np.maximum(off[user], stop - max_len), stop
+    raise ValueError(f"regime must be 'prefix' or 'all', got {regime!r}")

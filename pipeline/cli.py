@@ -83,6 +83,94 @@ def compare(
     Console().print(table)
 
 
+def _parse_sets(items: list[str]) -> dict:
+    """--set FIELD=VALUE pairs; VALUE as JSON when it parses (numbers, true/false), else as a string."""
+    from pipeline.errors import PipelineError
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not (sep and key):
+            raise PipelineError(f"--set {item!r}: expected FIELD=VALUE, e.g. n_layers=1")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+@app.command()
+def train(
+    data_dir: Path = DataDir,
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Checkpoints and model.pt (default DATA_DIR/runs/MODEL)."),
+    model: str = typer.Option("recblr", "--model", help="Registry name: recblr, sasrec, gru4rec, lrurec, pop."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epoch cap (default 300 on a GPU, 4 on a CPU)."),
+    batch_size: int = typer.Option(2048, "--batch-size"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
+    max_len: int = typer.Option(50, "--max-len", help="Most recent items a model reads."),
+    regime: str = typer.Option("prefix", "--regime", help="prefix (every prefix a sample) or all (loss at every position)."),
+    patience: int = typer.Option(10, "--patience", help="Stop after this many epochs without a better valid NDCG@10."),
+    seed: int = typer.Option(42, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+    set_: list[str] = typer.Option([], "--set", help="Model config override FIELD=VALUE, repeatable (e.g. dropout=0.5)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.pt."),
+    as_json: bool = AsJson,
+) -> None:
+    """Train a model on DATA_DIR/prepared with early stopping; print the best model's test metrics."""
+    from pipeline.errors import PipelineError
+    from recblr.train import TrainConfig, fit
+
+    try:
+        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                          label_smoothing=label_smoothing, max_len=max_len, regime=regime, patience=patience,
+                          seed=seed, device=device)
+        result = fit(data_dir / "prepared", run_dir or data_dir / "runs" / model, model,
+                     overrides=_parse_sets(set_), train=cfg, resume=resume)
+    except (FileNotFoundError, ValueError) as err:
+        raise PipelineError(str(err)) from err
+    emit({**result["test"], "valid": result["valid"], "model": model, "regime": regime, "epochs": result["epochs"],
+          "best_epoch": result["best_epoch"], "seconds": round(result["seconds"], 1),
+          "model_path": result["model_path"]}, as_json, "train (test metrics of the best epoch)")
+
+
+@app.command()
+def evaluate(
+    data_dir: Path = DataDir,
+    model_path: Optional[Path] = typer.Option(None, "--model-path", help="A saved model (default DATA_DIR/runs/recblr/model.pt)."),
+    popularity: bool = typer.Option(False, "--popularity", help="Rank by training popularity instead of a saved model."),
+    split: str = typer.Option("test", "--split", help="test or valid."),
+    remove_history: bool = typer.Option(False, "--remove-history", help="Drop items the user already has from the ranking."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Default: the max length the model was trained with."),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = AsJson,
+) -> None:
+    """Leave-one-out full-ranking HR/NDCG/MRR at 10 and 20 of a trained model or the popularity baseline."""
+    import torch
+
+    from pipeline.errors import PipelineError
+    from recblr.data import load_prepared
+    from recblr.evaluate import evaluate as run_evaluate
+    from recblr.models import build, load, load_blob
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    try:
+        data = load_prepared(data_dir / "prepared")
+        if popularity:
+            net, trained_len = build("pop", data.n_items), None
+            net.fit_counts(data.item_counts())
+        else:
+            path = model_path or data_dir / "runs" / "recblr" / "model.pt"
+            net, trained_len = load(path), load_blob(path).get("train", {}).get("max_len")
+        metrics = run_evaluate(net.to(device), data, split, remove_history=remove_history,
+                               max_len=max_len or trained_len or 50)
+    except (FileNotFoundError, ValueError) as err:
+        raise PipelineError(str(err)) from err
+    emit({**metrics, "split": split, "users": data.n_users, "remove_history": remove_history}, as_json,
+         f"evaluate ({split})")
+
+
 def main() -> None:
     from pipeline.errors import PipelineError
 

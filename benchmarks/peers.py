@@ -1,0 +1,123 @@
+"""Table 1 on our own path: RecBLR and its baselines trained and ranked alike on prepared Amazon data.
+
+    PYTHONPATH=. python benchmarks/peers.py data/beauty/prepared data/sports/prepared --out benchmarks/out/peers
+
+Each (dataset, model) pair trains in its own process, all at once on the one GPU: these models are too small
+to fill it alone. At --deadline seconds the unfinished runs are stopped and the best checkpoint each has
+written so far (fit's model.pt) is evaluated instead, marked truncated. Needs torch only (no MLflow), so it
+runs on the GPU machine; writes <out>/results.json and <out>/results.md (the table beside the paper's).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# paper Table 1, test HR@10 and NDCG@10 (full ranking), by dataset folder name
+PAPER = {
+    "beauty": {"gru4rec": (0.0606, 0.0332), "sasrec": (0.0829, 0.0409), "lrurec": (0.0759, 0.0393),
+               "recblr": (0.0881, 0.0446)},
+    "sports": {"gru4rec": (0.0318, 0.0164), "sasrec": (0.0477, 0.0225), "lrurec": (0.0464, 0.0230),
+               "recblr": (0.0500, 0.0238)},
+}
+METRICS = ["hr_at_10", "ndcg_at_10", "mrr_at_10", "hr_at_20", "ndcg_at_20", "mrr_at_20"]
+
+
+def worker(prepared: Path, model: str, out: Path, args) -> None:
+    from pipeline.compare import train_one
+    from recblr.train import TrainConfig
+
+    train = TrainConfig(epochs=args.epochs, max_len=args.max_len)
+    result = train_one(prepared, out, model, train=train, dropout=args.dropout)
+    (out / f"{model}.json").write_text(json.dumps(result, default=str))
+
+
+def salvage(prepared: Path, model: str, out: Path, max_len: int) -> dict | None:
+    """A run stopped at the deadline: score the best checkpoint it saved, if any."""
+    import torch
+
+    from recblr.data import load_prepared
+    from recblr.evaluate import evaluate
+    from recblr.models import load, load_blob
+
+    path = out / model / "model.pt"
+    if not path.is_file():
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net, data = load(path, map_location=device), load_prepared(prepared)
+    progress = torch.load(out / model / "checkpoint.pt", map_location="cpu", weights_only=True)["progress"]
+    return {"model": model, "truncated": True, "best_epoch": load_blob(path)["epoch"], "epochs": progress["epoch"],
+            "valid": evaluate(net, data, "valid", max_len=max_len, progress=False),
+            "test": evaluate(net, data, "test", max_len=max_len, progress=False),
+            "parameters": sum(p.numel() for p in net.parameters() if p.requires_grad), "seconds": None}
+
+
+def table(dataset: str, results: list[dict]) -> str:
+    paper = PAPER.get(dataset, {})
+    lines = [f"| model | HR@10 | NDCG@10 | MRR@10 | HR@20 | NDCG@20 | MRR@20 | paper HR@10 | paper NDCG@10 "
+             f"| epochs (best) | seconds | params |", "|" + " --- |" * 12]
+    for r in sorted(results, key=lambda r: -r["test"]["ndcg_at_10"]):
+        ours = " | ".join(f"{r['test'][k]:.4f}" for k in METRICS)
+        ref = " | ".join(f"{v:.4f}" for v in paper[r["model"]]) if r["model"] in paper else "- | -"
+        epochs = f"{r['epochs']} ({r['best_epoch']}){' truncated' if r.get('truncated') else ''}"
+        seconds = "-" if r["seconds"] is None else f"{float(r['seconds']):.0f}"
+        lines.append(f"| {r['model']} | {ours} | {ref} | {epochs} | {seconds} | {r['parameters']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("prepared", nargs="+", type=Path, help="prepared/ folders; the dataset is their parent's name")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/peers"))
+    parser.add_argument("--models", default="recblr,sasrec,gru4rec,lrurec,pop")
+    parser.add_argument("--dropout", type=float, default=0.5, help="the paper's value for Beauty and Sports")
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--max-len", type=int, default=50)
+    parser.add_argument("--deadline", type=float, default=480.0, help="seconds before unfinished runs are cut")
+    parser.add_argument("--worker", nargs=2, metavar=("PREPARED", "MODEL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        prepared, model = Path(args.worker[0]), args.worker[1]
+        worker(prepared, model, args.out / prepared.resolve().parent.name, args)
+        return
+
+    began, procs = time.time(), {}
+    for prepared in args.prepared:
+        out = args.out / prepared.resolve().parent.name
+        out.mkdir(parents=True, exist_ok=True)
+        for model in args.models.split(","):
+            cmd = [sys.executable, __file__, *map(str, args.prepared), "--worker", str(prepared), model,
+                   "--out", str(args.out), "--dropout", str(args.dropout), "--epochs", str(args.epochs),
+                   "--max-len", str(args.max_len)]
+            log = open(out / f"{model}.log", "w")
+            procs[(prepared, model)] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    while any(p.poll() is None for p in procs.values()) and time.time() - began < args.deadline:
+        time.sleep(5)
+    report, markdown = {}, []
+    for (prepared, model), proc in procs.items():
+        dataset, out = prepared.resolve().parent.name, args.out / prepared.resolve().parent.name
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if (out / f"{model}.json").is_file():  # it finished, perhaps while exiting at the deadline
+            result = json.loads((out / f"{model}.json").read_text())
+        else:
+            result = salvage(prepared, model, out, args.max_len)
+        if result is None:
+            print(f"{dataset}/{model}: failed, see {out / f'{model}.log'}", file=sys.stderr)
+            continue
+        result.pop("history", None)
+        report.setdefault(dataset, []).append(result)
+    for dataset, results in report.items():
+        markdown.append(f"### {dataset}\n\n{table(dataset, results)}")
+    (args.out / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    (args.out / "results.md").write_text("\n".join(markdown))
+    print("\n".join(markdown))
+    print(f"{time.time() - began:.0f} s in all", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

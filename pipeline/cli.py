@@ -171,6 +171,56 @@ def evaluate(
          f"evaluate ({split})")
 
 
+@app.command("run")
+def run_all(
+    data_dir: Path = DataDir,
+    source: Optional[Path] = typer.Option(None, "--source", help="Raw log (default: generate the synthetic log)."),
+    fmt: str = typer.Option("csv", "--format", help="Format of --source, as for `recblr ingest`."),
+    users: Optional[int] = typer.Option(None, "--users", help="Users in the synthetic log (without --source)."),
+    run_key: Optional[str] = typer.Option(None, "--run-key", help="Partition DATA_DIR/runs/KEY (default: today)."),
+    model: str = typer.Option("recblr", "--model", help="Registry name: recblr, sasrec, gru4rec, lrurec, pop."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epoch cap (default 300 on a GPU, 4 on a CPU)."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Most recent items a model reads."),
+    set_: list[str] = typer.Option([], "--set", help="Model config override FIELD=VALUE, repeatable."),
+    min_count: int = typer.Option(5, "--min-count", help="k of the k-core filter."),
+    max_quarantined: float = typer.Option(0.05, "--max-quarantined", help="Largest share of rejected rows."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                               help="Default: SQLite under the data root."),
+    model_name: str = typer.Option("recblr", "--model-name", help="Registered model name."),
+    as_json: bool = AsJson,
+) -> None:
+    """The whole pipeline without Airflow: ingest, validate, prepare, train, evaluate, register and promote."""
+    from pipeline.run import run_pipeline
+
+    out = run_pipeline(data_dir, run_key=run_key, source=str(source) if source else None, fmt=fmt, model=model,
+                       epochs=epochs, max_len=max_len, overrides=_parse_sets(set_), min_count=min_count,
+                       max_quarantined=max_quarantined, tracking_uri=tracking_uri, model_name=model_name,
+                       synthetic={"n_users": users} if users else None)
+    gate = out["register"]
+    emit({"run_key": out["run_key"], "tracking_uri": out["tracking_uri"], "rows_kept": out["ingest"]["rows_kept"],
+          "users": out["prepare"]["users"], "items": out["prepare"]["items"], "run_id": out["train"]["run_id"],
+          **{f"test_{k}": v for k, v in out["evaluate"]["test"].items()}, "version": gate["version"],
+          "champion": gate["promoted"], "gate": gate["reason"]}, as_json, "run")
+
+
+@app.command()
+def ui(
+    data_dir: Path = DataDir,
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                               help="Default: SQLite under the data root."),
+    artifacts: Optional[str] = typer.Option(None, "--artifacts", help="Artifact folder or URI (default beside SQLite)."),
+    port: int = typer.Option(5000, "--port"),
+) -> None:
+    """Serve the MLflow UI (and REST API) of the tracking store on 127.0.0.1 until Ctrl-C."""
+    import os
+
+    from pipeline.tracking import resolve_tracking_uri, server_command
+
+    cmd = server_command(resolve_tracking_uri(data_dir, tracking_uri), "127.0.0.1", port, artifacts)
+    console.print(f"MLflow UI on http://127.0.0.1:{port}")
+    os.execv(cmd[0], cmd)
+
+
 def main() -> None:
     from pipeline.errors import PipelineError
 

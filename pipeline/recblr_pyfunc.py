@@ -16,16 +16,16 @@ import torch
 
 class RecblrPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from recblr.models import load
+        from recblr.models import load, load_blob
 
         self.model = load(context.artifacts["weights"]).eval()
+        # histories are cut to the window the model was trained on, as in evaluation
+        self.max_len = int(load_blob(context.artifacts["weights"]).get("train", {}).get("max_len") or 0)
         items = pq.read_table(context.artifacts["items"], columns=["item_idx", "item_id"]).to_pandas()
         self.item_ids = np.empty(int(items["item_idx"].max()) + 1, dtype=object)  # index 0 is padding
         self.item_ids[items["item_idx"].to_numpy()] = items["item_id"].astype(str).to_numpy()
         self.item_idx = dict(zip(self.item_ids[1:], range(1, len(self.item_ids))))
-        config = context.model_config or {}
-        self.max_len = int(config.get("max_len") or 0)
-        self.k = int(config.get("k", 10))
+        self.k = int((context.model_config or {}).get("k", 10))
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
         k = min(int((params or {}).get("k") or self.k), len(self.item_ids) - 1)

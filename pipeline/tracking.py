@@ -47,6 +47,26 @@ def resolve_tracking_uri(data_dir: Path, tracking_uri: str | None = None) -> str
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(data_dir)
 
 
+def server_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000,
+                   artifacts: str | None = None) -> list[str]:
+    """`mlflow server` over a store: the UI, and the REST API the pipeline can log to instead of the file.
+
+    Artifacts are proxied (`--artifacts-destination`), so clients of the server need no access to its disk.
+    """
+    import sys
+
+    if tracking_uri.startswith(("http://", "https://")):
+        raise PipelineError(f"{tracking_uri} is already a server: open it in a browser")
+    if artifacts is None and tracking_uri.startswith("sqlite:///"):
+        artifacts = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    if artifacts is None:
+        raise PipelineError(f"{tracking_uri}: say where the server keeps artifacts (--artifacts DIR_OR_URI)")
+    if "://" not in artifacts:
+        artifacts = Path(artifacts).resolve().as_uri()
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
+            "--artifacts-destination", artifacts, "--host", host, "--port", str(port), "--workers", "1"]
+
+
 def use_experiment(tracking_uri: str, dataset: str) -> str:
     """Point MLflow at the store and return the dataset's experiment id, creating it on first use."""
     mlflow.set_tracking_uri(tracking_uri)
@@ -143,7 +163,7 @@ def log_evaluation(test: dict, valid: dict) -> None:
     mlflow.log_dict({"test": test, "valid": valid}, "metrics/final.json")
 
 
-def register(model_path: Path, prepared_dir: Path, name: str, max_len: int | None) -> str:
+def register(model_path: Path, prepared_dir: Path, name: str) -> str:
     """Log the pyfunc in the active run, register it under `name` and tag the version; return the version."""
     import pandas as pd
 
@@ -155,7 +175,7 @@ def register(model_path: Path, prepared_dir: Path, name: str, max_len: int | Non
         python_model=str(PYFUNC_FILE),
         artifacts={"weights": str(model_path), "items": str(Path(prepared_dir) / "items.parquet")},
         code_paths=[str(repo / "recblr"), str(repo / "kernels")],
-        model_config={"max_len": max_len or 0, "k": 10},
+        model_config={"k": 10},
         signature=SIGNATURE,
         input_example=example,
         # Inferring requirements costs ~15 s and would pin whatever this machine happens to have.

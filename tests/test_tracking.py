@@ -57,7 +57,7 @@ def candidate(uri, prepared, weights, run_key, ndcg, name):
     """A run as the pipeline leaves it before registering: tagged, with its test metric; then register+gate."""
     tracking.start_training_run(uri, name, run_key, prepared)
     tracking.log_evaluation({"ndcg_at_10": ndcg}, {"ndcg_at_10": ndcg})
-    version = tracking.register(weights, prepared, name, max_len=50)
+    version = tracking.register(weights, prepared, name)
     decision = tracking.promote(name, version)
     run_id = mlflow.active_run().info.run_id
     mlflow.end_run()

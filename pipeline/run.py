@@ -1,0 +1,209 @@
+"""The pipeline's steps, as plain functions: the Airflow DAG runs one per task, `recblr run` runs them all.
+
+Every step writes under a run partition `DATA_DIR/runs/<run key>/` (the run key is the logical date), into a
+temporary folder first that is then swapped into place, so rerunning a date replaces its outputs and a
+failed step leaves the previous ones intact. Steps take and return plain JSON types (Airflow XComs).
+
+    ingest -> validate -> prepare -> train -> evaluate -> register (and promote)
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from datetime import date
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+STEPS = ("ingest", "validate", "prepare", "train", "evaluate", "register")
+
+
+def run_key_for(logical_date, run_id: str | None = None) -> str:
+    """`2026-11-23` for a dated run; a manual trigger without a logical date uses its (sanitised) run id."""
+    if logical_date is not None:
+        return logical_date.strftime("%Y-%m-%d")
+    if not run_id:
+        raise PipelineError("a run needs a logical date or a run id to name its partition")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id)
+
+
+def partition(data_dir: Path, run_key: str) -> Path:
+    path = Path(data_dir).resolve() / "runs" / run_key
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def _publish(tmp: Path, target: Path) -> Path:
+    """Swap a finished folder into place: readers see the old or the new one, never a half-written one."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def ingest_step(data_dir: Path, run_key: str, source: str | None = None, fmt: str = "csv",
+                synthetic: dict | None = None, **options) -> dict:
+    """Parse and validate the raw source into the run's events.
+
+    source None: generate the synthetic log first (`synthetic` = write_synthetic_log's n_users, n_items,
+    seed, mean_events) into the run's raw/ and read it as csv.
+    """
+    from pipeline.ingest import ingest
+    from pipeline.synthetic import write_synthetic_log
+
+    part = partition(data_dir, run_key)
+    work = _fresh(part / ".ingest.tmp")
+    if source is None:
+        if fmt != "csv":
+            raise PipelineError(f"without a source the pipeline generates the synthetic csv log; got format {fmt}")
+        source = write_synthetic_log(work / "raw" / "synthetic.csv", **(synthetic or {}))
+        options.setdefault("rating_col", "rating")
+    summary = ingest(Path(source), fmt, work, **options)
+    for name in ("events.parquet", "quarantine.parquet"):
+        os.replace(work / name, part / name)
+    if (work / "raw").exists():
+        _publish(work / "raw", part / "raw")
+    shutil.rmtree(work)
+    return {**summary, "output": str(part / "events.parquet")}
+
+
+def validate_step(data_dir: Path, run_key: str, max_quarantined: float = 0.05) -> dict:
+    """The gate after ingest: stop the run when too large a share of the source was rejected.
+
+    Row-level rules already ran inside ingest (rejected rows are in quarantine.parquet); this step judges
+    the batch as a whole, so a broken export fails here instead of training on what little survived.
+    """
+    import pyarrow.parquet as pq
+
+    part = partition(data_dir, run_key)
+    kept = pq.ParquetFile(part / "events.parquet").metadata.num_rows
+    quarantine = pq.read_table(part / "quarantine.parquet", columns=["rule"]).column("rule").to_pylist()
+    total = kept + len(quarantine)
+    share = len(quarantine) / total if total else 1.0
+    reasons = {rule: quarantine.count(rule) for rule in sorted(set(quarantine))}
+    if kept == 0 or share > max_quarantined:
+        raise PipelineError(f"{part / 'quarantine.parquet'}: {len(quarantine)} of {total} rows rejected "
+                            f"({share:.1%} > max_quarantined {max_quarantined:.1%}); reasons {reasons}")
+    return {"rows_kept": kept, "rows_quarantined": len(quarantine), "quarantined_share": share, "reasons": reasons}
+
+
+def prepare_step(data_dir: Path, run_key: str, min_count: int = 5) -> dict:
+    """5-core filter and leave-one-out split into the run's prepared/, then point DATA_DIR/prepared at it."""
+    from pipeline.prepare import prepare
+    from pipeline.tracking import dataset_digest
+
+    part = partition(data_dir, run_key)
+    work = _fresh(part / ".prepare.tmp")
+    os.link(part / "events.parquet", work / "events.parquet")
+    summary = prepare(work, min_count=min_count)
+    prepared = _publish(work / "prepared", part / "prepared")
+    shutil.rmtree(work)
+    _point_latest(Path(data_dir).resolve(), run_key)
+    return {**summary, "output": str(prepared), "digest": dataset_digest(prepared)}
+
+
+def _point_latest(data_dir: Path, run_key: str) -> None:
+    # DATA_DIR/prepared is a symlink swapped atomically; a rerun of an older date does not move it back.
+    link = data_dir / "prepared"
+    if link.is_symlink() and Path(os.readlink(link)).parent.name > run_key:
+        return
+    if link.exists() and not link.is_symlink():
+        raise PipelineError(f"{link}: a folder is in the way of the link to the latest run's prepared data")
+    tmp = data_dir / ".prepared.link"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(Path("runs") / run_key / "prepared")
+    os.replace(tmp, link)
+
+
+def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "recblr", epochs: int | None = None,
+               max_len: int | None = None, overrides: dict | None = None) -> dict:
+    """Train on the run's prepared data, logging to a fresh MLflow run; the weights land in <partition>/model."""
+    import mlflow
+
+    from pipeline import tracking
+    from recblr.train import TrainConfig, fit
+
+    part = partition(data_dir, run_key)
+    try:
+        train = TrainConfig(**{k: v for k, v in {"epochs": epochs, "max_len": max_len}.items() if v is not None})
+    except ValueError as err:
+        raise PipelineError(str(err)) from err
+    work = _fresh(part / ".model.tmp")
+    run_id = tracking.start_training_run(tracking_uri, Path(data_dir).name, run_key, part / "prepared")
+    try:
+        result = fit(part / "prepared", work, model, overrides=overrides or None, train=train,
+                     on_epoch=tracking.log_epoch)
+        tracking.log_training(result, part / "prepared")
+    except (ValueError, FileNotFoundError) as err:  # unknown model or config field, unusable data
+        mlflow.end_run("FAILED")
+        raise PipelineError(f"train {model} on {part / 'prepared'}: {err}") from err
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run()
+    target = _publish(work, part / "model")
+    model_path = target / Path(result["model_path"]).relative_to(work)
+    return {"run_id": run_id, "model_path": str(model_path), "best_epoch": result["best_epoch"],
+            "valid": result["valid"], "seconds": result["seconds"]}
+
+
+def evaluate_step(data_dir: Path, run_key: str, tracking_uri: str, run_id: str, model_path: str) -> dict:
+    """Score the saved weights on the validation and test splits (full ranking) and log them to the run."""
+    import mlflow
+
+    from pipeline import tracking
+    from recblr.data import load_prepared
+    from recblr.evaluate import evaluate
+    from recblr.models import load, load_blob
+
+    model, data = load(Path(model_path)), load_prepared(partition(data_dir, run_key) / "prepared")
+    max_len = load_blob(Path(model_path))["train"]["max_len"]  # rank with the window the model trained on
+    test, valid = (evaluate(model, data, split, max_len=max_len) for split in ("test", "valid"))
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        tracking.log_evaluation(test, valid)
+    return {"test": test, "valid": valid}
+
+
+def register_step(data_dir: Path, run_key: str, tracking_uri: str, run_id: str, model_path: str,
+                  model_name: str = "recblr") -> dict:
+    """Register the run's model as a new version (alias challenger), then let the gate pick the champion."""
+    import mlflow
+
+    from pipeline import tracking
+
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        version = tracking.register(Path(model_path), partition(data_dir, run_key) / "prepared", model_name)
+        return tracking.promote(model_name, version)
+
+
+def run_pipeline(data_dir: Path, *, run_key: str | None = None, source: str | None = None, fmt: str = "csv",
+                 model: str = "recblr", epochs: int | None = None, max_len: int | None = None,
+                 overrides: dict | None = None, min_count: int = 5, max_quarantined: float = 0.05,
+                 tracking_uri: str | None = None, model_name: str = "recblr", synthetic: dict | None = None,
+                 format_options: dict | None = None) -> dict:
+    """All steps in order, in this process: what the DAG does, without Airflow."""
+    from pipeline.tracking import resolve_tracking_uri
+
+    run_key = run_key or date.today().isoformat()
+    tracking_uri = resolve_tracking_uri(data_dir, tracking_uri)
+    out = {"run_key": run_key, "tracking_uri": tracking_uri}
+    out["ingest"] = ingest_step(data_dir, run_key, source, fmt, synthetic, **(format_options or {}))
+    out["validate"] = validate_step(data_dir, run_key, max_quarantined)
+    out["prepare"] = prepare_step(data_dir, run_key, min_count)
+    out["train"] = trained = train_step(data_dir, run_key, tracking_uri, model, epochs, max_len, overrides)
+    out["evaluate"] = evaluate_step(data_dir, run_key, tracking_uri, trained["run_id"], trained["model_path"])
+    out["register"] = register_step(data_dir, run_key, tracking_uri, trained["run_id"], trained["model_path"],
+                                    model_name)
+    return out

@@ -66,6 +66,15 @@ def test_fused_recurrent_matches_reference_fp32(T, variant):
 
 
 @pytest.mark.parametrize("variant", ["plain", "z+h0+state"])
+def test_fused_recurrent_many_tiles_and_channel_blocks(variant, monkeypatch):
+    # 4-row tiles and 16-channel blocks: T=37 spans 10 tiles with a ragged last one, D=40 three blocks
+    monkeypatch.setattr(fused_recurrent, "_config", lambda B, T, D, dtype, backward: (4, 16, 1))
+    T = 37
+    inputs, upstream, state = make_inputs(2, T, 40, torch.float32, "cpu", **VARIANTS[variant], seed=T)
+    assert_close(fused_recurrent_bdlru, inputs, upstream, state, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("variant", ["plain", "z+h0+state"])
 def test_fused_recurrent_matches_reference_bf16(variant):
     inputs, upstream, state = make_inputs(2, 37, 24, torch.bfloat16, "cpu", **VARIANTS[variant], seed=1)
     assert_close(fused_recurrent_bdlru, inputs, upstream, state, TOL[torch.bfloat16])

@@ -139,16 +139,22 @@ def _empty(*args, **kwargs):
     return t.fill_(float("nan")) if POISON_OUTPUTS else t
 
 
-def _config(B, T, D):
-    """(BT, BD, num_warps): tiles of 32x32 keep ~8 values a thread live for 4 warps (tuned on H100)."""
-    BD = min(32, triton.next_power_of_2(D))
-    BT = min(32, triton.next_power_of_2(T))
-    return BT, BD, 4
+def _config(B, T, D, dtype, backward):
+    """(BT, BD, num_warps), from `benchmarks/bdlru_kernel.py --sweep` on an H100."""
+    if B * triton.cdiv(D, 32) < 512:
+        # too few sequences to fill the GPU: narrow channel blocks make more programs, long tiles keep
+        # more loads in flight per program
+        BT, BD, num_warps = 256, 8, 4
+    elif dtype == torch.float32:
+        BT, BD, num_warps = (8, 128, 4) if backward else (16, 64, 4)
+    else:
+        BT, BD, num_warps = 8, 64, 2
+    return min(BT, triton.next_power_of_2(T)), min(BD, triton.next_power_of_2(D)), num_warps
 
 
 def bdlru_fwd(x, r, i, lam, z, h0, store_h, store_ht, config=None):
     B, T, D = x.shape
-    BT, BD, num_warps = config or _config(B, T, D)
+    BT, BD, num_warps = config or _config(B, T, D, x.dtype, backward=False)
     o = _empty(x.shape, dtype=x.dtype, device=x.device)
     hs = _empty(x.shape, dtype=x.dtype, device=x.device) if store_h and z is not None else o
     ht = _empty(B, D, dtype=torch.float32, device=x.device) if store_ht else None
@@ -162,7 +168,7 @@ def bdlru_fwd(x, r, i, lam, z, h0, store_h, store_ht, config=None):
 
 def bdlru_bwd(x, r, i, lam, z, h0, hs, do, dht, config=None):
     B, T, D = x.shape
-    BT, BD, num_warps = config or _config(B, T, D)
+    BT, BD, num_warps = config or _config(B, T, D, x.dtype, backward=True)
     dx, dr, di = (_empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(3))
     dz = _empty(x.shape, dtype=x.dtype, device=x.device) if z is not None else None
     dlam = _empty(B, D, dtype=torch.float32, device=x.device)  # per-sequence partial sums

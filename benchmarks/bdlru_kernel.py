@@ -1,0 +1,162 @@
+"""Fused BD-LRU kernel vs the best peer compositions and a copy of the same bytes, on one GPU in one run.
+
+    python benchmarks/bdlru_kernel.py [--sweep] [--json benchmarks/out/bdlru_kernel.json]
+
+Every method computes out = h * silu(z) with gates from (r, i, lam), forward alone (no grad) and forward
++ backward (gradients of x, r, i, z, lam). Peers (STACK.md): torch.compile'd gates + fla's
+fused_recurrent_hgrn, eager gates + fla's chunk_hgrn, compiled gates + accelerated-scan (power-of-two
+padding, fp32 only), and the torch loop of the reference. The floor is a device copy of the bytes the
+op must move: inputs read once, outputs written once.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from tqdm import tqdm
+
+from kernels import bdlru, bdlru_reference
+from kernels.bdlru import fused_recurrent
+
+SHAPES = [(2048, 200, 128, "fp32"), (512, 1024, 128, "fp32"), (8, 4096, 128, "fp32"), (2048, 200, 128, "bf16")]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SWEEP = [(16, 32, 2), (32, 32, 4), (16, 64, 4), (8, 64, 2), (16, 64, 2), (8, 128, 4), (16, 128, 4), (32, 128, 8),
+         (64, 16, 4), (128, 8, 4), (256, 8, 4), (128, 16, 4), (256, 4, 2), (64, 8, 2)]
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _gates(x, r, i, lam):
+    log_a = -F.softplus(lam.float()) * torch.sigmoid(r.float())
+    a = log_a.exp()
+    bx = torch.sqrt(1 - a * a + 1e-8) * torch.sigmoid(i.float()) * x.float()
+    return log_a, bx
+
+
+def _fla_inputs(x, r, i, lam):
+    log_a, bx = _gates(x, r, i, lam)
+    return log_a.to(x.dtype), bx.to(x.dtype)
+
+
+def _gate_out(h, z):
+    return h * F.silu(z)
+
+
+def _acc_inputs(x, r, i, lam):
+    # (B, T, D) -> (B, D, Tp): accelerated-scan's layout, T padded to a power of two with a=1, b*x=0
+    log_a, bx = _gates(x, r, i, lam)
+    pad = triton.next_power_of_2(x.shape[1]) - x.shape[1]
+    a = F.pad(log_a.exp().transpose(1, 2), (0, pad), value=1.0).contiguous()
+    return a, F.pad(bx.transpose(1, 2), (0, pad)).contiguous()
+
+
+def peers():
+    from accelerated_scan.scalar import scan as acc_scan
+    from fla.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn
+
+    # static shapes: inductor cannot pad to a symbolic next power of two
+    fla_inputs, gate_out, acc_inputs = (torch.compile(f, dynamic=False) for f in (_fla_inputs, _gate_out, _acc_inputs))
+
+    def compiled_fused_recurrent_hgrn(x, r, i, lam, z):
+        return gate_out(fused_recurrent_hgrn(*fla_inputs(x, r, i, lam))[0], z)
+
+    def eager_chunk_hgrn(x, r, i, lam, z):
+        return _gate_out(chunk_hgrn(*_fla_inputs(x, r, i, lam))[0], z)
+
+    def accelerated_scan_pow2(x, r, i, lam, z):
+        if x.dtype != torch.float32:
+            raise NotImplementedError("accelerated-scan 0.3.1 crashes on bf16")
+        h = acc_scan(*acc_inputs(x, r, i, lam))[..., : x.shape[1]].transpose(1, 2)
+        return gate_out(h, z)
+
+    def torch_loop(x, r, i, lam, z):
+        return bdlru_reference(x, r, i, lam, z=z).to(x.dtype)
+
+    return {
+        "compile+fused_recurrent_hgrn": compiled_fused_recurrent_hgrn,
+        "eager+chunk_hgrn": eager_chunk_hgrn,
+        "compile+accelerated_scan": accelerated_scan_pow2,
+        "torch_loop": torch_loop,
+    }
+
+
+def time_method(fn, inputs, do):
+    with torch.no_grad():
+        fwd = bench(lambda: fn(**inputs))
+    diff = [inputs[k] for k in ("x", "r", "i", "lam", "z")]
+    fwd_bwd = bench(lambda: torch.autograd.grad(fn(**inputs), diff, do))
+    return fwd, fwd_bwd
+
+
+def copy_ms(nbytes):
+    src = torch.randn(nbytes // 8, device="cuda")  # float32: the copy reads and writes nbytes / 2 each
+    dst = torch.empty_like(src)
+    return bench(lambda: dst.copy_(src))
+
+
+def sweep(inputs, do):
+    """Forward and backward launchers alone for each (BT, BD, num_warps): {config: (fwd ms, bwd ms)}."""
+    args = [inputs[k].detach() for k in ("x", "r", "i", "lam", "z")]
+    res = {}
+    for config in SWEEP:
+        _, hs, _ = fused_recurrent.bdlru_fwd(*args, None, store_h=True, store_ht=False, config=config)
+        fwd = bench(lambda: fused_recurrent.bdlru_fwd(*args, None, store_h=False, store_ht=False, config=config))
+        bwd = bench(lambda: fused_recurrent.bdlru_bwd(*args, None, hs, do, None, config=config))
+        res[config] = (fwd, bwd)
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path, default=Path("benchmarks/out/bdlru_kernel.json"))
+    p.add_argument("--sweep", action="store_true", help="also time each (BT, BD, num_warps) of the kernel")
+    args = p.parse_args()
+    methods = {"fused bdlru": lambda x, r, i, lam, z: bdlru(x, r, i, lam, z=z)} | peers()
+    rows, sweeps = [], {}
+    for B, T, D, dt in tqdm(SHAPES, desc="shapes", file=sys.stderr):
+        dtype, g = DTYPES[dt], torch.Generator(device="cuda").manual_seed(0)
+        rand = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype).requires_grad_()  # noqa: E731
+        inputs = dict(x=rand(B, T, D), r=rand(B, T, D), i=rand(B, T, D), lam=rand(D), z=rand(B, T, D))
+        do = torch.randn(B, T, D, device="cuda", generator=g).to(dtype)
+        n = B * T * D * inputs["x"].element_size()
+        row = {"B": B, "T": T, "D": D, "dtype": dt,
+               "floor": (copy_ms(5 * n), copy_ms(14 * n))}  # fwd: x r i z -> out; bwd: + do -> dx dr di dz
+        for name, fn in methods.items():
+            try:
+                row[name] = time_method(fn, inputs, do)
+            except Exception as e:  # a peer that cannot run this shape is reported, not fatal
+                row[name] = None
+                print(f"{name} at {(B, T, D, dt)}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+            torch.cuda.empty_cache()
+        if args.sweep:
+            sweeps[f"{B}x{T}x{D}_{dt}"] = {str(c): ms for c, ms in sweep(inputs, do).items()}
+        rows.append(row)
+
+    for shape, res in sweeps.items():
+        for j, step in enumerate(("fwd", "bwd")):
+            best = sorted(res.items(), key=lambda kv: kv[1][j])[:4]
+            print(f"sweep {shape} {step}: " + ", ".join(f"{c} {ms[j]:.3f}" for c, ms in best))
+    peer_names = [k for k in methods if k not in ("fused bdlru", "torch_loop")]
+    print(f"\n{torch.cuda.get_device_name()}  (fwd / fwd+bwd, ms, median)")
+    print(f"{'B,T,D dtype':22} {'floor':>13} {'fused':>13} {'best peer':>13} {'vs floor':>11} {'vs peer':>11}")
+    for row in rows:
+        best = min((row[k] for k in peer_names if row[k]), key=lambda v: v[1])
+        f, fl = row["fused bdlru"], row["floor"]
+        row["best_peer"] = best
+        print(f"{row['B']},{row['T']},{row['D']} {row['dtype']:10} {fl[0]:6.3f}/{fl[1]:6.3f} {f[0]:6.3f}/{f[1]:6.3f} "
+              f"{best[0]:6.3f}/{best[1]:6.3f} {f[0] / fl[0]:4.2f}/{f[1] / fl[1]:4.2f}x "
+              f"{best[0] / f[0]:4.2f}/{best[1] / f[1]:4.2f}x")
+        for k in methods:
+            v = row[k]
+            print(f"    {k:30} " + (f"{v[0]:8.3f} / {v[1]:8.3f}" if v else "n/a"))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows, "sweep": sweeps}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,6 @@ import torch
 
 from prepared_data import markov_sequences, write_prepared
 from recblr.data import load_prepared
-from recblr.evaluate import Popularity as CountsBaseline
 from recblr.evaluate import evaluate
 from recblr.lrurec import LRURecConfig, LRULayer, lru_scan
 from recblr.models import MODELS, build, load
@@ -121,6 +122,20 @@ def test_one_epoch_through_fit_beats_random(name, toy, tmp_path):
     assert load(result["model_path"]).config == build(name, N_ITEMS, d_model=32).config
 
 
+class RawCounts(torch.nn.Module):
+    """Ranks by the raw counts, no log and no temperature: what pop must agree with."""
+
+    def __init__(self, counts: np.ndarray):
+        super().__init__()
+        self.register_buffer("counts", torch.as_tensor(counts, dtype=torch.float32))
+
+    def forward(self, items):
+        return torch.zeros(*items.shape, 1)
+
+    def scores(self, hidden):
+        return self.counts.expand(*hidden.shape[:-1], -1)
+
+
 def test_pop_through_fit_ranks_by_training_counts(tmp_path):
     rng = np.random.default_rng(0)
     # Zipf-like item draws: popularity carries signal here, unlike on the Markov toy
@@ -133,6 +148,52 @@ def test_pop_through_fit_ranks_by_training_counts(tmp_path):
     scores = model.scores(model(torch.ones(1, 1, dtype=torch.long)))[0, 0, 1:].detach()
     counts = data.item_counts()[1:]
     assert np.all(np.diff(counts[np.argsort(-scores.numpy(), kind="stable")]) <= 0)
-    # the same numbers as evaluate's own counts baseline, and well above chance on skewed data
-    assert result["test"] == pytest.approx(evaluate(CountsBaseline(data.item_counts()), data, "test", progress=False))
+    # the same numbers as ranking by raw counts, and well above chance on skewed data
+    assert result["test"] == pytest.approx(evaluate(RawCounts(data.item_counts()), data, "test", progress=False))
     assert result["test"]["hr_at_10"] > 1.5 * 10 / N_ITEMS
+
+
+def test_compare_writes_table_chart_and_mlflow_parent_with_child_per_model(tmp_path):
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    data_dir = tmp_path / "toy"
+    write_prepared(data_dir / "prepared", markov_sequences(100, N_ITEMS, 8), N_ITEMS)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["compare", "--data-dir", str(data_dir), "--models", "gru4rec,pop", "--epochs", "1",
+            "--set", "gru4rec.d_model=16", "--tracking-uri", uri, "--json"]
+    invoked = CliRunner().invoke(app, args)
+    assert invoked.exit_code == 0, invoked.output
+    summary = json.loads(invoked.stdout.strip().splitlines()[-1])
+    assert [row["model"] for row in summary["rows"]] == ["gru4rec", "pop"]
+    out = Path(summary["output"])
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((out / "comparison.md").read_text().strip().splitlines()) == 2 + 2  # header, rule, 2 models
+
+    client = MlflowClient(uri)
+    parent = client.get_run(summary["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_model = {run.info.run_name: run for run in children}
+    assert set(by_model) == {"gru4rec", "pop"}
+    for row in summary["rows"]:
+        child = by_model[row["model"]]
+        assert child.data.metrics["test_ndcg_at_10"] == pytest.approx(row["ndcg_at_10"])
+        assert parent.data.metrics[f"{row['model']}_test_hr_at_20"] == pytest.approx(row["hr_at_20"])
+    assert by_model["gru4rec"].data.params["config.d_model"] == "16"
+    assert parent.data.tags["recblr.best_model"] == max(summary["rows"], key=lambda r: r["ndcg_at_10"])["model"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"comparison.png", "comparison.md"}
+
+
+def test_compare_rejects_unknown_models_and_fields_before_training(tmp_path):
+    from pipeline.compare import compare
+    from pipeline.errors import PipelineError
+
+    data_dir = tmp_path / "toy"
+    write_prepared(data_dir / "prepared", markov_sequences(20, N_ITEMS, 5), N_ITEMS)
+    with pytest.raises(PipelineError, match="'nope'"):
+        compare(data_dir, ["sasrec", "nope"], tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    with pytest.raises(PipelineError, match="sasrec has no config field"):
+        compare(data_dir, ["sasrec"], overrides={"sasrec": {"n_head": 4}}, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    assert not (data_dir / "compare").exists()

@@ -109,7 +109,6 @@ def main() -> None:
         if result is None:
             print(f"{dataset}/{model}: failed, see {out / f'{model}.log'}", file=sys.stderr)
             continue
-        result.pop("history", None)
         report.setdefault(dataset, []).append(result)
     for dataset, results in report.items():
         markdown.append(f"### {dataset}\n\n{table(dataset, results)}")

@@ -66,15 +66,15 @@ def ingest_step(data_dir: Path, run_key: str, source: str | None = None, fmt: st
     if source is None:
         if fmt != "csv":
             raise PipelineError(f"without a source the pipeline generates the synthetic csv log; got format {fmt}")
-        source = write_synthetic_log(work / "raw" / "synthetic.csv", **(synthetic or {}))
+        source = part / "raw" / "synthetic.csv"
+        source.parent.mkdir(exist_ok=True)
+        os.replace(write_synthetic_log(work / "synthetic.csv", **(synthetic or {})), source)
         options.setdefault("rating_col", "rating")
     summary = ingest(Path(source), fmt, work, **options)
     for name in ("events.parquet", "quarantine.parquet"):
         os.replace(work / name, part / name)
-    if (work / "raw").exists():
-        _publish(work / "raw", part / "raw")
     shutil.rmtree(work)
-    return {**summary, "output": str(part / "events.parquet")}
+    return {**summary, "output": str(part / "events.parquet"), "quarantine": str(part / "quarantine.parquet")}
 
 
 def validate_step(data_dir: Path, run_key: str, max_quarantined: float = 0.05) -> dict:

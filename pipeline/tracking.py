@@ -82,10 +82,18 @@ def use_experiment(tracking_uri: str, dataset: str) -> str:
 
 
 def dataset_digest(prepared_dir: Path) -> str:
-    """Content digest of the prepared Parquet files: equal digests mean the same train/valid/test split."""
+    """Digest of the prepared tables' contents (not the file bytes, which vary with the Parquet writer):
+    equal digests mean the same items and the same train/valid/test split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     h = hashlib.sha256()
     for name in ("sequences.parquet", "items.parquet"):
-        h.update((Path(prepared_dir) / name).read_bytes())
+        table = pq.read_table(Path(prepared_dir) / name).replace_schema_metadata(None).combine_chunks()
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        h.update(sink.getvalue())
     return h.hexdigest()[:16]
 
 
@@ -104,6 +112,9 @@ def start_training_run(tracking_uri: str, dataset: str, run_key: str, prepared_d
     client = MlflowClient()
     for old in client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'"):
         log.info("replacing MLflow run %s of run key %s", old.info.run_id, run_key)
+        for version in client.search_model_versions(f"run_id = '{old.info.run_id}'"):
+            if "champion" not in version.aliases:  # the serving model stays until a better one replaces it
+                client.delete_model_version(version.name, version.version)
         client.delete_run(old.info.run_id)
     mlflow.set_system_metrics_sampling_interval(1)
     mlflow.set_system_metrics_samples_before_logging(1)

@@ -1,0 +1,129 @@
+"""### recblr_training
+
+Nightly RecBLR training: **ingest -> validate -> prepare -> train -> evaluate -> register** (and promote).
+
+Each task is one call into `pipeline.run`; `recblr run` runs the same functions without Airflow. Outputs
+live under `DATA_DIR/runs/<logical date>/`, swapped in atomically, so clearing or rerunning a date
+replaces them. The prepared Parquet is published as the `recblr_prepared` asset. The train task goes to the
+`gpu` queue (a Celery or Kubernetes worker with a GPU takes it; without a GPU it trains on the CPU).
+The registered model gets alias `challenger`, and `champion` only if its test NDCG@10 beats the
+champion's on the same prepared data.
+
+Trigger with conf to override the params, e.g. `{"epochs": 1, "overrides": {"d_model": 16}}`.
+Environment: `RECBLR_DATA_DIR`, `RECBLR_SCHEDULE` (cron, default 03:00 daily), `RECBLR_RETRIES`,
+`RECBLR_RETRY_DELAY_S`, `MLFLOW_TRACKING_URI`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from pipeline import run
+from pipeline.errors import PipelineError
+
+DATA_DIR = Path(os.environ.get("RECBLR_DATA_DIR", Path(__file__).resolve().parent.parent / "data" / "default"))
+PREPARED = Asset(name="recblr_prepared", uri=f"file://{DATA_DIR.resolve()}/prepared")
+IO_RETRIES = {"retries": int(os.environ.get("RECBLR_RETRIES", "2")),
+              "retry_delay": timedelta(seconds=int(os.environ.get("RECBLR_RETRY_DELAY_S", "300")))}
+
+
+def _fail_fast(step):
+    """A PipelineError is bad input, which a retry cannot fix: fail the task at once with its message."""
+    @functools.wraps(step)
+    def wrapper(*args, **kwargs):
+        try:
+            return step(*args, **kwargs)
+        except PipelineError as err:
+            raise AirflowFailException(str(err)) from err
+    return wrapper
+
+
+def _run():
+    """(data dir, run key, params, tracking URI) of the current DAG run."""
+    ctx = get_current_context()
+    params = ctx["params"]
+    from pipeline.tracking import resolve_tracking_uri
+
+    data_dir = Path(params["data_dir"])
+    return data_dir, run.run_key_for(ctx["logical_date"], ctx["run_id"]), params, \
+        resolve_tracking_uri(data_dir, params["tracking_uri"])
+
+
+@dag(
+    dag_id="recblr_training",
+    schedule=os.environ.get("RECBLR_SCHEDULE", "0 3 * * *"),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["recblr"],
+    params={
+        "data_dir": Param(str(DATA_DIR), type="string", description="Dataset folder (DATA_DIR)."),
+        "source": Param(None, type=["null", "string"], description="Raw file; null = the synthetic log."),
+        "format": Param("csv", type="string", description="Source format, as `recblr ingest --format`."),
+        "format_options": Param({}, type="object", description="Extra ingest options for the format."),
+        "synthetic": Param({}, type="object",
+                           description="Size of the generated log when source is null, e.g. {\"n_users\": 300}."),
+        "min_count": Param(5, type="integer", minimum=1, description="k of the k-core filter."),
+        "max_quarantined": Param(0.05, type="number", minimum=0, maximum=1,
+                                 description="Largest share of rejected rows that still lets the run go on."),
+        "model": Param("recblr", type="string", description="Model name in recblr.models.MODELS."),
+        "epochs": Param(None, type=["null", "integer"], minimum=1, description="null = TrainConfig default."),
+        "max_len": Param(None, type=["null", "integer"], minimum=2, description="null = TrainConfig default."),
+        "overrides": Param({}, type="object", description="Model config fields, e.g. {\"d_model\": 16}."),
+        "tracking_uri": Param(None, type=["null", "string"],
+                              description="null = $MLFLOW_TRACKING_URI, else SQLite under the data root."),
+        "model_name": Param("recblr", type="string", description="Registered model name."),
+    },
+)
+def recblr_training():
+    @task(**IO_RETRIES)
+    @_fail_fast
+    def ingest() -> dict:
+        data_dir, key, p, _ = _run()
+        return run.ingest_step(data_dir, key, p["source"], p["format"], p["synthetic"], **p["format_options"])
+
+    @task
+    @_fail_fast
+    def validate(ingested: dict) -> dict:
+        data_dir, key, p, _ = _run()
+        return run.validate_step(data_dir, key, p["max_quarantined"])
+
+    @task(outlets=[PREPARED], **IO_RETRIES)
+    @_fail_fast
+    def prepare(validated: dict) -> dict:
+        data_dir, key, p, _ = _run()
+        summary = run.prepare_step(data_dir, key, p["min_count"])
+        get_current_context()["outlet_events"][PREPARED].extra = {"path": summary["output"], "run_key": key,
+                                                                   "digest": summary["digest"]}
+        return summary
+
+    @task(queue="gpu")
+    @_fail_fast
+    def train(prepared: dict) -> dict:
+        data_dir, key, p, uri = _run()
+        return run.train_step(data_dir, key, uri, p["model"], p["epochs"], p["max_len"], p["overrides"])
+
+    @task(**IO_RETRIES)
+    @_fail_fast
+    def evaluate(trained: dict) -> dict:
+        data_dir, key, p, uri = _run()
+        return run.evaluate_step(data_dir, key, uri, trained["run_id"], trained["model_path"])
+
+    @task(**IO_RETRIES)
+    @_fail_fast
+    def register(trained: dict, evaluated: dict) -> dict:
+        data_dir, key, p, uri = _run()
+        return run.register_step(data_dir, key, uri, trained["run_id"], trained["model_path"], p["model_name"])
+
+    trained = train(prepare(validate(ingest())))
+    register(trained, evaluate(trained))
+
+
+recblr_training()

@@ -1,0 +1,102 @@
+"""The Airflow DAG: its shape as the scheduler sees it, and whole runs in-process with `dag.test()`."""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# Airflow reads its configuration once, at first import: point it at a private home before that.
+os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="recblr-airflow-")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
+os.environ.pop("RECBLR_SCHEDULE", None)
+
+TINY = {"synthetic": {"n_users": 300, "n_items": 200, "mean_events": 10}, "epochs": 1, "max_len": 20}
+ORDER = ["ingest", "validate", "prepare", "train", "evaluate", "register"]
+
+
+@pytest.fixture(scope="module")
+def dag():
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.utils import db
+
+    db.initdb()
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    return bag.get_dag("recblr_training")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("dagrun")
+
+
+def test_schedule_params_and_task_order(dag):
+    assert dag.timetable.expression == "0 3 * * *" and dag.catchup is False
+    params = dag.params.dump()
+    for name in ("source", "format", "model", "epochs", "max_len", "tracking_uri"):
+        assert name in params
+    assert params["model"] == "recblr" and params["source"] is None and params["format"] == "csv"
+    tasks = {t.task_id: t for t in dag.tasks}
+    assert sorted(tasks) == sorted(ORDER)
+    for before, after in zip(ORDER, ORDER[1:]):
+        assert before in tasks[after].upstream_task_ids
+    assert tasks["train"].queue == "gpu"
+    for io in ("ingest", "prepare", "evaluate", "register"):
+        assert tasks[io].retries >= 1 and tasks[io].retry_delay.total_seconds() > 0
+    assert [a.name for a in tasks["prepare"].outlets] == ["recblr_prepared"]
+
+
+def test_params_reject_a_wrong_type(dag):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    params = copy.deepcopy(dag.params)
+    params["epochs"] = 3  # a manual trigger's conf overrides the default
+    assert params["epochs"] == 3
+    with pytest.raises(ParamValidationError, match="many"):
+        params["epochs"] = "many"
+
+
+def run(dag, workdir, day: int, **conf):
+    conf = {**TINY, "data_dir": str(workdir / "data" / "toy"),
+            "tracking_uri": f"sqlite:///{workdir / 'data' / 'mlflow' / 'mlflow.db'}", **conf}
+    return dag.test(logical_date=datetime(2026, 1, day, 3, tzinfo=timezone.utc), run_conf=conf)
+
+
+def test_dag_runs_end_to_end_and_gate_keeps_a_worse_candidate(dag, workdir):
+    from mlflow import MlflowClient
+
+    # the popularity model is a strong baseline on this data, one epoch of a tiny RecBLR is not
+    first = run(dag, workdir, 1, model="pop")
+    assert first.state == "success", {ti.task_id: ti.state for ti in first.get_task_instances()}
+    second = run(dag, workdir, 2, overrides={"d_model": 16, "n_layers": 1})
+    assert second.state == "success"
+    client = MlflowClient(f"sqlite:///{workdir / 'data' / 'mlflow' / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("recblr", "champion")
+    challenger = client.get_model_version_by_alias("recblr", "challenger")
+    assert (str(champion.version), str(challenger.version)) == ("1", "2")
+    gate = client.get_run(challenger.run_id).data
+    assert gate.tags["gate.decision"] == "challenger"
+    assert gate.metrics["gate_candidate_test_ndcg_at_10"] < gate.metrics["gate_champion_test_ndcg_at_10"]
+    assert gate.params["model"] == "recblr" and gate.params["config.d_model"] == "16"
+    assert {"val_ndcg_at_10", "loss", "test_ndcg_at_10"} <= set(gate.metrics)
+    artifacts = {a.path for a in client.list_artifacts(challenger.run_id)}
+    assert {"plots", "metrics", "item_map"} <= artifacts
+    data = workdir / "data" / "toy"
+    assert sorted(p.name for p in (data / "runs").iterdir()) == ["2026-01-01", "2026-01-02"]
+    assert (data / "prepared").resolve() == (data / "runs" / "2026-01-02" / "prepared").resolve()
+
+
+def test_bad_input_fails_its_task_at_once_with_the_pipeline_error(dag, workdir, capfd):
+    missing = workdir / "nowhere.csv"
+    result = run(dag, workdir, 3, source=str(missing))
+    states = {ti.task_id: ti for ti in result.get_task_instances()}
+    assert result.state == "failed" and states["ingest"].state == "failed"
+    assert states["ingest"].try_number == 1  # a PipelineError is not retried
+    assert states["train"].state == "upstream_failed"
+    assert str(missing) in capfd.readouterr().out

@@ -34,6 +34,31 @@ def emit(summary: dict, as_json: bool, title: str) -> None:
 
 
 @app.command()
+def ingest(
+    source: Optional[Path] = typer.Argument(None, help="Raw log; omitted: generate the synthetic log into DATA_DIR/raw."),
+    fmt: str = typer.Option("csv", "--format", help="movielens, recbole, csv (CSV/TSV/Parquet), taobao or sequences."),
+    data_dir: Path = DataDir,
+    user_col: Optional[str] = typer.Option(None, "--user-col", help="Header name of the user id (csv, recbole)."),
+    item_col: Optional[str] = typer.Option(None, "--item-col", help="Header name of the item id (csv, recbole)."),
+    time_col: Optional[str] = typer.Option(None, "--time-col", help="Header name of the timestamp: Unix seconds or ISO 8601."),
+    rating_col: Optional[str] = typer.Option(None, "--rating-col", help="Header name of the rating (optional)."),
+    behavior_col: Optional[str] = typer.Option(None, "--behavior-col", help="Header name of the behavior (optional)."),
+    delimiter: Optional[str] = typer.Option(None, "--delimiter", help="csv field separator, e.g. ',' or '\\t'; default: sniffed."),
+    behaviors: Optional[str] = typer.Option(None, "--behaviors", help="Keep only these behaviors, e.g. buy,cart (taobao)."),
+    rating_min: Optional[float] = typer.Option(None, "--rating-min", help="Lowest valid rating (default 0)."),
+    rating_max: Optional[float] = typer.Option(None, "--rating-max", help="Highest valid rating (default 10)."),
+    as_json: bool = AsJson,
+) -> None:
+    """Read a raw log, validate it, and write DATA_DIR/events.parquet plus the rejected rows in quarantine.parquet."""
+    from pipeline.ingest import ingest as run_ingest
+
+    options = {"user_col": user_col, "item_col": item_col, "time_col": time_col, "rating_col": rating_col,
+               "behavior_col": behavior_col, "delimiter": delimiter, "behaviors": behaviors,
+               "rating_min": rating_min, "rating_max": rating_max}
+    emit(run_ingest(source, fmt, data_dir, **{k: v for k, v in options.items() if v is not None}), as_json, "ingest")
+
+
+@app.command()
 def prepare(
     data_dir: Path = DataDir,
     min_count: int = typer.Option(5, "--min-count", help="Keep users and items with at least this many events (k-core)."),

@@ -1,0 +1,499 @@
+"""ingest: read a raw interaction log in one of FORMATS and validate it into DATA_DIR/events.parquet.
+
+Text goes through pyarrow's streaming CSV reader, one block at a time, never the whole file: fields come as
+bytes, are typed with vectorised pyarrow kernels and appended to a staging Parquet, which
+pipeline.validate then splits into events.parquet and quarantine.parquet. Lines with the wrong number of
+fields reach the reader's invalid-row handler with their line number and text (rule column_count); lines
+that are not UTF-8 get rule utf8_text. `row` is the physical line number (1-based, header included), so
+every message points into the file. Counts always add up: rows_in = rows_kept + rows_quarantined +
+rows_filtered, where rows_filtered are rows dropped on purpose by --behaviors (0 without it). For
+`sequences` a row is one event (one item of a line) and a line without items is one quarantined row.
+
+A file that cannot be read at all (missing, empty, binary, no valid line) raises PipelineError naming the
+file, the line and the layout expected. Outputs are renamed into place at the end, so a failure leaves no
+partial file behind.
+"""
+from __future__ import annotations
+
+import csv
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError
+from pipeline.validate import STAGING_SCHEMA, validate
+
+FORMATS = ("movielens", "recbole", "csv", "taobao", "sequences")
+COLUMN_OPTIONS = ("user_col", "item_col", "time_col", "rating_col", "behavior_col")
+FORMAT_OPTIONS = {  # beyond rating_min / rating_max, which every format takes
+    "movielens": (),
+    "recbole": COLUMN_OPTIONS + ("behaviors",),
+    "csv": COLUMN_OPTIONS + ("delimiter", "behaviors"),
+    "taobao": ("behaviors",),
+    "sequences": (),
+}
+# Header names used when no *_col option is given; rating and behavior are optional.
+DEFAULT_COLUMNS = {"user_col": "user_id", "item_col": "item_id", "time_col": "timestamp",
+                   "rating_col": "rating", "behavior_col": "behavior"}
+MOVIELENS_CSV_COLUMNS = {"user_col": "userId", "item_col": "movieId", "time_col": "timestamp", "rating_col": "rating"}
+NUMERIC_ID_FORMATS = ("movielens", "taobao")
+HEAD_BYTES = 64 << 10
+BLOCK_BYTES = 16 << 20  # pyarrow's read unit, and so the longest line it can take
+LINE_DELIMITER = "\x1f"  # reads `sequences` lines whole: pyarrow refuses NUL, and no text log holds 0x1f
+SPACE = " \t\r"
+INT_PATTERN = r"^[+-]?[0-9]{1,18}$"
+FLOAT_PATTERN = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The fields of one line of a delimited format and which of them hold the event's values."""
+    delimiter: str  # one character: MovieLens' "::" is read as ":" with empty fields in between
+    names: tuple[str, ...]  # every field of a line, in order
+    user: str
+    item: str
+    time: str
+    rating: str | None = None
+    behavior: str | None = None
+    gaps: tuple[str, ...] = ()  # fields that must be empty (the middle of "::")
+    header: bool = False
+    quoted: bool = False  # RFC 4180 double quotes (csv only; the other formats never quote)
+    shown: str = ""  # the layout as people know it, for messages
+
+    def describe(self) -> str:
+        return self.shown or ("<TAB>" if self.delimiter == "\t" else self.delimiter).join(self.names)
+
+
+TAOBAO = Layout(",", ("user", "item", "category", "behavior", "timestamp"), "user", "item", "timestamp",
+                behavior="behavior")
+MOVIELENS_DAT = Layout(":", ("user", "gap1", "item", "gap2", "rating", "gap3", "timestamp"), "user", "item",
+                       "timestamp", rating="rating", gaps=("gap1", "gap2", "gap3"), shown="user::item::rating::timestamp")
+MOVIELENS_UDATA = Layout("\t", ("user", "item", "rating", "timestamp"), "user", "item", "timestamp", rating="rating")
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(HEAD_BYTES)
+
+
+def _first_line(path: Path, expected: str) -> str:
+    line = _head(path).split(b"\n", 1)[0].split(b"\r", 1)[0]
+    try:
+        return line.decode("utf-8").lstrip("\ufeff")
+    except UnicodeDecodeError:
+        raise PipelineError(f"{path}:1: not UTF-8 text; expected {expected}") from None
+
+
+def _resolve(source: Path, fmt: str) -> Path:
+    """The file to read: it exists, is not empty and, unless Parquet, is not binary."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        wanted = {"movielens": ("ratings.dat", "ratings.csv", "u.data"), "recbole": ("*.inter",)}.get(fmt, ())
+        found = [p for pattern in wanted for p in sorted(path.glob(pattern))]  # in order of preference
+        if not found or (fmt == "recbole" and len(found) > 1):
+            raise PipelineError(f"{path}: is a folder; pass the {fmt} file itself"
+                                + (f" (looked for {', '.join(wanted)}, found {len(found)})" if wanted else ""))
+        path = found[0]
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found (format {fmt})")
+    if path.stat().st_size == 0:
+        raise PipelineError(f"{path}:1: file is empty; expected {fmt} records")
+    head = _head(path)
+    if not (fmt == "csv" and head.startswith(b"PAR1")) and b"\x00" in head:
+        line = head[:head.index(b"\x00")].count(b"\n") + 1
+        raise PipelineError(f"{path}:{line}: binary data (a NUL byte); expected a {fmt} text file "
+                            "(decompress archives first)")
+    return path
+
+
+def _header_layout(path: Path, fmt: str, options: dict, defaults: dict, delimiter: str) -> Layout:
+    """Map the *_col options (or their defaults) to header names; RecBole names carry a `:type` suffix."""
+    line = _first_line(path, f"a header line naming {defaults['user_col']}, {defaults['item_col']}, ...")
+    names = [n.strip() for n in next(csv.reader([line], delimiter=delimiter))]
+    keys = [n.split(":", 1)[0] for n in names] if fmt == "recbole" else names
+    chosen = {}
+    for option, default in defaults.items():
+        name = options.get(option)
+        if name is None and option in ("rating_col", "behavior_col"):
+            chosen[option] = names[keys.index(default)] if default in keys else None
+        elif (name or default) in keys:
+            chosen[option] = names[keys.index(name or default)]
+        else:
+            raise PipelineError(f"{path}:1: the header has no column {name or default!r} for "
+                                f"--{option.replace('_', '-')} (columns: {', '.join(keys)})")
+    if len(set(names)) < len(names):
+        raise PipelineError(f"{path}:1: the header repeats a column name ({', '.join(names)})")
+    return Layout(delimiter, tuple(names), chosen["user_col"], chosen["item_col"], chosen["time_col"],
+                  chosen["rating_col"], chosen.get("behavior_col"), header=True, quoted=fmt == "csv")
+
+
+def _delimiter(path: Path, delimiter: str | None) -> str:
+    if delimiter is not None:
+        delimiter = {"\\t": "\t", "tab": "\t"}.get(delimiter.lower(), delimiter)
+        if len(delimiter) != 1 or delimiter in "\"\r\n":
+            raise PipelineError(f"--delimiter must be one character other than a quote or newline, got {delimiter!r}")
+        return delimiter
+    if path.suffix.lower() in (".tsv", ".tab", ".inter"):
+        return "\t"
+    line = _first_line(path, "a header line")
+    return max(",\t;|", key=line.count)
+
+
+def _layout(path: Path, fmt: str, options: dict) -> Layout:
+    if fmt == "taobao":
+        return TAOBAO
+    if fmt == "recbole":
+        return _header_layout(path, fmt, options, DEFAULT_COLUMNS, "\t")
+    if fmt == "csv":
+        return _header_layout(path, fmt, options, DEFAULT_COLUMNS, _delimiter(path, options.get("delimiter")))
+    # movielens: ratings.dat (ml-1m, ml-10m), ratings.csv (ml-latest) or u.data (ml-100k)
+    line = _first_line(path, MOVIELENS_DAT.describe())
+    if "::" in line:
+        return MOVIELENS_DAT
+    if line.startswith("userId"):
+        return _header_layout(path, fmt, {}, MOVIELENS_CSV_COLUMNS, ",")
+    return MOVIELENS_UDATA
+
+
+def _text(column: pa.Array) -> tuple[pa.Array, pa.Array | None]:
+    """Bytes -> UTF-8 strings, plus a mask of the rows that were not valid UTF-8 (None when all were)."""
+    try:
+        return column.cast(pa.string()), None
+    except pa.ArrowInvalid:  # rare: decode row by row and flag the bad ones
+        values = column.to_pylist()
+        bad = [not _is_utf8(v) for v in values]
+        return pa.array([v.decode("utf-8", "replace") for v in values], pa.string()), pa.array(bad)
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _field(text: pa.Array) -> pa.Array:
+    """Trimmed text; empty is null."""
+    text = pc.utf8_trim(text, characters=SPACE)
+    return pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
+
+
+def _parse_timestamp(text: pa.Array) -> pa.Array:
+    """Unix seconds (integer or decimal, as RecBole's timestamp:float) or an ISO 8601 datetime (UTC unless
+    it has an offset), as int64; null where the text is missing or none of these."""
+    is_int = pc.fill_null(pc.match_substring_regex(text, INT_PATTERN), False)
+    if pc.all(is_int).as_py():
+        return pc.cast(text, pa.int64())
+    out = pc.cast(pc.if_else(is_int, text, pa.scalar(None, pa.string())), pa.int64())
+    is_float = pc.and_not(pc.fill_null(pc.match_substring_regex(text, FLOAT_PATTERN), False), is_int)
+    seconds = pc.floor(pc.cast(pc.if_else(is_float, text, pa.scalar(None, pa.string())), pa.float64()))
+    seconds = pc.if_else(pc.less(pc.abs(seconds), 9e18), seconds, pa.scalar(None, pa.float64()))
+    out = pc.coalesce(out, pc.cast(seconds, pa.int64()))
+    rest = pc.and_(pc.is_null(out), pc.is_valid(text))
+    if pc.any(rest).as_py():  # datetimes: pandas parses every ISO 8601 variant
+        stamps = pd.to_datetime(pd.Series(text.filter(rest).to_pylist(), dtype=object), format="ISO8601",
+                                utc=True, errors="coerce")
+        iso = np.full(len(text), None, dtype=object)
+        iso[np.flatnonzero(rest.to_numpy(zero_copy_only=False))] = [
+            None if pd.isna(s) else s.value // 1_000_000_000 for s in stamps]
+        out = pc.coalesce(out, pa.array(iso, pa.int64()))
+    return out
+
+
+def _parse_rating(text: pa.Array) -> pa.Array:
+    """float64; null where absent, NaN where present but not a number (rating_in_range then rejects it)."""
+    is_number = pc.fill_null(pc.match_substring_regex(text, FLOAT_PATTERN), True)
+    return pc.if_else(is_number, pc.cast(pc.if_else(is_number, text, pa.scalar(None, pa.string())), pa.float64()),
+                      float("nan"))
+
+
+def _staging_batch(row, user, item, timestamp, rating=None, behavior=None, raw=None, rule=None,
+                   detail=None) -> pa.RecordBatch:
+    n = len(row)
+    columns = [row, user, item, timestamp, rating, behavior, raw, rule, detail]
+    return pa.record_batch([pa.nulls(n, f.type) if c is None else c for c, f in zip(columns, STAGING_SCHEMA)],
+                           schema=STAGING_SCHEMA)
+
+
+def _structural(bad: list[tuple[int, str, str]]) -> pa.RecordBatch:
+    """Staging rows for lines rejected before typing: (line number, raw text, rule, detail)."""
+    rows, raws, rules, details = zip(*bad)
+    return _staging_batch(pa.array(rows, pa.int64()), None, None, None, raw=pa.array(raws, pa.string()),
+                          rule=pa.array(rules, pa.string()), detail=pa.array(details, pa.string()))
+
+
+class _Rows:
+    """Line numbers of the rows pyarrow accepts, from the line numbers of the ones it rejected.
+
+    The k-th accepted row is the k-th line after the header that is not rejected; with rejected lines
+    b_0 < b_1 < ..., that is x = t + #{i : b_i - i <= t} for t = first_line + k.
+    """
+
+    def __init__(self, first_line: int):
+        self.first_line, self.accepted, self.rejected = first_line, 0, []
+
+    def next(self, n: int) -> pa.Array:
+        t = self.first_line + self.accepted + np.arange(n, dtype=np.int64)
+        shifted = np.asarray(self.rejected, dtype=np.int64) - np.arange(len(self.rejected))
+        self.accepted += n
+        return pa.array(t + np.searchsorted(shifted, t, side="right"))
+
+
+def _read(path: Path, names: tuple[str, ...], skip: int, delimiter: str, quoted: bool,
+          include: list[str], on_invalid) -> Iterator[pa.RecordBatch]:
+    reader = pacsv.open_csv(
+        path,
+        # one thread: the invalid-row handler only learns line numbers when rows are parsed in order
+        read_options=pacsv.ReadOptions(column_names=list(names), skip_rows=skip, block_size=BLOCK_BYTES,
+                                       use_threads=False),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False,
+                                         escape_char=False, newlines_in_values=False, ignore_empty_lines=False,
+                                         invalid_row_handler=on_invalid),
+        convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in include},
+                                             include_columns=include, strings_can_be_null=False),
+    )
+    yield from reader
+
+
+def _delimited(path: Path, layout: Layout, behaviors: list[str] | None, counts: dict) -> Iterator[pa.RecordBatch]:
+    """Staging batches of a delimited text file."""
+    rows = _Rows(2 if layout.header else 1)
+    bad: list[tuple[int, str, str, str]] = []
+
+    def on_invalid(row) -> str:
+        rows.rejected.append(row.number)
+        bad.append((row.number, row.text, "column_count", f"expected {len(layout.names)} fields "
+                    f"({layout.describe()}), found {row.actual_columns}"))
+        return "skip"
+
+    mapped = [n for n in (layout.user, layout.item, layout.time, layout.rating, layout.behavior) if n]
+    include = list(dict.fromkeys(mapped + list(layout.gaps)))
+    for batch in _read(path, layout.names, int(layout.header), layout.delimiter, layout.quoted, include, on_invalid):
+        row = rows.next(batch.num_rows)
+        text, not_utf8 = {}, None
+        for name in include:
+            text[name], bad_here = _text(batch.column(name))
+            not_utf8 = bad_here if not_utf8 is None else (not_utf8 if bad_here is None else pc.or_(not_utf8, bad_here))
+        broken = None
+        for gap in layout.gaps:  # a lone ":" where MovieLens has "::" leaves a gap field non-empty
+            broken = pc.not_equal(text[gap], "") if broken is None else pc.or_(broken, pc.not_equal(text[gap], ""))
+        if broken is not None and pc.any(broken).as_py():
+            for r, *values in zip(row.filter(broken).to_pylist(), *(text[n].filter(broken).to_pylist() for n in include)):
+                bad.append((r, " ".join(values), "column_count", f"expected {layout.describe()}"))
+        if not_utf8 is not None:
+            for r, *values in zip(row.filter(not_utf8).to_pylist(), *(text[n].filter(not_utf8).to_pylist() for n in mapped)):
+                bad.append((r, layout.delimiter.join(values), "utf8_text", "line is not valid UTF-8 text"))
+        drop = broken if not_utf8 is None else (not_utf8 if broken is None else pc.or_(broken, not_utf8))
+        if drop is not None:
+            keep = pc.invert(drop)
+            row, text = row.filter(keep), {n: t.filter(keep) for n, t in text.items()}
+        behavior = _field(text[layout.behavior]) if layout.behavior else None
+        if behaviors is not None:
+            wanted = pc.fill_null(pc.is_in(behavior, pa.array(behaviors, pa.string())), False)
+            counts["filtered"] += len(row) - pc.sum(wanted).as_py() if len(row) else 0
+            row, behavior, text = row.filter(wanted), behavior.filter(wanted), {n: t.filter(wanted) for n, t in text.items()}
+        yield _events(row, text, layout, behavior)
+        if bad:
+            yield _structural(bad)
+            bad.clear()
+    if bad:
+        yield _structural(bad)
+
+
+def _events(row: pa.Array, text: dict, layout: Layout, behavior: pa.Array | None) -> pa.RecordBatch:
+    user, item = _field(text[layout.user]), _field(text[layout.item])
+    time_text = _field(text[layout.time])
+    timestamp = _parse_timestamp(time_text)
+    rating_text = _field(text[layout.rating]) if layout.rating else None
+    rating = _parse_rating(rating_text) if layout.rating else None
+    # the line's text for rows sure to be quarantined, whose values alone would not show what was there
+    # (an empty field, text that did not parse); other rejects are shown by their values
+    unparsed = pc.or_(pc.or_(pc.is_null(user), pc.is_null(item)), pc.is_null(timestamp))
+    if rating is not None:
+        unparsed = pc.or_(unparsed, pc.fill_null(pc.is_nan(rating), False))
+    raw = None
+    if pc.any(unparsed).as_py():
+        parts = [text[n] for n in layout.names if n in text and n not in layout.gaps]
+        raw = pc.if_else(unparsed, pc.binary_join_element_wise(*parts, layout.delimiter * (1 + bool(layout.gaps))),
+                         pa.scalar(None, pa.string()))
+    return _staging_batch(row, user, item, timestamp, rating, behavior, raw)
+
+
+def _sequences(path: Path, counts: dict) -> Iterator[pa.RecordBatch]:
+    """Staging batches of a `user item1 item2 ...` file: one event per item, timestamp = 1-based position."""
+    rows = _Rows(1)
+    bad: list[tuple[int, str, str, str]] = []
+
+    def on_invalid(row) -> str:  # only a line holding LINE_DELIMITER splits: treat it as malformed
+        rows.rejected.append(row.number)
+        bad.append((row.number, row.text, "column_count", "expected a user id and item ids separated by spaces"))
+        return "skip"
+
+    for batch in _read(path, ("line",), 0, LINE_DELIMITER, False, ["line"], on_invalid):
+        row = rows.next(batch.num_rows)
+        line, not_utf8 = _text(batch.column("line"))
+        fields = pc.utf8_split_whitespace(pc.utf8_trim(line, characters=SPACE))
+        length = pc.list_value_length(fields)
+        short = pc.less(length, 2)
+        if not_utf8 is not None:
+            for r, text in zip(row.filter(not_utf8).to_pylist(), line.filter(not_utf8).to_pylist()):
+                bad.append((r, text, "utf8_text", "line is not valid UTF-8 text"))
+            short = pc.and_not(short, not_utf8)
+        for r, text in zip(row.filter(short).to_pylist(), line.filter(short).to_pylist()):
+            bad.append((r, text, "column_count", "expected a user id and at least one item id separated by spaces"))
+        keep = pc.invert(pc.or_(short, not_utf8)) if not_utf8 is not None else pc.invert(short)
+        fields, row = fields.filter(keep), row.filter(keep)
+        items = pc.list_slice(fields, 1)
+        parent = pc.list_parent_indices(items)
+        starts = np.repeat(items.offsets.to_numpy()[:-1] - items.offsets.to_numpy()[0],
+                           pc.list_value_length(items).to_numpy())
+        position = np.arange(len(parent), dtype=np.int64) - starts + 1
+        user = pc.list_element(fields, 0).take(parent)
+        yield _staging_batch(row.take(parent), _field(user), _field(pc.list_flatten(items)), pa.array(position))
+        if bad:
+            yield _structural(bad)
+            bad.clear()
+    if bad:
+        yield _structural(bad)
+
+
+def _parquet(path: Path, options: dict, counts: dict) -> Iterator[pa.RecordBatch]:
+    """Staging batches of a Parquet source: its columns go through the same text conversions."""
+    try:
+        source = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise PipelineError(f"{path}: not a readable Parquet file ({err})") from None
+    names = source.schema_arrow.names
+    chosen = {}
+    for option, default in DEFAULT_COLUMNS.items():
+        name = options.get(option) or default
+        if name in names:
+            chosen[option] = name
+        elif options.get(option) or option in ("user_col", "item_col", "time_col"):
+            raise PipelineError(f"{path}: no column {name!r} for --{option.replace('_', '-')} "
+                                f"(columns: {', '.join(names)})")
+    layout = Layout(",", tuple(chosen.values()), chosen["user_col"], chosen["item_col"], chosen["time_col"],
+                    chosen.get("rating_col"), chosen.get("behavior_col"))
+    row = 1
+    for batch in source.iter_batches(batch_size=1 << 20, columns=list(chosen.values())):
+        text = {n: pc.fill_null(pc.cast(batch.column(n), pa.string()), "") for n in chosen.values()}
+        rows = pa.array(np.arange(row, row + batch.num_rows, dtype=np.int64))
+        row += batch.num_rows
+        behavior = _field(text[layout.behavior]) if layout.behavior else None
+        if options["behaviors"] is not None:
+            if behavior is None:
+                raise PipelineError(f"{path}: --behaviors needs a behavior column (--behavior-col)")
+            wanted = pc.fill_null(pc.is_in(behavior, pa.array(options["behaviors"], pa.string())), False)
+            counts["filtered"] += len(rows) - pc.sum(wanted).as_py() if len(rows) else 0
+            rows, behavior, text = rows.filter(wanted), behavior.filter(wanted), {n: t.filter(wanted) for n, t in text.items()}
+        yield _events(rows, text, layout, behavior)
+
+
+def _check_options(fmt: str, options: dict) -> dict:
+    allowed = FORMAT_OPTIONS[fmt] + ("rating_min", "rating_max")
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise PipelineError(f"option(s) {', '.join(unknown)} do not apply to format {fmt} "
+                            f"(it takes: {', '.join(allowed)})")
+    behaviors = options.get("behaviors")
+    if isinstance(behaviors, str):
+        behaviors = [b for b in (s.strip() for s in behaviors.split(",")) if b]
+    if behaviors is not None and not behaviors:
+        raise PipelineError("--behaviors needs at least one behavior, e.g. buy,cart")
+    return {**options, "behaviors": list(behaviors) if behaviors is not None else None}
+
+
+def _stage(batches: Iterator[pa.RecordBatch], staging: Path, counts: dict) -> None:
+    with pq.ParquetWriter(staging, STAGING_SCHEMA, compression="none") as writer, \
+            tqdm(unit=" rows", unit_scale=True, desc="ingest", leave=False) as bar:
+        for batch in batches:
+            rule = batch.column("rule")
+            if counts["first_bad"] is None and rule.null_count < len(rule):
+                at = pc.index(pc.is_valid(rule), True).as_py()
+                counts["first_bad"] = (batch.column("row")[at].as_py(), batch.column("detail")[at].as_py())
+            counts["staged"] += batch.num_rows
+            counts["well_formed"] += rule.null_count
+            writer.write_batch(batch)
+            bar.update(batch.num_rows)
+
+
+def ingest(source: Path | None, fmt: str, data_dir: Path, **format_options) -> dict:
+    """Read `source` (None: generate the synthetic log into DATA_DIR/raw and read it as csv) in format `fmt`.
+
+    Writes DATA_DIR/events.parquet and DATA_DIR/quarantine.parquet and returns the summary: rows_in,
+    rows_kept, rows_quarantined, rows_filtered, quarantine_reasons, output and more. format_options:
+    user_col, item_col, time_col, rating_col, behavior_col (header names, csv and recbole), delimiter (csv),
+    behaviors (list or comma-separated; csv, recbole, taobao), rating_min and rating_max (default 0..10).
+    """
+    started = time.perf_counter()
+    data_dir = Path(data_dir)
+    if fmt not in FORMATS:
+        raise PipelineError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    options = _check_options(fmt, format_options)
+    if source is None:
+        if fmt != "csv":
+            raise PipelineError(f"without a SOURCE ingest generates the synthetic csv log; got --format {fmt}")
+        from pipeline.synthetic import write_synthetic_log
+
+        source = write_synthetic_log(data_dir / "raw" / "synthetic.csv")
+    path = _resolve(Path(source), fmt)
+    counts = {"staged": 0, "filtered": 0, "well_formed": 0, "first_bad": None}
+    if fmt == "csv" and _head(path).startswith(b"PAR1"):
+        expected, header = "a Parquet file", False
+        batches = _parquet(path, options, counts)
+    elif fmt == "sequences":
+        expected, header = "user item1 item2 ... separated by spaces", False
+        batches = _sequences(path, counts)
+    else:
+        layout = _layout(path, fmt, options)
+        if options["behaviors"] is not None and layout.behavior is None:
+            raise PipelineError(f"{path}: --behaviors needs a behavior column (--behavior-col)")
+        expected, header = layout.describe(), layout.header
+        batches = _delimited(path, layout, options["behaviors"], counts)
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    staging = data_dir / f".staging-{uuid.uuid4().hex[:8]}.parquet"
+    try:
+        try:
+            _stage(batches, staging, counts)
+        except pa.ArrowInvalid as err:
+            raise PipelineError(f"{path}: cannot be read as {fmt} ({err}); expected {expected}") from None
+        if counts["staged"] == 0:
+            if counts["filtered"]:
+                raise PipelineError(f"{path}: all {counts['filtered']} rows were filtered out by --behaviors "
+                                    f"{','.join(options['behaviors'])}")
+            raise PipelineError(f"{path}:{2 if header else 1}: no data rows; expected lines of {expected}")
+        if counts["well_formed"] == 0:
+            row, detail = counts["first_bad"]
+            raise PipelineError(f"{path}:{row}: no line is a valid {fmt} record; the first fails with: {detail}")
+        summary = validate(staging, data_dir, source=str(path),
+                           id_kind="numeric" if fmt in NUMERIC_ID_FORMATS else "token",
+                           rating_range=(options.get("rating_min", 0.0), options.get("rating_max", 10.0)))
+    finally:
+        staging.unlink(missing_ok=True)
+    rows_in = summary["rows_in"] + counts["filtered"]
+    return {
+        "format": fmt,
+        "source": str(path),
+        "rows_in": rows_in,
+        "rows_kept": summary["rows_kept"],
+        "rows_quarantined": summary["rows_quarantined"],
+        "rows_filtered": counts["filtered"],
+        "counts": f"rows_in {rows_in} = rows_kept {summary['rows_kept']} + rows_quarantined "
+                  f"{summary['rows_quarantined']} + rows_filtered {counts['filtered']}",
+        "quarantine_reasons": summary["quarantine_reasons"],
+        "output": summary["output"],
+        "quarantine": str(data_dir / "quarantine.parquet"),
+        "seconds": round(time.perf_counter() - started, 2),
+    }

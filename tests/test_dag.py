@@ -63,7 +63,8 @@ def test_params_reject_a_wrong_type(dag):
 
 
 def run(dag, workdir, day: int, **conf):
-    conf = {**TINY, "data_dir": str(workdir / "data" / "toy"),
+    # dag.test() in one process keeps the last run's params: spell out every param a test changes
+    conf = {**TINY, "source": None, "model": "recblr", "overrides": {}, "data_dir": str(workdir / "data" / "toy"),
             "tracking_uri": f"sqlite:///{workdir / 'data' / 'mlflow' / 'mlflow.db'}", **conf}
     return dag.test(logical_date=datetime(2026, 1, day, 3, tzinfo=timezone.utc), run_conf=conf)
 

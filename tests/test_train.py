@@ -1,0 +1,178 @@
+"""Training windows, the loss of both regimes, learning, early stopping, exact resume and the CLI."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from prepared_data import markov_sequences, write_prepared
+from recblr.data import Sequences, load_prepared, training_windows
+from recblr.models import build, load
+from recblr.train import TrainConfig, batch_loss, fit
+
+N_ITEMS = 24
+SMALL = {"d_model": 16, "dropout": 0.1}
+
+
+def ragged(seqs: list[list[int]]) -> Sequences:
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
+    return Sequences(np.array([i for s in seqs for i in s], dtype=np.int64), offsets)
+
+
+SEQS = [[5], [1, 2], [3, 4, 5, 6, 7, 8, 9], [10, 11, 12, 13]]
+
+
+def test_prefix_windows_are_every_prefix_truncated_to_max_len():
+    history = ragged(SEQS)
+    start, stop = training_windows(history, max_len=3, regime="prefix")
+    got = [(history.flat[a:b].tolist(), int(history.flat[b])) for a, b in zip(start, stop)]
+    want = [(s[max(0, t - 3):t], s[t]) for s in SEQS for t in range(1, len(s))]
+    assert got == want
+
+
+def test_all_windows_use_every_target_once():
+    history = ragged(SEQS)
+    start, stop = training_windows(history, max_len=3, regime="all")
+    assert (stop - start).max() <= 3
+    targets = sorted(int(t) for a, b in zip(start, stop) for t in history.flat[a + 1:b + 1])
+    assert targets == sorted(i for s in SEQS for i in s[1:])
+    inputs_precede = all(history.flat[a:b].tolist() == [t - 1 for t in history.flat[a + 1:b + 1]]
+                         for a, b in zip(start, stop))
+    assert inputs_precede  # consecutive ids in SEQS: each input is its target's predecessor
+
+
+@pytest.mark.parametrize("regime", ["prefix", "all"])
+def test_batch_loss_equals_per_sample_cross_entropy(regime):
+    history = ragged(SEQS)
+    start, stop = training_windows(history, max_len=4, regime=regime)
+    torch.manual_seed(0)
+    model = build("recblr", 16, d_model=8, dropout=0.0)
+    cfg = TrainConfig(regime=regime, device="cpu")
+    losses = []
+    for a, b in zip(start, stop):  # each sample alone, unpadded
+        inputs = torch.as_tensor(history.flat[a:b])[None]
+        targets = torch.as_tensor(history.flat[a + 1:b + 1])
+        logits = model.scores(model(inputs))[0]
+        losses += [F.cross_entropy(logits[-1:], targets[-1:], reduction="sum")] if regime == "prefix" else \
+            [F.cross_entropy(logits, targets, reduction="sum")]
+    n = len(start) if regime == "prefix" else int((stop - start).sum())
+    want = torch.stack(losses).sum() / n
+    torch.testing.assert_close(batch_loss(model, history.flat, start, stop, cfg), want)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return write_prepared(tmp_path_factory.mktemp("train") / "prepared", markov_sequences(150, N_ITEMS, 10), N_ITEMS)
+
+
+def quick(**changes) -> TrainConfig:
+    return TrainConfig(**{"epochs": 3, "batch_size": 64, "max_len": 8, "regime": "all", "device": "cpu",
+                          "lr": 5e-3, **changes})
+
+
+@pytest.mark.parametrize("regime", ["prefix", "all"])
+def test_fit_learns_and_saves_the_best_model(prepared, tmp_path, regime):
+    batch = 256 if regime == "prefix" else 64  # about one user's worth of samples per "all" window
+    result = fit(prepared, tmp_path / "run", overrides=SMALL, train=quick(regime=regime, batch_size=batch))
+    assert set(result) >= {"model", "config", "train", "epochs", "best_epoch", "valid", "test", "history",
+                           "model_path", "seconds"}
+    assert result["config"]["d_model"] == 16 and result["train"]["regime"] == regime
+    assert [r["epoch"] for r in result["history"]] == [1, 2, 3]
+    assert result["history"][-1]["loss"] < result["history"][0]["loss"]
+    assert result["test"]["hr_at_10"] > 0.7  # ~90% of next items follow the rule; chance is 10/24
+    best = load(result["model_path"])
+    blob = torch.load(result["model_path"], weights_only=True)
+    assert blob["epoch"] == result["best_epoch"] and best.config.d_model == 16
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+def test_early_stopping_after_patience_epochs_without_gain(prepared, tmp_path):
+    result = fit(prepared, tmp_path / "run", overrides=SMALL, train=quick(epochs=20, lr=0.0, patience=2))
+    assert result["epochs"] == 3 and result["best_epoch"] == 1  # with lr 0 nothing ever improves
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_to_the_same_result(prepared, tmp_path):
+    straight = fit(prepared, tmp_path / "a", overrides=SMALL, train=quick())
+
+    def kill_after_2(epoch, record):
+        if epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(prepared, tmp_path / "b", overrides=SMALL, train=quick(), on_epoch=kill_after_2)
+    seen = []
+    resumed = fit(prepared, tmp_path / "b", overrides=SMALL, train=quick(), resume=True,
+                  on_epoch=lambda epoch, record: seen.append(epoch))
+    assert seen == [3]
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    for got, want in zip(strip(resumed["history"]), strip(straight["history"]), strict=True):
+        assert got == pytest.approx(want)
+    assert resumed["test"] == pytest.approx(straight["test"])
+
+
+def test_resume_refuses_other_settings_or_no_checkpoint(prepared, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        fit(prepared, tmp_path / "none", overrides=SMALL, train=quick(), resume=True)
+    fit(prepared, tmp_path / "run", overrides=SMALL, train=quick(epochs=1))
+    with pytest.raises(ValueError, match="other settings"):
+        fit(prepared, tmp_path / "run", overrides=SMALL, train=quick(epochs=2, lr=1e-2), resume=True)
+
+
+def test_train_config_rejects_unknown_regime():
+    with pytest.raises(ValueError, match="regime"):
+        TrainConfig(regime="last")
+    assert dataclasses.replace(TrainConfig(), device="cpu").resolved().epochs == 4
+
+
+def test_cli_train_then_evaluate(prepared, tmp_path):
+    from pipeline.cli import app
+
+    data_dir = prepared.parent
+    runner = CliRunner()
+    out = runner.invoke(app, ["train", "--data-dir", str(data_dir), "--run-dir", str(tmp_path / "run"),
+                              "--epochs", "1", "--batch-size", "64", "--max-len", "8", "--regime", "all",
+                              "--device", "cpu", "--set", "d_model=16", "--json"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    keys = ["hr_at_10", "ndcg_at_10", "mrr_at_10", "hr_at_20", "ndcg_at_20", "mrr_at_20"]
+    assert all(0 <= summary[k] <= 1 for k in keys) and summary["epochs"] == 1
+    out = runner.invoke(app, ["evaluate", "--data-dir", str(data_dir), "--model-path", summary["model_path"],
+                              "--device", "cpu", "--json"])
+    assert out.exit_code == 0, out.output
+    evaluated = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [evaluated[k] for k in keys] == pytest.approx([summary[k] for k in keys])
+    out = runner.invoke(app, ["evaluate", "--data-dir", str(data_dir), "--popularity", "--json"])
+    assert out.exit_code == 0 and json.loads(out.stdout.strip().splitlines()[-1])["hr_at_10"] < evaluated["hr_at_10"]
+
+
+def test_cli_names_a_missing_prepared_dir(tmp_path):
+    from pipeline.cli import main
+
+    argv = sys.argv
+    sys.argv = ["recblr", "train", "--data-dir", str(tmp_path / "nothing"), "--device", "cpu"]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    finally:
+        sys.argv = argv
+    assert exit_info.value.code == 2
+
+
+def test_load_prepared_rejects_out_of_range_items(tmp_path):
+    prepared = write_prepared(tmp_path / "prepared", [[1, 2, 3]], 3)
+    assert load_prepared(prepared).n_items == 3
+    write_prepared(tmp_path / "bad", [[1, 2, 9]], 9)
+    shutil.copy(prepared / "items.parquet", tmp_path / "bad" / "items.parquet")  # 3 items, yet 9 is used
+    with pytest.raises(ValueError, match="outside 1..3"):
+        load_prepared(tmp_path / "bad")

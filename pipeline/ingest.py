@@ -19,6 +19,7 @@ import csv
 import time
 import uuid
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Iterator
 
@@ -226,7 +227,7 @@ def _staging_batch(row, user, item, timestamp, rating=None, behavior=None, raw=N
                            schema=STAGING_SCHEMA)
 
 
-def _structural(bad: list[tuple[int, str, str]]) -> pa.RecordBatch:
+def _structural(bad: list[tuple[int, str, str, str]]) -> pa.RecordBatch:
     """Staging rows for lines rejected before typing: (line number, raw text, rule, detail)."""
     rows, raws, rules, details = zip(*bad)
     return _staging_batch(pa.array(rows, pa.int64()), None, None, None, raw=pa.array(raws, pa.string()),
@@ -251,7 +252,9 @@ class _Rows:
 
 
 def _read(path: Path, names: tuple[str, ...], skip: int, delimiter: str, quoted: bool,
-          include: list[str], on_invalid) -> Iterator[pa.RecordBatch]:
+          on_invalid) -> Iterator[pa.RecordBatch]:
+    """Batches of every field as bytes (UTF-8 is checked per row later); rows with another number of fields
+    go to on_invalid, which sees their line number and text."""
     reader = pacsv.open_csv(
         path,
         # one thread: the invalid-row handler only learns line numbers when rows are parsed in order
@@ -260,8 +263,7 @@ def _read(path: Path, names: tuple[str, ...], skip: int, delimiter: str, quoted:
         parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False,
                                          escape_char=False, newlines_in_values=False, ignore_empty_lines=False,
                                          invalid_row_handler=on_invalid),
-        convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in include},
-                                             include_columns=include, strings_can_be_null=False),
+        convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in names}, strings_can_be_null=False),
     )
     yield from reader
 
@@ -278,32 +280,35 @@ def _delimited(path: Path, layout: Layout, behaviors: list[str] | None, counts: 
         return "skip"
 
     mapped = [n for n in (layout.user, layout.item, layout.time, layout.rating, layout.behavior) if n]
-    include = list(dict.fromkeys(mapped + list(layout.gaps)))
-    for batch in _read(path, layout.names, int(layout.header), layout.delimiter, layout.quoted, include, on_invalid):
-        row = rows.next(batch.num_rows)
-        text, not_utf8 = {}, None
-        for name in include:
-            text[name], bad_here = _text(batch.column(name))
-            not_utf8 = bad_here if not_utf8 is None else (not_utf8 if bad_here is None else pc.or_(not_utf8, bad_here))
-        broken = None
-        for gap in layout.gaps:  # a lone ":" where MovieLens has "::" leaves a gap field non-empty
-            broken = pc.not_equal(text[gap], "") if broken is None else pc.or_(broken, pc.not_equal(text[gap], ""))
-        if broken is not None and pc.any(broken).as_py():
-            for r, *values in zip(row.filter(broken).to_pylist(), *(text[n].filter(broken).to_pylist() for n in include)):
-                bad.append((r, " ".join(values), "column_count", f"expected {layout.describe()}"))
-        if not_utf8 is not None:
-            for r, *values in zip(row.filter(not_utf8).to_pylist(), *(text[n].filter(not_utf8).to_pylist() for n in mapped)):
-                bad.append((r, layout.delimiter.join(values), "utf8_text", "line is not valid UTF-8 text"))
-        drop = broken if not_utf8 is None else (not_utf8 if broken is None else pc.or_(broken, not_utf8))
-        if drop is not None:
-            keep = pc.invert(drop)
-            row, text = row.filter(keep), {n: t.filter(keep) for n, t in text.items()}
-        behavior = _field(text[layout.behavior]) if layout.behavior else None
+    joiner = layout.delimiter * (1 + bool(layout.gaps))  # MovieLens' "::" is two delimiters
+    for batch in _read(path, layout.names, int(layout.header), layout.delimiter, layout.quoted, on_invalid):
+        row, fields = rows.next(batch.num_rows), [batch.column(n) for n in layout.names if n not in layout.gaps]
+        text, checks = {}, []
+        for name in dict.fromkeys(mapped + list(layout.gaps)):
+            text[name], not_utf8 = _text(batch.column(name))
+            if not_utf8 is not None:
+                checks.append((not_utf8, "utf8_text", "line is not valid UTF-8 text"))
+        # pyarrow reads a blank line as a row of empty fields, not as an invalid row
+        blank = _all([pc.equal(pc.binary_length(f), 0) for f in batch.columns])
+        checks.append((blank, "column_count", f"no values on the line; expected {layout.describe()}"))
+        # a lone ":" where MovieLens has "::" leaves a gap field non-empty
+        checks += [(pc.not_equal(text[g], ""), "column_count", f"expected {layout.describe()}") for g in layout.gaps]
+        drop = pc.and_not(blank, blank)
+        for mask, rule, detail in checks:
+            mask = pc.and_not(mask, drop)  # a line is reported once, under its first problem
+            if pc.any(mask).as_py():
+                raws = pc.if_else(blank.filter(mask), "", _joined([f.filter(mask) for f in fields], joiner))
+                bad += zip(row.filter(mask).to_pylist(), raws.to_pylist(), repeat(rule), repeat(detail))
+                drop = pc.or_(drop, mask)
         if behaviors is not None:
+            behavior = _field(text[layout.behavior])
             wanted = pc.fill_null(pc.is_in(behavior, pa.array(behaviors, pa.string())), False)
-            counts["filtered"] += len(row) - pc.sum(wanted).as_py() if len(row) else 0
-            row, behavior, text = row.filter(wanted), behavior.filter(wanted), {n: t.filter(wanted) for n, t in text.items()}
-        yield _events(row, text, layout, behavior)
+            counts["filtered"] += pc.sum(pc.and_not(pc.invert(wanted), drop)).as_py() or 0
+            drop = pc.or_(drop, pc.invert(wanted))
+        if pc.any(drop).as_py():
+            keep = pc.invert(drop)
+            row, fields, text = row.filter(keep), [f.filter(keep) for f in fields], {n: t.filter(keep) for n, t in text.items()}
+        yield _events(row, text, layout, fields, joiner)
         if bad:
             yield _structural(bad)
             bad.clear()
@@ -311,22 +316,33 @@ def _delimited(path: Path, layout: Layout, behaviors: list[str] | None, counts: 
         yield _structural(bad)
 
 
-def _events(row: pa.Array, text: dict, layout: Layout, behavior: pa.Array | None) -> pa.RecordBatch:
+def _all(masks: list[pa.Array]) -> pa.Array:
+    out = masks[0]
+    for mask in masks[1:]:
+        out = pc.and_(out, mask)
+    return out
+
+
+def _joined(fields: list[pa.Array], joiner: str) -> pa.Array:
+    """The fields of each row joined back into its line (quotes aside), as text."""
+    binary = pa.types.is_binary(fields[0].type)
+    joined = pc.binary_join_element_wise(*fields, pa.scalar(joiner.encode(), pa.binary()) if binary else joiner)
+    return _text(joined)[0] if binary else joined
+
+
+def _events(row: pa.Array, text: dict, layout: Layout, fields: list[pa.Array], joiner: str) -> pa.RecordBatch:
+    """Typed staging rows from the text of the mapped fields; `fields` are all of the line's fields."""
     user, item = _field(text[layout.user]), _field(text[layout.item])
-    time_text = _field(text[layout.time])
-    timestamp = _parse_timestamp(time_text)
-    rating_text = _field(text[layout.rating]) if layout.rating else None
-    rating = _parse_rating(rating_text) if layout.rating else None
+    timestamp = _parse_timestamp(_field(text[layout.time]))
+    rating = _parse_rating(_field(text[layout.rating])) if layout.rating else None
+    behavior = _field(text[layout.behavior]) if layout.behavior else None
     # the line's text for rows sure to be quarantined, whose values alone would not show what was there
     # (an empty field, text that did not parse); other rejects are shown by their values
     unparsed = pc.or_(pc.or_(pc.is_null(user), pc.is_null(item)), pc.is_null(timestamp))
     if rating is not None:
         unparsed = pc.or_(unparsed, pc.fill_null(pc.is_nan(rating), False))
-    raw = None
-    if pc.any(unparsed).as_py():
-        parts = [text[n] for n in layout.names if n in text and n not in layout.gaps]
-        raw = pc.if_else(unparsed, pc.binary_join_element_wise(*parts, layout.delimiter * (1 + bool(layout.gaps))),
-                         pa.scalar(None, pa.string()))
+    raw = pc.if_else(unparsed, _joined(fields, joiner), pa.scalar(None, pa.string())) \
+        if pc.any(unparsed).as_py() else None
     return _staging_batch(row, user, item, timestamp, rating, behavior, raw)
 
 
@@ -340,7 +356,7 @@ def _sequences(path: Path, counts: dict) -> Iterator[pa.RecordBatch]:
         bad.append((row.number, row.text, "column_count", "expected a user id and item ids separated by spaces"))
         return "skip"
 
-    for batch in _read(path, ("line",), 0, LINE_DELIMITER, False, ["line"], on_invalid):
+    for batch in _read(path, ("line",), 0, LINE_DELIMITER, False, on_invalid):
         row = rows.next(batch.num_rows)
         line, not_utf8 = _text(batch.column("line"))
         fields = pc.utf8_split_whitespace(pc.utf8_trim(line, characters=SPACE))
@@ -385,19 +401,19 @@ def _parquet(path: Path, options: dict, counts: dict) -> Iterator[pa.RecordBatch
                                 f"(columns: {', '.join(names)})")
     layout = Layout(",", tuple(chosen.values()), chosen["user_col"], chosen["item_col"], chosen["time_col"],
                     chosen.get("rating_col"), chosen.get("behavior_col"))
+    if options["behaviors"] is not None and layout.behavior is None:
+        raise PipelineError(f"{path}: --behaviors needs a behavior column (--behavior-col)")
     row = 1
     for batch in source.iter_batches(batch_size=1 << 20, columns=list(chosen.values())):
         text = {n: pc.fill_null(pc.cast(batch.column(n), pa.string()), "") for n in chosen.values()}
         rows = pa.array(np.arange(row, row + batch.num_rows, dtype=np.int64))
         row += batch.num_rows
-        behavior = _field(text[layout.behavior]) if layout.behavior else None
         if options["behaviors"] is not None:
-            if behavior is None:
-                raise PipelineError(f"{path}: --behaviors needs a behavior column (--behavior-col)")
-            wanted = pc.fill_null(pc.is_in(behavior, pa.array(options["behaviors"], pa.string())), False)
-            counts["filtered"] += len(rows) - pc.sum(wanted).as_py() if len(rows) else 0
-            rows, behavior, text = rows.filter(wanted), behavior.filter(wanted), {n: t.filter(wanted) for n, t in text.items()}
-        yield _events(rows, text, layout, behavior)
+            wanted = pc.fill_null(pc.is_in(_field(text[layout.behavior]), pa.array(options["behaviors"], pa.string())),
+                                  False)
+            counts["filtered"] += len(rows) - (pc.sum(wanted).as_py() or 0)
+            rows, text = rows.filter(wanted), {n: t.filter(wanted) for n, t in text.items()}
+        yield _events(rows, text, layout, list(text.values()), ",")
 
 
 def _check_options(fmt: str, options: dict) -> dict:

@@ -1,0 +1,238 @@
+"""ingest: every format, real logs with independently computed counts, corruption, unreadable files, the CLI."""
+import csv
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.errors import PipelineError
+from pipeline.ingest import ingest
+
+
+def write(path, text: str | bytes):
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def outputs(data_dir):
+    events = pq.read_table(data_dir / "events.parquet").to_pylist()
+    quarantine = {r["row"]: r for r in pq.read_table(data_dir / "quarantine.parquet").to_pylist()}
+    return events, quarantine
+
+
+def balanced(summary):
+    return summary["rows_in"] == summary["rows_kept"] + summary["rows_quarantined"] + summary["rows_filtered"]
+
+
+def test_movielens_dat_with_malformed_lines(tmp_path):
+    src = write(tmp_path / "ratings.dat", "1::10::5::978300760\n1::11::3::978300761\n2::10::4\n"
+                                          "2:10::4::978300762\nx::10::4::978300763\n2::12::4::978300764\n")
+    summary = ingest(src, "movielens", tmp_path / "d")
+    events, quarantine = outputs(tmp_path / "d")
+    assert [(e["row"], e["user_id"], e["item_id"], e["rating"], e["timestamp"]) for e in events] == [
+        (1, "1", "10", 5.0, 978300760), (2, "1", "11", 3.0, 978300761), (6, "2", "12", 4.0, 978300764)]
+    assert {r: q["rule"] for r, q in quarantine.items()} == {
+        3: "column_count", 4: "column_count", 5: "user_id_well_formed"}  # movielens ids are numbers
+    assert quarantine[3]["raw"] == "2::10::4" and "user::item::rating::timestamp" in quarantine[3]["detail"]
+    assert summary["rows_in"] == 6 and balanced(summary)
+
+
+def test_movielens_latest_csv_and_a_folder_source(tmp_path):
+    write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n1,31,2.5,1260759144\n1,1029,3.0,1260759179\n")
+    summary = ingest(tmp_path, "movielens", tmp_path / "d")
+    events, _ = outputs(tmp_path / "d")
+    assert summary["source"].endswith("ratings.csv")
+    assert [(e["row"], e["item_id"], e["rating"]) for e in events] == [(2, "31", 2.5), (3, "1029", 3.0)]
+
+
+def test_recbole_maps_typed_header_names_in_any_order(tmp_path):
+    src = write(tmp_path / "x.inter", "timestamp:float\titem_id:token\tuser_id:token\trating:float\n"
+                                      "881250949\tA\tu1\t3\n881250950.7\tB\tu1\t4\n\tC\tu2\t1\n")
+    summary = ingest(src, "recbole", tmp_path / "d")
+    events, quarantine = outputs(tmp_path / "d")
+    assert [(e["user_id"], e["item_id"], e["timestamp"]) for e in events] == [("u1", "A", 881250949),
+                                                                            ("u1", "B", 881250950)]
+    assert quarantine[4]["rule"] == "timestamp_parses" and balanced(summary)
+
+
+def test_csv_with_options_iso_datetimes_quotes_and_crlf(tmp_path):
+    src = write(tmp_path / "log.txt", 'who;what;when;kind\r\n"a;1";x;2024-01-02T03:04:05Z;view\r\n'
+                                      'b;"y""z""";2024-01-02 03:04:06+01:00;buy\r\nc;w;2024-01-03;view\r\n'
+                                      'd;v;2024-13-45;view\r\n')
+    summary = ingest(src, "csv", tmp_path / "d", user_col="who", item_col="what", time_col="when",
+                     behavior_col="kind", delimiter=";")
+    events, quarantine = outputs(tmp_path / "d")
+    # 2024-01-01T00:00:00Z is 1704067200; the offset +01:00 is an hour before UTC
+    assert [(e["user_id"], e["item_id"], e["timestamp"], e["behavior"]) for e in events] == [
+        ("a;1", "x", 1704067200 + 86400 + 3 * 3600 + 4 * 60 + 5, "view"),
+        ("b", 'y"z"', 1704067200 + 86400 + 2 * 3600 + 4 * 60 + 6, "buy"),
+        ("c", "w", 1704067200 + 2 * 86400, "view")]
+    assert quarantine[5]["rule"] == "timestamp_parses" and "2024-13-45" in quarantine[5]["raw"]
+    assert summary["rows_in"] == 4 and balanced(summary)
+
+
+def test_csv_quoted_ids_keep_their_text(tmp_path):
+    src = write(tmp_path / "log.csv", 'user_id,item_id,timestamp\n"a,1","y""z""",10\n"a b",z,11\n')
+    ingest(src, "csv", tmp_path / "d")
+    events, quarantine = outputs(tmp_path / "d")
+    assert [(e["user_id"], e["item_id"]) for e in events] == [("a,1", 'y"z"')]
+    assert quarantine[3]["rule"] == "user_id_well_formed"  # token ids hold no whitespace
+
+
+def test_csv_tsv_is_sniffed_and_a_missing_column_is_named(tmp_path):
+    src = write(tmp_path / "log.tsv", "user_id\titem_id\ttimestamp\trating\nu\ti\t5\t1\n")
+    assert ingest(src, "csv", tmp_path / "d")["rows_kept"] == 1
+    with pytest.raises(PipelineError, match=r"log.tsv:1: .*no column 'when' for --time-col"):
+        ingest(src, "csv", tmp_path / "e", time_col="when")
+
+
+def test_csv_reads_parquet_through_the_same_rules(tmp_path):
+    src = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"u": ["a", "b", None], "i": ["x", "y", "z"], "t": [1, 2, 3], "r": [1.0, 99.0, 2.0]}), src)
+    summary = ingest(src, "csv", tmp_path / "d", user_col="u", item_col="i", time_col="t", rating_col="r")
+    events, quarantine = outputs(tmp_path / "d")
+    assert [e["row"] for e in events] == [1]
+    assert {r: q["rule"] for r, q in quarantine.items()} == {2: "rating_in_range", 3: "user_id_not_null"}
+    assert balanced(summary)
+
+
+def test_sequences_positions_are_timestamps(tmp_path):
+    src = write(tmp_path / "seq.txt", "u1 a b c\nu2 b\nlonely\n\nu3 c a\n")
+    summary = ingest(src, "sequences", tmp_path / "d")
+    events, quarantine = outputs(tmp_path / "d")
+    assert [(e["row"], e["user_id"], e["item_id"], e["timestamp"]) for e in events] == [
+        (1, "u1", "a", 1), (1, "u1", "b", 2), (1, "u1", "c", 3), (2, "u2", "b", 1), (5, "u3", "c", 1), (5, "u3", "a", 2)]
+    assert {r: q["rule"] for r, q in quarantine.items()} == {3: "column_count", 4: "column_count"}
+    assert summary["rows_in"] == 8 and balanced(summary)
+
+
+def test_taobao_behaviors_are_filtered_not_quarantined(tmp_path):
+    src = write(tmp_path / "ub.csv", "1,100,7,pv,1511544070\n1,101,7,buy,1511544071\n2,100,7,cart,1511544072\n"
+                                     "2,100,7,fav\n")
+    summary = ingest(src, "taobao", tmp_path / "d", behaviors="buy,cart")
+    events, quarantine = outputs(tmp_path / "d")
+    assert [(e["row"], e["behavior"]) for e in events] == [(2, "buy"), (3, "cart")]
+    assert summary["rows_filtered"] == 1 and summary["rows_quarantined"] == 1 and balanced(summary)
+    assert "rows_filtered" in summary["counts"]
+
+
+def read_lines(path):
+    with open(path, newline="") as f:
+        return f.read().splitlines()
+
+
+def test_ml100k_real_counts(tmp_path, shared_data):
+    src = shared_data("ml-100k/ml-100k.inter")
+    rows = list(csv.reader(read_lines(src)[1:], delimiter="\t"))
+    seen, duplicates = set(), 0
+    for user, item, rating, ts in rows:
+        key = (user, item, float(rating), int(float(ts)))
+        duplicates += key in seen
+        seen.add(key)
+    summary = ingest(src, "recbole", tmp_path / "d")
+    assert summary["rows_in"] == len(rows)
+    assert summary["rows_kept"] == len(rows) - duplicates
+    assert summary["rows_quarantined"] == duplicates and balanced(summary)
+
+
+def test_taobao_sample_real_counts(tmp_path, shared_data):
+    src = shared_data("taobao-sample/UserBehavior.csv")
+    lines = read_lines(src)
+    fields = [line.split(",") for line in lines]
+    whole = [f for f in fields if len(f) == 5]
+    wanted = [f for f in whole if f[3] in ("buy", "cart")]
+    unique = {(f[0], f[1], f[3], int(f[4])) for f in wanted}
+    summary = ingest(src, "taobao", tmp_path / "d", behaviors=["buy", "cart"])
+    assert summary["rows_in"] == len(lines)
+    assert summary["rows_filtered"] == len(whole) - len(wanted)
+    assert summary["rows_kept"] == len(unique)
+    assert summary["quarantine_reasons"].get("column_count", 0) == len(fields) - len(whole)
+    assert balanced(summary)
+
+
+def test_a_corrupted_copy_of_a_real_log_loses_no_row(tmp_path, shared_data):
+    lines = read_lines(shared_data("taobao-sample/UserBehavior.csv"))[:3000]
+    u, i, c, b, t = lines[10].split(",")
+    damage = {  # 1-based line in the corrupted file -> (text, rule)
+        101: (f"{u},{i},{c}", "column_count"),
+        102: (f"{u},{i},{c},{b},{t},extra", "column_count"),
+        103: (f"user{u},{i},{c},{b},{t}", "user_id_well_formed"),
+        104: (f"{u},,{c},{b},{t}", "item_id_not_null"),
+        105: (f"{u},{i},{c},{b},yesterday", "timestamp_parses"),
+        106: (f"{u},{i},{c},{b},{int(t) * 1000}", "timestamp_in_range"),  # milliseconds
+        107: (lines[10], "duplicate_event"),
+        108: ("", "column_count"),  # a blank line
+    }
+    out = lines[:100] + [text for _, (text, _) in sorted(damage.items())] + lines[100:] + [lines[-1][:7]]
+    src = write(tmp_path / "corrupt.csv", "\n".join(out))  # the last line is cut short, without a newline
+    damage[len(out)] = (lines[-1][:7], "column_count")
+    summary = ingest(src, "taobao", tmp_path / "d")
+    events, quarantine = outputs(tmp_path / "d")
+    assert summary["rows_in"] == len(out) == summary["rows_kept"] + summary["rows_quarantined"]
+    assert {r: q["rule"] for r, q in quarantine.items() if r in damage} == {r: rule for r, (_, rule) in damage.items()}
+    assert all(quarantine[r]["raw"] == text for r, (text, rule) in damage.items()
+               if rule in ("column_count", "timestamp_parses"))
+    kept_rows = {e["row"] for e in events}
+    assert not kept_rows & set(damage) and len(kept_rows) == len(events)
+
+
+@pytest.mark.parametrize("name, content, fmt, line", [
+    ("missing.csv", None, "csv", None),
+    ("empty.csv", b"", "csv", 1),
+    ("binary.csv", b"user_id,item_id,timestamp\nu,i,1\n\x00\x01\x02garbage", "csv", 3),
+    ("header_only.csv", b"user_id,item_id,timestamp\n", "csv", 2),
+    ("all_wrong.dat", b"1::2\n3::4\n5::6\n", "movielens", 1),
+    ("all_wrong.csv", b"a,b,c,d,e,f\n1\n2\n", "taobao", 1),
+])
+def test_unreadable_files_fail_with_file_and_line_and_leave_nothing(tmp_path, name, content, fmt, line):
+    src = tmp_path / name
+    if content is not None:
+        src.write_bytes(content)
+    data_dir = tmp_path / "d"
+    with pytest.raises(PipelineError) as err:
+        ingest(src, fmt, data_dir)
+    message = str(err.value)
+    assert str(src) in message
+    if line is not None:
+        assert f"{src}:{line}:" in message
+    assert not data_dir.exists() or not any(data_dir.iterdir())
+
+
+def test_options_that_do_not_apply_are_refused(tmp_path):
+    src = write(tmp_path / "s.txt", "u a b\n")
+    with pytest.raises(PipelineError, match="behaviors do not apply to format sequences"):
+        ingest(src, "sequences", tmp_path / "d", behaviors="buy")
+    with pytest.raises(PipelineError, match="unknown format"):
+        ingest(src, "jsonl", tmp_path / "d")
+
+
+def test_no_source_ingests_the_synthetic_log(tmp_path):
+    pytest.importorskip("pipeline.synthetic")
+    summary = ingest(None, "csv", tmp_path / "d")
+    assert (tmp_path / "d" / "raw" / "synthetic.csv").is_file()
+    assert summary["rows_kept"] > 0 and summary["rows_quarantined"] >= 1 and balanced(summary)
+
+
+def test_cli_json_contract(tmp_path):
+    src = write(tmp_path / "ub.csv", "1,100,7,pv,1511544070\n1,101,7,buy,1511544071\n1,101,7\n")
+    result = CliRunner().invoke(app, ["ingest", str(src), "--format", "taobao", "--behaviors", "buy",
+                                      "--data-dir", str(tmp_path / "d"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"rows_in", "rows_kept", "rows_quarantined", "quarantine_reasons", "output", "rows_filtered"} <= set(summary)
+    assert (summary["rows_in"], summary["rows_kept"], summary["rows_quarantined"], summary["rows_filtered"]) == (3, 1, 1, 1)
+    assert summary["quarantine_reasons"] == {"column_count": 1}
+    assert pq.read_table(summary["output"]).num_rows == 1
+
+
+def test_cli_exits_2_with_one_line_for_a_bad_file(tmp_path):
+    missing = tmp_path / "nope.csv"
+    done = subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", "ingest", str(missing),
+                           "--data-dir", str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "nope.csv" in done.stderr and "not found" in done.stderr

@@ -36,10 +36,6 @@ def _sql(name: str) -> str:
     return (SQL_DIR / f"{name}.sql").read_text()
 
 
-def _one(con: duckdb.DuckDBPyConnection, query: str) -> tuple:
-    return con.execute(query).fetchall()[0]
-
-
 def _check_events(events: Path, data_dir: Path) -> None:
     if not events.is_file():
         raise PipelineError(f"{events} not found: run `recblr ingest --data-dir {data_dir}` first")
@@ -56,7 +52,7 @@ def _build(con: duckdb.DuckDBPyConnection, events: Path, out: Path, min_count: i
     seconds = {}
     start = time.perf_counter()
     con.execute(_sql("prepare_load"), {"events": str(events)})
-    events_in, users_in, items_in = _one(con, "SELECT count(*), count(DISTINCT user_id), count(DISTINCT item_id) FROM core")
+    events_in, users_in, items_in = con.execute(_sql("prepare_counts")).fetchall()[0]
     seconds["load"] = time.perf_counter() - start
     bar.update()
 
@@ -81,7 +77,7 @@ def _build(con: duckdb.DuckDBPyConnection, events: Path, out: Path, min_count: i
     con.execute(_sql("prepare_write_users"), {"path": str(out / "users.parquet")})
     seconds["split"] = time.perf_counter() - start
     bar.update()
-    n_users, n_items = _one(con, "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM items)")
+    n_users, n_items = (pq.read_metadata(out / f"{name}.parquet").num_rows for name in ("users", "items"))
     return {
         "users": n_users, "items": n_items, "interactions": rows, "min_count": min_count,
         "kcore_rounds": rounds, "events_in": events_in, "users_in": users_in, "items_in": items_in,

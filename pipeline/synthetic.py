@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+from tqdm import tqdm
 
 HEADER = ("user_id", "item_id", "timestamp", "rating")
 CLUSTER_SIZE = 100  # items per interest cluster, on average
@@ -67,7 +68,7 @@ def generate_events(n_users: int = 6_000, n_items: int = 3_000, seed: int = 0, m
     cluster = _draw(cluster_cdf, rng, n_users)
     last = item_in(cluster)
     items[offsets] = last
-    for t in range(1, int(lengths[0])):
+    for t in tqdm(range(1, int(lengths[0])), desc="synthetic", unit=" positions", leave=False, disable=None):
         n = int(np.count_nonzero(lengths > t))
         u = rng.random(n)
         drift = (u >= P_FOLLOW) & (u < P_FOLLOW + P_DRIFT)

@@ -1,9 +1,9 @@
-"""The fused BD-LRU kernel against the float32 reference, outputs and every gradient."""
+"""The fused and chunked BD-LRU kernels against the float32 reference, outputs and every gradient."""
 import pytest
 import torch
 
-from kernels.bdlru import fused_recurrent
-from kernels import bdlru, bdlru_reference, fused_recurrent_bdlru
+from kernels.bdlru import chunk, fused_recurrent, use_chunk
+from kernels import bdlru, bdlru_reference, chunk_bdlru, fused_recurrent_bdlru
 
 VARIANTS = {
     "plain": dict(),
@@ -59,24 +59,46 @@ def assert_close(fn, inputs, upstream, return_state, tol):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("T", [1, 7, 37])
+@pytest.mark.parametrize("T", [1, 37])
 def test_fused_recurrent_matches_reference_fp32(T, variant):
-    inputs, upstream, state = make_inputs(2, T, 40, torch.float32, "cpu", **VARIANTS[variant], seed=T)
+    inputs, upstream, state = make_inputs(2, T, 12, torch.float32, "cpu", **VARIANTS[variant], seed=T)
     assert_close(fused_recurrent_bdlru, inputs, upstream, state, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("variant", ["plain", "z+h0+state"])
 def test_fused_recurrent_many_tiles_and_channel_blocks(variant, monkeypatch):
-    # 4-row tiles and 16-channel blocks: T=37 spans 10 tiles with a ragged last one, D=40 three blocks
-    monkeypatch.setattr(fused_recurrent, "_config", lambda B, T, D, dtype, backward: (4, 16, 1))
+    # 4-row tiles, 16- and 8-channel blocks: T=37 spans 10 tiles with a ragged last one, D=20 two blocks
+    # forward and three backward
+    monkeypatch.setattr(fused_recurrent, "_config", lambda B, T, D, dtype: (4, (16, 1), (8, 1)))
     T = 37
-    inputs, upstream, state = make_inputs(2, T, 40, torch.float32, "cpu", **VARIANTS[variant], seed=T)
+    inputs, upstream, state = make_inputs(2, T, 20, torch.float32, "cpu", **VARIANTS[variant], seed=T)
     assert_close(fused_recurrent_bdlru, inputs, upstream, state, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("variant", ["plain", "z+h0+state"])
+def test_chunk_matches_reference_fp32(variant, monkeypatch):
+    # 4-row tiles, 12-row chunks: T=37 makes 4 chunks, the last one a single ragged tile; D=20 two
+    # channel blocks forward, three backward
+    monkeypatch.setattr(chunk, "_chunk_config", lambda B, T, D, dtype, n_sm: (4, (16, 1), (8, 1), 12))
+    inputs, upstream, state = make_inputs(2, 37, 20, torch.float32, "cpu", **VARIANTS[variant], seed=3)
+    assert_close(chunk_bdlru, inputs, upstream, state, TOL[torch.float32])
+
+
+def test_chunk_matches_reference_bf16_default_config():
+    inputs, upstream, state = make_inputs(2, 70, 12, torch.bfloat16, "cpu", **VARIANTS["z+h0+state"], seed=4)
+    assert_close(chunk_bdlru, inputs, upstream, state, TOL[torch.bfloat16])
+
+
+def test_chunk_only_when_the_batch_cannot_fill_the_gpu():
+    assert use_chunk(8, 4096, 128, torch.float32, n_sm=132)
+    assert not use_chunk(2048, 200, 128, torch.float32, n_sm=132)
+    assert not use_chunk(8, 16, 128, torch.float32, n_sm=132)  # too short to cut
+    assert use_chunk(256, 4096, 128, torch.float32, n_sm=1000) != use_chunk(256, 4096, 128, torch.float32, n_sm=10)
+
+
+@pytest.mark.parametrize("variant", ["plain", "z+h0+state"])
 def test_fused_recurrent_matches_reference_bf16(variant):
-    inputs, upstream, state = make_inputs(2, 37, 24, torch.bfloat16, "cpu", **VARIANTS[variant], seed=1)
+    inputs, upstream, state = make_inputs(2, 37, 12, torch.bfloat16, "cpu", **VARIANTS[variant], seed=1)
     assert_close(fused_recurrent_bdlru, inputs, upstream, state, TOL[torch.bfloat16])
 
 
@@ -117,8 +139,9 @@ def test_bad_inputs_raise_value_error(change, message):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("B, T, D", [(64, 200, 128), (4, 1000, 256), (3, 333, 96)])
-def test_fused_recurrent_gpu_real_sizes(B, T, D, dtype):
+@pytest.mark.parametrize("B, T, D", [(64, 200, 128), (4, 1000, 256), (3, 333, 96), (2048, 50, 64)])
+@pytest.mark.parametrize("fn", [fused_recurrent_bdlru, chunk_bdlru], ids=["fused_recurrent", "chunk"])
+def test_kernels_gpu_real_sizes(fn, B, T, D, dtype):
     for variant in ("plain", "z+h0+state"):
         inputs, upstream, state = make_inputs(B, T, D, dtype, "cuda", **VARIANTS[variant], seed=B)
-        assert_close(bdlru, inputs, upstream, state, TOL[dtype])
+        assert_close(fn, inputs, upstream, state, TOL[dtype])

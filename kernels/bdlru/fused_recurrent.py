@@ -1,9 +1,14 @@
 """Fused BD-LRU in Triton: gates, scan and output gate in one pass, forward and backward.
 
-Each program owns one (batch, channel block) and walks T in tiles of BT rows: a tile's loads are all in
-flight at once and the scan inside the tile is an associative scan, so the walk costs T/BT dependent steps,
-not T. The forward saves h (the output itself when there is no z) so the backward reads h_{t-1} directly
-instead of recomputing it; the backward walks the tiles from the end and rebuilds the gates from r and i.
+Each program owns one (batch, chunk of T, channel block) and walks its chunk in tiles of BT rows: a tile's
+loads are all in flight at once and the scan inside the tile is an associative scan, so the walk costs
+CT/BT dependent steps, not CT. Here a chunk is the whole sequence; `chunk.py` reuses these kernels with
+many chunks and a carry into each.
+
+Bytes decide the speed, so the forward saves no h: only the state before each tile (T/BT rows in float32).
+The backward re-reads x, r and i (it needs them for the gates anyway) and rebuilds h inside the tile from
+that checkpoint. Both h_{t-1} and the reverse carry dh_{t+1} are exclusive scans; scanning the pair
+(all elements, all but the last) gets them without shifted loads.
 """
 import os
 
@@ -24,34 +29,43 @@ def _linear_combine(a1, h1, a2, h2):
 
 
 @triton.jit
+def _linear_combine_excl(a1, h1, ap1, hp1, a2, h2, ap2, hp2):
+    # (ap, hp) is the composition of every element but the last: the exclusive scan, shift-free
+    return a1 * a2, a2 * h1 + h2, a1 * ap2, ap2 * h1 + hp2
+
+
+@triton.jit
 def _softplus(v):
     return tl.maximum(v, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v)))
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "CT"])
 def bdlru_fwd_kernel(
-    x, r, i, lam, z, h0, o, hs, ht,
-    T,
+    x, r, i, lam, z, h_in, o, ckpt, ht,
+    T, CT,
     D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr, STORE_HT: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_H_IN: tl.constexpr, STORE_CKPT: tl.constexpr, STORE_HT: tl.constexpr,
 ):
-    i_d, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    n_c = tl.num_programs(1)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
     o_t = tl.arange(0, BT)
     sp = _softplus(tl.load(lam + o_d, mask=m_d, other=0.0).to(tl.float32))  # (BD,)
-    if HAS_H0:
-        h = tl.load(h0 + i_b * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    if HAS_H_IN:  # (B, n_c, D): h0 when there is one chunk, the carry into each chunk otherwise
+        h = tl.load(h_in + (i_b * n_c + i_c) * D + o_d, mask=m_d, other=0.0).to(tl.float32)
     else:
         h = tl.zeros([BD], dtype=tl.float32)
     base = i_b * T * D
-    for s in range(0, T, BT):
+    for s in range(i_c * CT, tl.minimum(i_c * CT + CT, T), BT):
         t = s + o_t
         m = (t < T)[:, None] & m_d[None, :]
         off = base + t[:, None] * D + o_d[None, :]  # (BT, BD)
         b_x = tl.load(x + off, mask=m, other=0.0).to(tl.float32)
         b_r = tl.load(r + off, mask=m, other=0.0).to(tl.float32)
         b_i = tl.load(i + off, mask=m, other=0.0).to(tl.float32)
+        if STORE_CKPT:  # (B, cdiv(T, BT), D): the state before this tile
+            tl.store(ckpt + (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d, h, mask=m_d)
         # padded rows get a = 1, b*x = 0, so the tile's last row carries h_{T-1}
         a = tl.where(m, tl.exp(-sp[None, :] * tl.sigmoid(b_r)), 1.0)
         bx = tl.sqrt(1.0 - a * a + 1e-8) * tl.sigmoid(b_i) * b_x
@@ -60,78 +74,77 @@ def bdlru_fwd_kernel(
         h = tl.sum(tl.where(o_t[:, None] == BT - 1, H, 0.0), axis=0)
         if HAS_Z:
             b_z = tl.load(z + off, mask=m, other=0.0).to(tl.float32)
-            tl.store(o + off, (H * b_z * tl.sigmoid(b_z)).to(o.dtype.element_ty), mask=m)
-            if STORE_H:
-                tl.store(hs + off, H.to(hs.dtype.element_ty), mask=m)
-        else:
-            tl.store(o + off, H.to(o.dtype.element_ty), mask=m)
+            H = H * b_z * tl.sigmoid(b_z)
+        tl.store(o + off, H.to(o.dtype.element_ty), mask=m)
     if STORE_HT:
-        tl.store(ht + i_b * D + o_d, h, mask=m_d)
+        if i_c == n_c - 1:
+            tl.store(ht + i_b * D + o_d, h, mask=m_d)
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "CT"])
 def bdlru_bwd_kernel(
-    x, r, i, lam, z, h0, hs, do, dht, dx, dr, di, dz, dlam, dh0,
-    T,
+    x, r, i, lam, z, ckpt, do, q_in, dx, dr, di, dz, dlam, dq0,
+    T, CT,
     D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_Q_IN: tl.constexpr, STORE_DQ0: tl.constexpr,
 ):
-    i_d, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    n_c = tl.num_programs(1)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
     o_t = tl.arange(0, BT)
     b_lam = tl.load(lam + o_d, mask=m_d, other=0.0).to(tl.float32)
     sp = _softplus(b_lam)
-    if HAS_DHT:
-        dh = tl.load(dht + i_b * D + o_d, mask=m_d, other=0.0).to(tl.float32)  # dL/dh_{t} carried backwards
+    # q = a_t * dL/dh_t, the gradient that reaches h_{t-1} through the recurrence; past the chunk's end
+    # it is the carry from later chunks, and past T it is dL/dh_T itself
+    if HAS_Q_IN:
+        q = tl.load(q_in + (i_b * n_c + i_c) * D + o_d, mask=m_d, other=0.0).to(tl.float32)
     else:
-        dh = tl.zeros([BD], dtype=tl.float32)
-    if HAS_H0:
-        b_h0 = tl.load(h0 + i_b * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+        q = tl.zeros([BD], dtype=tl.float32)
     dlam_acc = tl.zeros([BD], dtype=tl.float32)
     base = i_b * T * D
-    for s in range(0, T, BT):
-        t = T - 1 - s - o_t  # descending, so a forward scan over rows runs backwards in time
-        m = (t >= 0)[:, None] & m_d[None, :]
+    c_end = tl.minimum(i_c * CT + CT, T)
+    n_t = tl.cdiv(c_end - i_c * CT, BT)
+    for k in range(n_t):
+        s = i_c * CT + (n_t - 1 - k) * BT  # tiles from the chunk's end
+        t = s + o_t
+        m = (t < T)[:, None] & m_d[None, :]
         off = base + t[:, None] * D + o_d[None, :]  # (BT, BD)
         b_x = tl.load(x + off, mask=m, other=0.0).to(tl.float32)
         b_r = tl.load(r + off, mask=m, other=0.0).to(tl.float32)
         b_i = tl.load(i + off, mask=m, other=0.0).to(tl.float32)
         b_do = tl.load(do + off, mask=m, other=0.0).to(tl.float32)
-        h_prev = tl.load(hs + off - D, mask=m & (t > 0)[:, None], other=0.0).to(tl.float32)
-        if HAS_H0:
-            h_prev += tl.where((t == 0)[:, None], b_h0[None, :], 0.0)
-        # a_{t+1}; 1 past the end, where the carry is dL/dh_T itself
-        m_next = m & (t + 1 < T)[:, None]
-        r_next = tl.load(r + off + D, mask=m_next, other=0.0).to(tl.float32)
-        a_next = tl.where(m_next, tl.exp(-sp[None, :] * tl.sigmoid(r_next)), 1.0)
+        h = tl.load(ckpt + (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d, mask=m_d, other=0.0)
         sr = tl.sigmoid(b_r)
-        a = tl.exp(-sp[None, :] * sr)
+        a = tl.where(m, tl.exp(-sp[None, :] * sr), 1.0)
         sq = tl.sqrt(1.0 - a * a + 1e-8)
         si = tl.sigmoid(b_i)
+        one, zero = tl.full([BT, BD], 1.0, tl.float32), tl.zeros([BT, BD], dtype=tl.float32)
+        A, H, Ap, Hp = tl.associative_scan((a, sq * si * b_x, one, zero), 0, _linear_combine_excl)
+        h_prev = Hp + Ap * h[None, :]  # (BT, BD) h_{t-1}
         if HAS_Z:
             b_z = tl.load(z + off, mask=m, other=0.0).to(tl.float32)
-            b_h = tl.load(hs + off, mask=m, other=0.0).to(tl.float32)
             sz = tl.sigmoid(b_z)
             g = b_do * b_z * sz
+            b_h = H + A * h[None, :]
             tl.store(dz + off, (b_do * b_h * sz * (1.0 + b_z * (1.0 - sz))).to(dz.dtype.element_ty), mask=m)
         else:
             g = b_do
-        # dh_t = g_t + a_{t+1} dh_{t+1}: the same linear recurrence as the forward, in reverse time
-        U, DH = tl.associative_scan((a_next, g), 0, _linear_combine)
-        DH = DH + U * dh[None, :]
-        dh = tl.sum(tl.where(o_t[:, None] == BT - 1, DH, 0.0), axis=0)
-        db = DH * b_x
+        # dh_t = g_t + q_{t+1} and q_t = a_t dh_t: a reverse scan of (a, a g) whose exclusive part is q_{t+1}
+        QA, Q, QAp, Qp = tl.associative_scan((a, a * g, one, zero), 0, _linear_combine_excl, reverse=True)
+        dh = g + Qp + QAp * q[None, :]
+        q = tl.sum(tl.where(o_t[:, None] == 0, Q + QA * q[None, :], 0.0), axis=0)
+        db = dh * b_x
         # total derivative through a, including b = sqrt(1 - a^2 + eps) * sigmoid(i)
-        dA = DH * h_prev - db * si * a / sq
-        tl.store(dx + off, (DH * sq * si).to(dx.dtype.element_ty), mask=m)
+        dA = dh * h_prev - db * si * a / sq
+        tl.store(dx + off, (dh * sq * si).to(dx.dtype.element_ty), mask=m)
         tl.store(dr + off, (dA * (-sp[None, :] * a) * sr * (1.0 - sr)).to(dr.dtype.element_ty), mask=m)
         tl.store(di + off, (db * sq * si * (1.0 - si)).to(di.dtype.element_ty), mask=m)
         dlam_acc += tl.sum(tl.where(m, dA * (-sr * a), 0.0), axis=0)
-    tl.store(dlam + i_b * D + o_d, dlam_acc * tl.sigmoid(b_lam), mask=m_d)
-    if HAS_H0:
-        a0 = tl.exp(-sp * tl.sigmoid(tl.load(r + base + o_d, mask=m_d, other=0.0).to(tl.float32)))
-        tl.store(dh0 + i_b * D + o_d, a0 * dh, mask=m_d)
+    tl.store(dlam + (i_b * n_c + i_c) * D + o_d, dlam_acc * tl.sigmoid(b_lam), mask=m_d)
+    if STORE_DQ0:
+        if i_c == 0:
+            tl.store(dq0 + i_b * D + o_d, q, mask=m_d)
 
 
 def _empty(*args, **kwargs):
@@ -139,66 +152,82 @@ def _empty(*args, **kwargs):
     return t.fill_(float("nan")) if POISON_OUTPUTS else t
 
 
-def _config(B, T, D, dtype, backward):
-    """(BT, BD, num_warps), from `benchmarks/bdlru_kernel.py --sweep` on an H100."""
-    if B * triton.cdiv(D, 32) < 512:
-        # too few sequences to fill the GPU: narrow channel blocks make more programs, long tiles keep
-        # more loads in flight per program
-        BT, BD, num_warps = 256, 8, 4
-    elif dtype == torch.float32:
-        BT, BD, num_warps = (8, 128, 4) if backward else (16, 64, 4)
-    else:
-        BT, BD, num_warps = 8, 64, 2
-    return min(BT, triton.next_power_of_2(T)), min(BD, triton.next_power_of_2(D)), num_warps
+# (BT, (BD, num_warps) forward, (BD, num_warps) backward) from `benchmarks/bdlru_kernel.py --sweep` on an
+# H100; BT is the checkpoint interval, so both directions share it
+TILES = {torch.float32: (8, (64, 2), (64, 2)), torch.bfloat16: (8, (64, 2), (64, 2))}
+# too few sequences to fill the GPU: narrow channel blocks make more programs (`chunk.py` makes more still)
+TILES_FEW_PROGRAMS = (32, (8, 1), (8, 1))
 
 
-def bdlru_fwd(x, r, i, lam, z, h0, store_h, store_ht, config=None):
+def _fit(tiles, T, D):
+    BT, *dirs = tiles
+    return min(BT, triton.next_power_of_2(T)), *((min(bd, triton.next_power_of_2(D)), w) for bd, w in dirs)
+
+
+def _config(B, T, D, dtype):
+    """BT, then (BD, num_warps) for the forward and for the backward."""
+    return _fit(TILES_FEW_PROGRAMS if B * triton.cdiv(D, 32) < 512 else TILES[dtype], T, D)
+
+
+def bdlru_fwd(x, r, i, lam, z, h_in, store_ckpt, store_ht, BT, BD, num_warps, n_chunks=1, CT=None):
+    """out (B, T, D), the state before every BT-row tile (B, cdiv(T, BT), D) and h_T (B, D)."""
     B, T, D = x.shape
-    BT, BD, num_warps = config or _config(B, T, D, x.dtype, backward=False)
     o = _empty(x.shape, dtype=x.dtype, device=x.device)
-    hs = _empty(x.shape, dtype=x.dtype, device=x.device) if store_h and z is not None else o
+    ckpt = _empty(B, triton.cdiv(T, BT), D, dtype=torch.float32, device=x.device) if store_ckpt else None
     ht = _empty(B, D, dtype=torch.float32, device=x.device) if store_ht else None
-    bdlru_fwd_kernel[(triton.cdiv(D, BD), B)](
-        x, r, i, lam, z, h0, o, hs, ht, T, D=D, BT=BT, BD=BD,
-        HAS_Z=z is not None, HAS_H0=h0 is not None, STORE_H=store_h, STORE_HT=store_ht,
+    bdlru_fwd_kernel[(triton.cdiv(D, BD), n_chunks, B)](
+        x, r, i, lam, z, h_in, o, ckpt, ht, T, CT or T, D=D, BT=BT, BD=BD,
+        HAS_Z=z is not None, HAS_H_IN=h_in is not None, STORE_CKPT=store_ckpt, STORE_HT=store_ht,
         num_warps=num_warps,
     )
-    return o, hs, ht
+    return o, ckpt, ht
 
 
-def bdlru_bwd(x, r, i, lam, z, h0, hs, do, dht, config=None):
+def bdlru_bwd(x, r, i, lam, z, ckpt, do, q_in, store_dq0, BT, BD, num_warps, n_chunks=1, CT=None):
+    """dx, dr, di, dlam, dz and dL/dh0 from the tile checkpoints; q_in (B, n_chunks, D) is dL/dh_T for
+    one chunk, the carry into each chunk from its right otherwise."""
     B, T, D = x.shape
-    BT, BD, num_warps = config or _config(B, T, D, x.dtype, backward=True)
     dx, dr, di = (_empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(3))
     dz = _empty(x.shape, dtype=x.dtype, device=x.device) if z is not None else None
-    dlam = _empty(B, D, dtype=torch.float32, device=x.device)  # per-sequence partial sums
-    dh0 = _empty(B, D, dtype=torch.float32, device=x.device) if h0 is not None else None
-    bdlru_bwd_kernel[(triton.cdiv(D, BD), B)](
-        x, r, i, lam, z, h0, hs, do, dht, dx, dr, di, dz, dlam, dh0, T, D=D, BT=BT, BD=BD,
-        HAS_Z=z is not None, HAS_H0=h0 is not None, HAS_DHT=dht is not None,
+    dlam = _empty(B * n_chunks, D, dtype=torch.float32, device=x.device)  # per-program partial sums
+    dq0 = _empty(B, D, dtype=torch.float32, device=x.device) if store_dq0 else None
+    bdlru_bwd_kernel[(triton.cdiv(D, BD), n_chunks, B)](
+        x, r, i, lam, z, ckpt, do, q_in, dx, dr, di, dz, dlam, dq0, T, CT or T, D=D, BT=BT, BD=BD,
+        HAS_Z=z is not None, HAS_Q_IN=q_in is not None, STORE_DQ0=store_dq0,
         num_warps=num_warps,
     )
-    return dx, dr, di, dlam.sum(0), dz, dh0
+    return dx, dr, di, dlam.sum(0), dz, dq0
+
+
+def _contiguous(*ts):
+    return [t.contiguous() if t is not None else None for t in ts]
 
 
 class FusedRecurrentBDLRUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, r, i, lam, z, h0, return_state):
-        x, r, i, lam = (t.contiguous() for t in (x, r, i, lam))
-        z = z.contiguous() if z is not None else None
-        h0 = h0.contiguous() if h0 is not None else None
+        x, r, i, lam, z, h0 = _contiguous(x, r, i, lam, z, h0)
+        B, T, D = x.shape
+        BT, fwd, bwd = _config(B, T, D, x.dtype)
         needs_grad = any(ctx.needs_input_grad[:6])
-        o, hs, ht = bdlru_fwd(x, r, i, lam, z, h0, store_h=needs_grad, store_ht=return_state)
+        o, ckpt, ht = bdlru_fwd(x, r, i, lam, z, h0, needs_grad, return_state, BT, *fwd)
         if needs_grad:
-            ctx.save_for_backward(x, r, i, lam, z, h0, hs)
+            ctx.save_for_backward(x, r, i, lam, z, ckpt)
+            ctx.config, ctx.h0_dtype = (BT, *bwd), h0.dtype if h0 is not None else None
         return (o, ht) if return_state else o
 
     @staticmethod
     def backward(ctx, do, dht=None):
-        x, r, i, lam, z, h0, hs = ctx.saved_tensors
-        dx, dr, di, dlam, dz, dh0 = bdlru_bwd(x, r, i, lam, z, h0, hs, do.contiguous(), dht)
-        dh0 = dh0.to(h0.dtype) if dh0 is not None else None
+        x, r, i, lam, z, ckpt = ctx.saved_tensors
+        do, dht = _contiguous(do, dht)
+        dx, dr, di, dlam, dz, dh0 = bdlru_bwd(x, r, i, lam, z, ckpt, do, dht, ctx.h0_dtype is not None, *ctx.config)
+        dh0 = dh0.to(ctx.h0_dtype) if dh0 is not None else None
         return dx, dr, di, dlam.to(lam.dtype), dz, dh0, None
+
+
+def check_device(x, name):
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{name} needs CUDA tensors (or TRITON_INTERPRET=1); use kernels.bdlru")
 
 
 def fused_recurrent_bdlru(x, r, i, lam, z=None, h0=None, return_state=False):
@@ -208,6 +237,5 @@ def fused_recurrent_bdlru(x, r, i, lam, z=None, h0=None, return_state=False):
     the input dtype, and with return_state the final state h_T (B, D) in float32.
     """
     check_inputs(x, r, i, lam, z, h0)
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("fused_recurrent_bdlru needs CUDA tensors (or TRITON_INTERPRET=1); use kernels.bdlru")
+    check_device(x, "fused_recurrent_bdlru")
     return FusedRecurrentBDLRUFunction.apply(x, r, i, lam, z, h0, return_state)

@@ -6,16 +6,21 @@
 -- `ord` is the 0-based position in the staging file. `raw` is the line where ingest kept it, else the
 -- row's values as text.
 CREATE OR REPLACE TEMP TABLE quarantined AS
-WITH staged AS (
+WITH staged AS NOT MATERIALIZED (
     SELECT file_row_number AS ord, * EXCLUDE (file_row_number)
     FROM read_parquet($staging, file_row_number = true)
-), clean AS (
+), clean AS NOT MATERIALIZED (
     SELECT ord, "row", user_id, item_id, "timestamp", rating, behavior
     FROM staged
     WHERE rule IS NULL AND ord NOT IN (SELECT ord FROM failures)
+), hashed AS (
+    SELECT *, hash(user_id, item_id, "timestamp", rating, behavior) AS h FROM clean
 ), repeated AS (
+    -- grouping 10M rows by one hash is several times cheaper than by five columns; the exact grouping
+    -- then runs only on rows whose hash repeats (duplicates, and the rare collision)
     SELECT user_id, item_id, "timestamp", rating, behavior, min("row") AS first_row
-    FROM clean
+    FROM hashed
+    WHERE h IN (SELECT h FROM hashed GROUP BY h HAVING count(*) > 1)
     GROUP BY ALL
     HAVING count(*) > 1
 )

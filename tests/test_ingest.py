@@ -236,3 +236,15 @@ def test_cli_exits_2_with_one_line_for_a_bad_file(tmp_path):
                            "--data-dir", str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "nope.csv" in done.stderr and "not found" in done.stderr
+
+
+def test_lines_that_are_not_utf8_are_quarantined_not_fatal(tmp_path):
+    src = write(tmp_path / "log.csv", b"user_id,item_id,timestamp\nu1,i1,10\nu\xff2,i2,11\nu3,i3,12\n")
+    summary = ingest(src, "csv", tmp_path / "d")
+    events, quarantine = outputs(tmp_path / "d")
+    assert [e["row"] for e in events] == [2, 4]
+    assert quarantine[3]["rule"] == "utf8_text" and quarantine[3]["raw"].startswith("u")
+    seq = write(tmp_path / "seq.txt", b"u1 a b\nu2 \xfe c\n")
+    ingest(seq, "sequences", tmp_path / "s")
+    _, quarantine = outputs(tmp_path / "s")
+    assert {r: q["rule"] for r, q in quarantine.items()} == {2: "utf8_text"}

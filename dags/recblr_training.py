@@ -10,7 +10,7 @@ The registered model gets alias `challenger`, and `champion` only if its test ND
 champion's on the same prepared data.
 
 Trigger with conf to override the params, e.g. `{"epochs": 1, "overrides": {"d_model": 16}}`.
-Environment: `RECBLR_DATA_DIR`, `RECBLR_SCHEDULE` (cron, default 03:00 daily), `RECBLR_RETRIES`,
+Environment: `RECBLR_DATA_DIR`, `RECBLR_SCHEDULE` (cron, default 03:00 daily; empty: manual only), `RECBLR_RETRIES`,
 `RECBLR_RETRY_DELAY_S`, `MLFLOW_TRACKING_URI`.
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ from pipeline import run
 from pipeline.errors import PipelineError
 
 DATA_DIR = Path(os.environ.get("RECBLR_DATA_DIR", Path(__file__).resolve().parent.parent / "data" / "default"))
-PREPARED = Asset(name="recblr_prepared", uri=f"file://{DATA_DIR.resolve()}/prepared")
+# one asset for every run's prepared/; each event's extra names the partition and the data digest
+PREPARED = Asset(name="recblr_prepared", uri=f"file://{DATA_DIR.resolve()}/runs")
 IO_RETRIES = {"retries": int(os.environ.get("RECBLR_RETRIES", "2")),
               "retry_delay": timedelta(seconds=int(os.environ.get("RECBLR_RETRY_DELAY_S", "300")))}
 
@@ -57,7 +58,7 @@ def _run():
 
 @dag(
     dag_id="recblr_training",
-    schedule=os.environ.get("RECBLR_SCHEDULE", "0 3 * * *"),
+    schedule=os.environ.get("RECBLR_SCHEDULE", "0 3 * * *") or None,  # empty: manual triggers only
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

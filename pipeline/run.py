@@ -98,7 +98,10 @@ def validate_step(data_dir: Path, run_key: str, max_quarantined: float = 0.05) -
 
 
 def prepare_step(data_dir: Path, run_key: str, min_count: int = 5) -> dict:
-    """5-core filter and leave-one-out split into the run's prepared/, then point DATA_DIR/prepared at it."""
+    """5-core filter and leave-one-out split into the run's prepared/.
+
+    A partition is laid out like a DATA_DIR, so `recblr train --data-dir DATA_DIR/runs/<key>` reads it too.
+    """
     from pipeline.prepare import prepare
     from pipeline.tracking import dataset_digest
 
@@ -108,21 +111,7 @@ def prepare_step(data_dir: Path, run_key: str, min_count: int = 5) -> dict:
     summary = prepare(work, min_count=min_count)
     prepared = _publish(work / "prepared", part / "prepared")
     shutil.rmtree(work)
-    _point_latest(Path(data_dir).resolve(), run_key)
     return {**summary, "output": str(prepared), "digest": dataset_digest(prepared)}
-
-
-def _point_latest(data_dir: Path, run_key: str) -> None:
-    # DATA_DIR/prepared is a symlink swapped atomically; a rerun of an older date does not move it back.
-    link = data_dir / "prepared"
-    if link.is_symlink() and Path(os.readlink(link)).parent.name > run_key:
-        return
-    if link.exists() and not link.is_symlink():
-        raise PipelineError(f"{link}: a folder is in the way of the link to the latest run's prepared data")
-    tmp = data_dir / ".prepared.link"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(Path("runs") / run_key / "prepared")
-    os.replace(tmp, link)
 
 
 def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "recblr", epochs: int | None = None,

@@ -90,7 +90,15 @@ def test_dag_runs_end_to_end_and_gate_keeps_a_worse_candidate(dag, workdir):
     assert {"plots", "metrics", "item_map"} <= artifacts
     data = workdir / "data" / "toy"
     assert sorted(p.name for p in (data / "runs").iterdir()) == ["2026-01-01", "2026-01-02"]
-    assert (data / "prepared").resolve() == (data / "runs" / "2026-01-02" / "prepared").resolve()
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        extras = [e.extra for e in session.scalars(select(AssetEvent).order_by(AssetEvent.id))]
+    assert [e["run_key"] for e in extras] == ["2026-01-01", "2026-01-02"]
+    assert extras[1]["path"] == str(data / "runs" / "2026-01-02" / "prepared")
+    assert extras[0]["digest"] == extras[1]["digest"]  # same data both nights: the gate compares like with like
 
 
 def test_bad_input_fails_its_task_at_once_with_the_pipeline_error(dag, workdir, capfd):

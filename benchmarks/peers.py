@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -93,15 +94,18 @@ def main() -> None:
                    "--out", str(args.out), "--dropout", str(args.dropout), "--epochs", str(args.epochs),
                    "--max-len", str(args.max_len)]
             log = open(out / f"{model}.log", "w")
-            procs[(prepared, model)] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            # one CPU thread each: ten runs' default thread pools would fight over the cores
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            procs[(prepared, model)] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     while any(p.poll() is None for p in procs.values()) and time.time() - began < args.deadline:
         time.sleep(5)
-    report, markdown = {}, []
-    for (prepared, model), proc in procs.items():
-        dataset, out = prepared.resolve().parent.name, args.out / prepared.resolve().parent.name
+    for proc in procs.values():  # all of them first: a salvage must not share the GPU with live runs
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    report, markdown = {}, []
+    for prepared, model in procs:
+        dataset, out = prepared.resolve().parent.name, args.out / prepared.resolve().parent.name
         if (out / f"{model}.json").is_file():  # it finished, perhaps while exiting at the deadline
             result = json.loads((out / f"{model}.json").read_text())
         else:

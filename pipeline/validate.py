@@ -8,8 +8,9 @@ most BATCH_ROWS, result_format COMPLETE, failing rows from unexpected_index_list
 streaming pass; a row that breaks several rules is quarantined under the first in suite order.
 
 Structural rules (column_count, utf8_text) arrive already set by ingest; the whole-table rule,
-duplicate_event, and the writing of both files run in DuckDB (sql/validate_*.sql). Every staged row lands
-in exactly one of the two files, written under temporary names and renamed at the end.
+duplicate_event, runs in DuckDB (sql/validate_*.sql), which writes the quarantine; the events are the other
+staged rows, copied in one streaming pass. Every staged row lands in exactly one of the two files, written
+under temporary names and renamed at the end.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ STAGING_SCHEMA = pa.schema([
     ("rating", pa.float64()), ("behavior", pa.string()), ("raw", pa.string()), ("rule", pa.string()),
     ("detail", pa.string()),
 ])
+EVENTS_SCHEMA = pa.schema([STAGING_SCHEMA.field(n) for n in ("row", "user_id", "item_id", "timestamp", "rating", "behavior")])
 STRUCTURAL_RULES = ("column_count", "utf8_text")  # set by pipeline.ingest
 DUPLICATE_RULE = "duplicate_event"  # set by sql/validate_quarantine.sql
 COLUMN_MAP_EXPECTATIONS = {  # the per-value kinds that checking distinct values is exact for
@@ -182,6 +184,23 @@ def _failures(staging: Path, failing: dict) -> pa.Table:
                      "detail": pa.concat_arrays(details) if details else pa.array([], pa.string())})
 
 
+def _write_events(staging: Path, dropped: np.ndarray, output: Path) -> int:
+    """Copy the staged rows whose position is not in `dropped` (sorted) to the events file, streaming.
+
+    Staged rows that can become events are in source order (ingest appends the rows it rejects itself after
+    each batch), so the events come out in source order without a sort.
+    """
+    kept, offset = 0, 0
+    with pq.ParquetWriter(output, EVENTS_SCHEMA) as writer:
+        for batch in pq.ParquetFile(staging).iter_batches(batch_size=BATCH_ROWS, columns=EVENTS_SCHEMA.names):
+            ords = np.arange(offset, offset + batch.num_rows)
+            keep = np.searchsorted(dropped, ords, side="left") == np.searchsorted(dropped, ords, side="right")
+            writer.write_batch(batch.filter(pa.array(keep)))
+            kept += int(keep.sum())
+            offset += batch.num_rows
+    return kept
+
+
 def validate(staging: Path, data_dir: Path, *, source: str, id_kind: str = "token",
              rating_range: tuple[float, float] | None = None, now: int | None = None) -> dict:
     """Check the staged rows (STAGING_SCHEMA) and write events.parquet and quarantine.parquet into data_dir.
@@ -202,9 +221,10 @@ def validate(staging: Path, data_dir: Path, *, source: str, id_kind: str = "toke
             con.register("failures", _failures(staging, failing))
             con.execute(_sql("validate_quarantine"), {"staging": str(staging)})
             reasons = dict(con.execute("SELECT rule, count(*) FROM quarantined GROUP BY rule ORDER BY rule").fetchall())
-            (kept,) = con.execute(_sql("validate_events"), {"staging": str(staging), "output": str(events_tmp)}).fetchall()[0]
             (quarantined,) = con.execute(_sql("validate_write_quarantine"),
                                          {"source": source, "output": str(quarantine_tmp)}).fetchall()[0]
+            dropped = con.execute("SELECT ord FROM quarantined ORDER BY ord").fetchnumpy()["ord"]
+        kept = _write_events(staging, dropped, events_tmp)
         if kept + quarantined != rows_in:
             raise RuntimeError(f"validate lost rows: {kept} kept + {quarantined} quarantined != {rows_in} staged")
         os.replace(events_tmp, events)

@@ -13,14 +13,14 @@ WITH staged AS NOT MATERIALIZED (
     SELECT ord, "row", user_id, item_id, "timestamp", rating, behavior
     FROM staged
     WHERE rule IS NULL AND ord NOT IN (SELECT ord FROM failures)
-), hashed AS (
-    SELECT *, hash(user_id, item_id, "timestamp", rating, behavior) AS h FROM clean
+), repeated_hashes AS (
+    -- grouping 10M rows by one hash is cheaper than by five columns; the exact grouping below then runs
+    -- only on rows whose hash repeats (the duplicates, and the rare collision)
+    SELECT hash(user_id, item_id, "timestamp", rating, behavior) AS h FROM clean GROUP BY h HAVING count(*) > 1
 ), repeated AS (
-    -- grouping 10M rows by one hash is several times cheaper than by five columns; the exact grouping
-    -- then runs only on rows whose hash repeats (duplicates, and the rare collision)
     SELECT user_id, item_id, "timestamp", rating, behavior, min("row") AS first_row
-    FROM hashed
-    WHERE h IN (SELECT h FROM hashed GROUP BY h HAVING count(*) > 1)
+    FROM clean
+    WHERE hash(user_id, item_id, "timestamp", rating, behavior) IN (SELECT h FROM repeated_hashes)
     GROUP BY ALL
     HAVING count(*) > 1
 )

@@ -293,7 +293,7 @@ def _delimited(path: Path, layout: Layout, behaviors: list[str] | None, counts: 
         checks.append((blank, "column_count", f"no values on the line; expected {layout.describe()}"))
         # a lone ":" where MovieLens has "::" leaves a gap field non-empty
         checks += [(pc.not_equal(text[g], ""), "column_count", f"expected {layout.describe()}") for g in layout.gaps]
-        drop = pc.and_not(blank, blank)
+        drop = pa.array(np.zeros(len(row), dtype=bool))
         for mask, rule, detail in checks:
             mask = pc.and_not(mask, drop)  # a line is reported once, under its first problem
             if pc.any(mask).as_py():
@@ -346,7 +346,7 @@ def _events(row: pa.Array, text: dict, layout: Layout, fields: list[pa.Array], j
     return _staging_batch(row, user, item, timestamp, rating, behavior, raw)
 
 
-def _sequences(path: Path, counts: dict) -> Iterator[pa.RecordBatch]:
+def _sequences(path: Path) -> Iterator[pa.RecordBatch]:
     """Staging batches of a `user item1 item2 ...` file: one event per item, timestamp = 1-based position."""
     rows = _Rows(1)
     bad: list[tuple[int, str, str, str]] = []
@@ -470,7 +470,7 @@ def ingest(source: Path | None, fmt: str, data_dir: Path, **format_options) -> d
         batches = _parquet(path, options, counts)
     elif fmt == "sequences":
         expected, header = "user item1 item2 ... separated by spaces", False
-        batches = _sequences(path, counts)
+        batches = _sequences(path)
     else:
         layout = _layout(path, fmt, options)
         if options["behaviors"] is not None and layout.behavior is None:

@@ -31,15 +31,18 @@ def balanced(summary):
 
 def test_movielens_dat_with_malformed_lines(tmp_path):
     src = write(tmp_path / "ratings.dat", "1::10::5::978300760\n1::11::3::978300761\n2::10::4\n"
-                                          "2:10::4::978300762\nx::10::4::978300763\n2::12::4::978300764\n")
+                                          "2:10::4::978300762\nx::10::4::978300763\n2::12::4::978300764\n"
+                                          "3::10::abc::978300765\n")
     summary = ingest(src, "movielens", tmp_path / "d")
     events, quarantine = outputs(tmp_path / "d")
     assert [(e["row"], e["user_id"], e["item_id"], e["rating"], e["timestamp"]) for e in events] == [
         (1, "1", "10", 5.0, 978300760), (2, "1", "11", 3.0, 978300761), (6, "2", "12", 4.0, 978300764)]
     assert {r: q["rule"] for r, q in quarantine.items()} == {
-        3: "column_count", 4: "column_count", 5: "user_id_well_formed"}  # movielens ids are numbers
+        3: "column_count", 4: "column_count", 5: "user_id_well_formed",  # movielens ids are numbers
+        7: "rating_in_range"}  # a rating that is not a number
     assert quarantine[3]["raw"] == "2::10::4" and "user::item::rating::timestamp" in quarantine[3]["detail"]
-    assert summary["rows_in"] == 6 and balanced(summary)
+    assert quarantine[7]["raw"] == "3::10::abc::978300765"
+    assert summary["rows_in"] == 7 and balanced(summary)
 
 
 def test_movielens_latest_csv_and_a_folder_source(tmp_path):

@@ -52,7 +52,7 @@ def _run():
     from pipeline.tracking import resolve_tracking_uri
 
     data_dir = Path(params["data_dir"])
-    return data_dir, run.run_key_for(ctx["logical_date"], ctx["run_id"]), params, \
+    return data_dir, run.run_key_for(ctx.get("logical_date"), ctx["run_id"]), params, \
         resolve_tracking_uri(data_dir, params["tracking_uri"])
 
 

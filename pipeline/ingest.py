@@ -422,6 +422,9 @@ def _check_options(fmt: str, options: dict) -> dict:
     if unknown:
         raise PipelineError(f"option(s) {', '.join(unknown)} do not apply to format {fmt} "
                             f"(it takes: {', '.join(allowed)})")
+    low, high = options.get("rating_min"), options.get("rating_max")
+    if low is not None and high is not None and low > high:
+        raise PipelineError(f"--rating-min {low} is above --rating-max {high}")
     behaviors = options.get("behaviors")
     if isinstance(behaviors, str):
         behaviors = [b for b in (s.strip() for s in behaviors.split(",")) if b]
@@ -495,7 +498,7 @@ def ingest(source: Path | None, fmt: str, data_dir: Path, **format_options) -> d
             raise PipelineError(f"{path}:{row}: no line is a valid {fmt} record; the first fails with: {detail}")
         summary = validate(staging, data_dir, source=str(path),
                            id_kind="numeric" if fmt in NUMERIC_ID_FORMATS else "token",
-                           rating_range=(options.get("rating_min", 0.0), options.get("rating_max", 10.0)))
+                           rating_min=options.get("rating_min"), rating_max=options.get("rating_max"))
     finally:
         staging.unlink(missing_ok=True)
     rows_in = summary["rows_in"] + counts["filtered"]

@@ -71,13 +71,15 @@ def rule_names() -> tuple[str, ...]:
     return STRUCTURAL_RULES + tuple(e["meta"]["rule"] for e in load_suite()["expectations"]) + (DUPLICATE_RULE,)
 
 
-def suite_parameters(id_kind: str = "token", rating_range: tuple[float, float] | None = None,
+def suite_parameters(id_kind: str = "token", rating_min: float | None = None, rating_max: float | None = None,
                      now: int | None = None) -> dict:
-    """Values for the suite's $PARAMETERs: the id pattern of the format, timestamps up to now + 1 day."""
+    """Values for the suite's $PARAMETERs: the id pattern of the format, timestamps up to now + 1 day, the
+    rating bounds (None: the suite's defaults)."""
     defaults = load_suite()["meta"]["parameter_defaults"]
     if f"id_regex_{id_kind}" not in defaults:
         raise ValueError(f"id_kind must be 'token' or 'numeric', got {id_kind!r}")
-    rating_min, rating_max = rating_range or (defaults["rating_min"], defaults["rating_max"])
+    rating_min = defaults["rating_min"] if rating_min is None else rating_min
+    rating_max = defaults["rating_max"] if rating_max is None else rating_max
     if not rating_min <= rating_max:
         raise ValueError(f"rating range must have min <= max, got [{rating_min}, {rating_max}]")
     now = int(time.time()) if now is None else now
@@ -201,8 +203,8 @@ def _write_events(staging: Path, dropped: np.ndarray, output: Path) -> int:
     return kept
 
 
-def validate(staging: Path, data_dir: Path, *, source: str, id_kind: str = "token",
-             rating_range: tuple[float, float] | None = None, now: int | None = None) -> dict:
+def validate(staging: Path, data_dir: Path, *, source: str, id_kind: str = "token", rating_min: float | None = None,
+             rating_max: float | None = None, now: int | None = None) -> dict:
     """Check the staged rows (STAGING_SCHEMA) and write events.parquet and quarantine.parquet into data_dir.
 
     source names the raw file in the quarantine's `source` column. Returns rows_in (staged rows), rows_kept,
@@ -210,7 +212,7 @@ def validate(staging: Path, data_dir: Path, *, source: str, id_kind: str = "toke
     """
     staging, data_dir = Path(staging), Path(data_dir)
     rows_in = pq.ParquetFile(staging).metadata.num_rows
-    params = suite_parameters(id_kind, rating_range, now)
+    params = suite_parameters(id_kind, rating_min, rating_max, now)
     events, quarantine = data_dir / "events.parquet", data_dir / "quarantine.parquet"
     tag = uuid.uuid4().hex[:8]
     events_tmp, quarantine_tmp = data_dir / f".events-{tag}.parquet", data_dir / f".quarantine-{tag}.parquet"

@@ -212,6 +212,8 @@ def test_options_that_do_not_apply_are_refused(tmp_path):
         ingest(src, "sequences", tmp_path / "d", behaviors="buy")
     with pytest.raises(PipelineError, match="unknown format"):
         ingest(src, "jsonl", tmp_path / "d")
+    with pytest.raises(PipelineError, match="--rating-min 5 is above --rating-max 1"):
+        ingest(src, "sequences", tmp_path / "d", rating_min=5, rating_max=1)
 
 
 def test_no_source_ingests_the_synthetic_log(tmp_path):

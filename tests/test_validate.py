@@ -46,7 +46,7 @@ def test_suite_parameters_fill_every_placeholder(kind):
     with pytest.raises(ValueError, match="id_kind"):
         v.suite_parameters("float")
     with pytest.raises(ValueError, match="min <= max"):
-        v.suite_parameters(rating_range=(5, 1))
+        v.suite_parameters(rating_min=5, rating_max=1)
 
 
 def test_each_rule_quarantines_its_row_and_the_rest_is_kept(tmp_path):
@@ -89,7 +89,7 @@ def test_a_row_breaking_several_rules_gets_the_first_in_suite_order(tmp_path):
 def test_numeric_ids_and_a_custom_rating_range(tmp_path):
     rows = [(1, "10", "20", 1_600_000_000, 1.0, None), (2, "u10", "20", 1_600_000_001, 1.0, None),
             (3, "10", "21", 1_600_000_002, 7.0, None)]
-    _, events, quarantine = run(tmp_path, rows, id_kind="numeric", rating_range=(1, 5))
+    _, events, quarantine = run(tmp_path, rows, id_kind="numeric", rating_min=1, rating_max=5)
     assert events.column("row").to_pylist() == [1]
     assert {r: q["rule"] for r, q in quarantine.items()} == {2: "user_id_well_formed", 3: "rating_in_range"}
 

@@ -203,12 +203,9 @@ def _parse_timestamp(text: pa.Array) -> pa.Array:
     out = pc.coalesce(out, pc.cast(seconds, pa.int64()))
     rest = pc.and_(pc.is_null(out), pc.is_valid(text))
     if pc.any(rest).as_py():  # datetimes: pandas parses every ISO 8601 variant
-        stamps = pd.to_datetime(pd.Series(text.filter(rest).to_pylist(), dtype=object), format="ISO8601",
-                                utc=True, errors="coerce")
-        iso = np.full(len(text), None, dtype=object)
-        iso[np.flatnonzero(rest.to_numpy(zero_copy_only=False))] = [
-            None if pd.isna(s) else s.value // 1_000_000_000 for s in stamps]
-        out = pc.coalesce(out, pa.array(iso, pa.int64()))
+        stamps = pd.to_datetime(text.filter(rest).to_pandas(), format="ISO8601", utc=True, errors="coerce")
+        seconds = stamps.to_numpy(dtype="datetime64[s]").astype(np.int64)
+        out = pc.replace_with_mask(out, rest, pa.array(seconds, mask=stamps.isna().to_numpy()))
     return out
 
 

@@ -11,29 +11,19 @@ previous prepared/ (or none), never a half-written one.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
-from functools import cache
 from pathlib import Path
 
-import duckdb
+from duckdb import DuckDBPyConnection
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pipeline.duck import connect, sql
 from pipeline.errors import PipelineError
 
-SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 EVENT_COLUMNS = ("row", "user_id", "item_id", "timestamp")
 MIN_EVENTS_PER_USER = 3  # history, validation target, test target
-# A third of a 24 GB box leaves room for Python and the OS; DuckDB spills to disk beyond it.
-# Insertion order is never relied on (every output has an ORDER BY), and keeping it costs memory.
-DUCKDB_CONFIG = {"memory_limit": "8GB", "threads": os.cpu_count() or 1, "preserve_insertion_order": False}
-
-
-@cache
-def _sql(name: str) -> str:
-    return (SQL_DIR / f"{name}.sql").read_text()
 
 
 def _check_events(events: Path, data_dir: Path) -> None:
@@ -48,17 +38,17 @@ def _check_events(events: Path, data_dir: Path) -> None:
         raise PipelineError(f"{events}: missing column(s) {', '.join(missing)}; run `recblr ingest` again")
 
 
-def _build(con: duckdb.DuckDBPyConnection, events: Path, out: Path, min_count: int, bar: tqdm) -> dict:
+def _build(con: DuckDBPyConnection, events: Path, out: Path, min_count: int, bar: tqdm) -> dict:
     seconds = {}
     start = time.perf_counter()
-    con.execute(_sql("prepare_load"), {"events": str(events)})
-    events_in, users_in, items_in = con.execute(_sql("prepare_counts")).fetchall()[0]
+    con.execute(sql("prepare_load"), {"events": str(events)})
+    events_in, users_in, items_in = con.execute(sql("prepare_counts")).fetchall()[0]
     seconds["load"] = time.perf_counter() - start
     bar.update()
 
     start, rows, rounds, deleted = time.perf_counter(), events_in, 0, None
     while deleted != 0:
-        (deleted,) = con.execute(_sql("prepare_kcore"), {"k": min_count}).fetchall()[0]
+        (deleted,) = con.execute(sql("prepare_kcore"), {"k": min_count}).fetchall()[0]
         rows, rounds = rows - deleted, rounds + 1
         bar.set_postfix(kcore_round=rounds, events=rows)
     seconds["kcore"] = time.perf_counter() - start
@@ -70,11 +60,11 @@ def _build(con: duckdb.DuckDBPyConnection, events: Path, out: Path, min_count: i
         )
 
     start = time.perf_counter()
-    con.execute(_sql("prepare_items"))
-    con.execute(_sql("prepare_users"))
-    con.execute(_sql("prepare_write_sequences"), {"path": str(out / "sequences.parquet")})
-    con.execute(_sql("prepare_write_items"), {"path": str(out / "items.parquet")})
-    con.execute(_sql("prepare_write_users"), {"path": str(out / "users.parquet")})
+    con.execute(sql("prepare_items"))
+    con.execute(sql("prepare_users"))
+    con.execute(sql("prepare_write_sequences"), {"path": str(out / "sequences.parquet")})
+    con.execute(sql("prepare_write_items"), {"path": str(out / "items.parquet")})
+    con.execute(sql("prepare_write_users"), {"path": str(out / "users.parquet")})
     seconds["split"] = time.perf_counter() - start
     bar.update()
     n_users, n_items = (pq.read_metadata(out / f"{name}.parquet").num_rows for name in ("users", "items"))
@@ -116,9 +106,8 @@ def prepare(data_dir: Path, min_count: int = 5) -> dict:
     with tempfile.TemporaryDirectory(prefix=".prepare-", dir=data_dir) as work:
         staged = Path(work) / "prepared"
         staged.mkdir()
-        con = duckdb.connect(config={**DUCKDB_CONFIG, "temp_directory": str(Path(work) / "spill")})
+        con = connect(spill_dir=Path(work) / "spill")
         try:
-            con.execute("SET enable_progress_bar = false")  # the tqdm bar below reports progress
             with tqdm(total=3, desc="prepare", unit="stage", disable=None) as bar:
                 summary = _build(con, events, staged, min_count, bar)
         finally:

@@ -21,15 +21,16 @@ import uuid
 from functools import cache
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pandas as pd
+from duckdb import DuckDBPyConnection
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+from pipeline.duck import connect, sql
+
 SUITE_PATH = Path(__file__).resolve().parent / "expectations" / "events.json"
 BATCH_ROWS = 1_000_000
 # What ingest stages: the event columns, then `raw` (the line, kept only for rows already known to be bad),
@@ -47,12 +48,6 @@ COLUMN_MAP_EXPECTATIONS = {  # the per-value kinds that checking distinct values
     "expect_column_values_to_be_between", "expect_column_values_to_be_in_set",
     "expect_column_values_to_not_match_regex", "expect_column_value_lengths_to_be_between",
 }
-DUCKDB_CONFIG = {"memory_limit": "8GB", "threads": os.cpu_count() or 1}
-
-
-@cache
-def _sql(name: str) -> str:
-    return (SQL_DIR / f"{name}.sql").read_text()
 
 
 @cache
@@ -120,14 +115,14 @@ def _to_pandas(table: pa.Table) -> pd.DataFrame:
     return table.to_pandas(types_mapper=lambda t: None if pa.types.is_string(t) else pd.ArrowDtype(t))
 
 
-def _failing_values(con: duckdb.DuckDBPyConnection, staging: Path, params: dict, bar: tqdm) -> dict:
+def _failing_values(con: DuckDBPyConnection, staging: Path, params: dict, bar: tqdm) -> dict:
     """{column: (values, rank, detail)} for the distinct values of each column that break a rule, with the
     rank (suite position) and message of the first rule they break."""
     expectations = load_suite()["expectations"]
     rank_of = {e["meta"]["rule"]: i for i, e in enumerate(expectations)}
     failing = {}
     for column, definition in _validation_definitions().items():
-        distinct = con.sql(_sql("validate_distinct"), params={"staging": str(staging), "column": column}).to_arrow_table()
+        distinct = con.sql(sql("validate_distinct"), params={"staging": str(staging), "column": column}).to_arrow_table()
         values, ranks, details = [], [], []
         for start in range(0, distinct.num_rows, BATCH_ROWS):
             chunk = distinct.slice(start, BATCH_ROWS)
@@ -217,13 +212,13 @@ def validate(staging: Path, data_dir: Path, *, source: str, id_kind: str = "toke
     tag = uuid.uuid4().hex[:8]
     events_tmp, quarantine_tmp = data_dir / f".events-{tag}.parquet", data_dir / f".quarantine-{tag}.parquet"
     try:
-        with duckdb.connect(config=DUCKDB_CONFIG) as con:
+        with connect() as con:
             with tqdm(unit=" values", unit_scale=True, desc="validate", leave=False) as bar:
                 failing = _failing_values(con, staging, params, bar)
             con.register("failures", _failures(staging, failing))
-            con.execute(_sql("validate_quarantine"), {"staging": str(staging)})
+            con.execute(sql("validate_quarantine"), {"staging": str(staging)})
             reasons = dict(con.execute("SELECT rule, count(*) FROM quarantined GROUP BY rule ORDER BY rule").fetchall())
-            (quarantined,) = con.execute(_sql("validate_write_quarantine"),
+            (quarantined,) = con.execute(sql("validate_write_quarantine"),
                                          {"source": source, "output": str(quarantine_tmp)}).fetchall()[0]
             dropped = con.execute("SELECT ord FROM quarantined ORDER BY ord").fetchnumpy()["ord"]
         kept = _write_events(staging, dropped, events_tmp)

@@ -217,10 +217,10 @@ def validate(staging: Path, data_dir: Path, *, source: str, id_kind: str = "toke
                 failing = _failing_values(con, staging, params, bar)
             con.register("failures", _failures(staging, failing))
             con.execute(sql("validate_quarantine"), {"staging": str(staging)})
-            reasons = dict(con.execute("SELECT rule, count(*) FROM quarantined GROUP BY rule ORDER BY rule").fetchall())
+            reasons = dict(con.execute(sql("validate_reasons")).fetchall())
             (quarantined,) = con.execute(sql("validate_write_quarantine"),
                                          {"source": source, "output": str(quarantine_tmp)}).fetchall()[0]
-            dropped = con.execute("SELECT ord FROM quarantined ORDER BY ord").fetchnumpy()["ord"]
+            dropped = con.execute(sql("validate_dropped")).fetchnumpy()["ord"]
         kept = _write_events(staging, dropped, events_tmp)
         if kept + quarantined != rows_in:
             raise RuntimeError(f"validate lost rows: {kept} kept + {quarantined} quarantined != {rows_in} staged")

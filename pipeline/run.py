@@ -173,8 +173,8 @@ def register_step(data_dir: Path, run_key: str, tracking_uri: str, run_id: str, 
 
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
-        version = tracking.register(Path(model_path), partition(data_dir, run_key) / "prepared", model_name)
-        return tracking.promote(model_name, version)
+        prepared = partition(data_dir, run_key) / "prepared"
+        return tracking.promote(model_name, tracking.register(Path(model_path), prepared, model_name), prepared)
 
 
 def run_pipeline(data_dir: Path, *, run_key: str | None = None, source: str | None = None, fmt: str = "csv",

@@ -201,11 +201,37 @@ def register(model_path: Path, prepared_dir: Path, name: str) -> str:
     return version
 
 
-def promote(name: str, version: str) -> dict:
+def _champion_score(client: MlflowClient, champion, cand_run, prepared_dir: Path | None) -> tuple[float | None, str]:
+    """The champion's test NDCG@10 on the candidate's prepared data, and how it was obtained."""
+    champ_run = client.get_run(champion.run_id)
+    if champ_run.data.tags.get(DIGEST_TAG) == cand_run.data.tags.get(DIGEST_TAG):
+        return champ_run.data.metrics.get(GATE_METRIC), "logged on the same prepared data"
+    if prepared_dir is None:
+        return None, "champion was evaluated on another prepared dataset"
+    import pandas as pd
+
+    from recblr.data import load_prepared
+    from recblr.evaluate import evaluate
+    from recblr.models import load, load_blob
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{champion.name}/{champion.version}", dst_path=tmp))
+        theirs = pd.read_parquet(model_dir / "artifacts" / "items.parquet", columns=["item_idx", "item_id"])
+        ours = pd.read_parquet(Path(prepared_dir) / "items.parquet", columns=["item_idx", "item_id"])
+        if not theirs.equals(ours):  # other item ids: its output rows mean other items here
+            return None, "champion has another item vocabulary; promote by hand if intended"
+        weights = model_dir / "artifacts" / "model.pt"
+        max_len = load_blob(weights).get("train", {}).get("max_len", 50)
+        test = evaluate(load(weights), load_prepared(prepared_dir), "test", max_len=max_len, progress=False)
+    return test["ndcg_at_10"], "champion re-scored on this run's prepared data"
+
+
+def promote(name: str, version: str, prepared_dir: Path | None = None) -> dict:
     """Give `version` the alias challenger, and champion only if its test NDCG@10 beats the champion's.
 
-    Both numbers must come from the same prepared dataset (equal digests); a champion trained on another
-    split is kept, since its number says nothing about this one. The decision is logged to the active run.
+    Both numbers come from the same prepared data: the champion's logged number when its run used the
+    same data (equal digests), else the champion re-scored on `prepared_dir` when the item ids agree;
+    when neither is possible the champion stays. The decision and both numbers go to the active run.
     """
     client = MlflowClient()
     client.set_registered_model_alias(name, "challenger", version)
@@ -222,20 +248,18 @@ def promote(name: str, version: str) -> dict:
     if champion is None:
         decision.update(champion_version=None, promoted=True, reason="first model becomes champion")
     else:
-        champ_run = client.get_run(champion.run_id)
-        champ_score = champ_run.data.metrics.get(GATE_METRIC)
+        champ_score, how = _champion_score(client, champion, cand_run, prepared_dir)
         decision.update(champion_version=str(champion.version), **{"champion_" + GATE_METRIC: champ_score})
-        same_data = champ_run.data.tags.get(DIGEST_TAG) == cand_run.data.tags.get(DIGEST_TAG)
-        if not same_data:
-            decision.update(promoted=False, reason="champion was evaluated on another prepared dataset")
-        elif champ_score is None or cand_score > champ_score:
-            decision.update(promoted=True, reason=f"{GATE_METRIC} {cand_score:.5f} > {champ_score}")
+        if champ_score is None:
+            decision.update(promoted=False, reason=how)
+        elif cand_score > champ_score:
+            decision.update(promoted=True, reason=f"{cand_score:.5f} > champion's {champ_score:.5f} ({how})")
         else:
-            decision.update(promoted=False, reason=f"{GATE_METRIC} {cand_score:.5f} <= champion's {champ_score:.5f}")
+            decision.update(promoted=False, reason=f"{cand_score:.5f} <= champion's {champ_score:.5f} ({how})")
+        if champ_score is not None:
+            mlflow.log_metric("gate_champion_" + GATE_METRIC, champ_score)
     if decision["promoted"]:
         client.set_registered_model_alias(name, "champion", version)
-    if champion is not None and "champion_" + GATE_METRIC in decision and decision["champion_" + GATE_METRIC] is not None:
-        mlflow.log_metric("gate_champion_" + GATE_METRIC, decision["champion_" + GATE_METRIC])
     mlflow.log_metric("gate_candidate_" + GATE_METRIC, cand_score)
     mlflow.set_tags({"gate.decision": "champion" if decision["promoted"] else "challenger",
                      "gate.reason": decision["reason"]})

@@ -17,11 +17,11 @@ from recblr import models
 N_ITEMS = 30
 
 
-def write_prepared(folder: Path, seed: int = 0) -> Path:
+def write_prepared(folder: Path, seed: int = 0, sku: str = "sku") -> Path:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
     pd.DataFrame({"item_idx": np.arange(1, N_ITEMS + 1, dtype=np.int32),
-                  "item_id": [f"sku-{i * 7}" for i in range(1, N_ITEMS + 1)],
+                  "item_id": [f"{sku}-{i * 7}" for i in range(1, N_ITEMS + 1)],
                   "count": np.full(N_ITEMS, 5, dtype=np.int64)}).to_parquet(folder / "items.parquet")
     hist = [rng.integers(1, N_ITEMS + 1, size=rng.integers(3, 9)).astype(np.int32).tolist() for _ in range(8)]
     pd.DataFrame({"user_idx": np.arange(8, dtype=np.int32), "history": hist,
@@ -58,7 +58,7 @@ def candidate(uri, prepared, weights, run_key, ndcg, name):
     tracking.start_training_run(uri, name, run_key, prepared)
     tracking.log_evaluation({"ndcg_at_10": ndcg}, {"ndcg_at_10": ndcg})
     version = tracking.register(weights, prepared, name)
-    decision = tracking.promote(name, version)
+    decision = tracking.promote(name, version, prepared)
     run_id = mlflow.active_run().info.run_id
     mlflow.end_run()
     return decision, run_id
@@ -119,11 +119,27 @@ def test_gate_keeps_a_worse_candidate_as_challenger(tmp_path, store, weights):
     assert better["promoted"] and str(client.get_model_version_by_alias("gate", "champion").version) == better["version"]
 
 
-def test_gate_never_compares_numbers_from_different_data(tmp_path, store, weights):
+def test_gate_rescores_the_champion_on_the_candidates_data(tmp_path, store, weights):
+    from recblr.data import load_prepared
+    from recblr.evaluate import evaluate
+
     first, _ = candidate(store, write_prepared(tmp_path / "a", seed=0), weights, "2026-01-01", 0.10, "split")
-    other, _ = candidate(store, write_prepared(tmp_path / "b", seed=1), weights, "2026-01-02", 0.90, "split")
-    assert not other["promoted"] and "another prepared dataset" in other["reason"]
-    assert str(MlflowClient(store).get_model_version_by_alias("split", "champion").version) == first["version"]
+    new_night = write_prepared(tmp_path / "b", seed=1)
+    rescored = evaluate(models.load(weights), load_prepared(new_night), "test", progress=False)["ndcg_at_10"]
+    assert rescored != 0.10  # the champion's logged number is not the one to compare with
+    worse, worse_run = candidate(store, new_night, weights, "2026-01-02", rescored - 0.01, "split")
+    assert not worse["promoted"] and "re-scored" in worse["reason"]
+    assert MlflowClient(store).get_run(worse_run).data.metrics["gate_champion_test_ndcg_at_10"] == pytest.approx(rescored)
+    better, _ = candidate(store, new_night, weights, "2026-01-03", rescored + 0.01, "split")
+    assert better["promoted"]
+    assert str(MlflowClient(store).get_model_version_by_alias("split", "champion").version) == better["version"]
+
+
+def test_gate_keeps_the_champion_when_the_items_differ(tmp_path, store, weights):
+    first, _ = candidate(store, write_prepared(tmp_path / "a"), weights, "2026-01-01", 0.10, "vocab")
+    other, _ = candidate(store, write_prepared(tmp_path / "b", sku="other"), weights, "2026-01-02", 0.90, "vocab")
+    assert not other["promoted"] and "item vocabulary" in other["reason"]
+    assert str(MlflowClient(store).get_model_version_by_alias("vocab", "champion").version) == first["version"]
 
 
 def test_rerun_of_a_run_key_replaces_its_mlflow_run(tmp_path, store):

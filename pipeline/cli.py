@@ -202,6 +202,7 @@ def run_all(
     source: Optional[Path] = typer.Option(None, "--source", help="Raw log (default: generate the synthetic log)."),
     fmt: str = typer.Option("csv", "--format", help="Format of --source, as for `recblr ingest`."),
     users: Optional[int] = typer.Option(None, "--users", help="Users in the synthetic log (without --source)."),
+    events_per_user: Optional[int] = typer.Option(None, "--events-per-user", help="Mean events per synthetic user."),
     run_key: Optional[str] = typer.Option(None, "--run-key", help="Partition DATA_DIR/runs/KEY (default: today)."),
     model: str = typer.Option("recblr", "--model", help="Registry name: recblr, sasrec, gru4rec, lrurec, pop."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epoch cap (default 300 on a GPU, 4 on a CPU)."),
@@ -220,7 +221,7 @@ def run_all(
     out = run_pipeline(data_dir, run_key=run_key, source=str(source) if source else None, fmt=fmt, model=model,
                        epochs=epochs, max_len=max_len, overrides=_parse_sets(set_), min_count=min_count,
                        max_quarantined=max_quarantined, tracking_uri=tracking_uri, model_name=model_name,
-                       synthetic={"n_users": users} if users else None)
+                       synthetic={k: v for k, v in {"n_users": users, "mean_events": events_per_user}.items() if v})
     gate = out["register"]
     emit({"run_key": out["run_key"], "tracking_uri": out["tracking_uri"], "rows_kept": out["ingest"]["rows_kept"],
           "users": out["prepare"]["users"], "items": out["prepare"]["items"], "run_id": out["train"]["run_id"],

@@ -112,8 +112,10 @@ def start_training_run(tracking_uri: str, dataset: str, run_key: str, prepared_d
     client = MlflowClient()
     for old in client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'"):
         log.info("replacing MLflow run %s of run key %s", old.info.run_id, run_key)
-        for version in client.search_model_versions(f"run_id = '{old.info.run_id}'"):
-            if "champion" not in version.aliases:  # the serving model stays until a better one replaces it
+        for found in client.search_model_versions(f"run_id = '{old.info.run_id}'"):
+            # search results carry no aliases: fetch each version, the serving model must never be deleted
+            version = client.get_model_version(found.name, found.version)
+            if "champion" not in version.aliases:
                 client.delete_model_version(version.name, version.version)
         client.delete_run(old.info.run_id)
     mlflow.set_system_metrics_sampling_interval(1)

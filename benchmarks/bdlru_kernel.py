@@ -1,6 +1,6 @@
-"""Fused BD-LRU kernel vs the best peer compositions and a copy of the same bytes, on one GPU in one run.
+"""BD-LRU kernels vs the best peer compositions and a copy of the same bytes, on one GPU in one run.
 
-    python benchmarks/bdlru_kernel.py [--sweep] [--json benchmarks/out/bdlru_kernel.json]
+    python benchmarks/bdlru_kernel.py [--sweep] [--skip-peers] [--json benchmarks/out/bdlru_kernel.json]
 
 Every method computes out = h * silu(z) with gates from (r, i, lam), forward alone (no grad) and forward
 + backward (gradients of x, r, i, z, lam). Peers (STACK.md): torch.compile'd gates + fla's
@@ -18,13 +18,14 @@ import torch.nn.functional as F
 import triton
 from tqdm import tqdm
 
-from kernels import bdlru, bdlru_reference
-from kernels.bdlru import fused_recurrent
+from kernels import bdlru_reference, chunk_bdlru, fused_recurrent_bdlru
+from kernels.bdlru import fused_recurrent, use_chunk
 
 SHAPES = [(2048, 200, 128, "fp32"), (512, 1024, 128, "fp32"), (8, 4096, 128, "fp32"), (2048, 200, 128, "bf16")]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SWEEP = [(16, 32, 2), (32, 32, 4), (16, 64, 4), (8, 64, 2), (16, 64, 2), (8, 128, 4), (16, 128, 4), (32, 128, 8),
-         (64, 16, 4), (128, 8, 4), (256, 8, 4), (128, 16, 4), (256, 4, 2), (64, 8, 2)]
+# (BT, BD, num_warps) tried at the large-batch shapes, each direction alone
+SWEEP = [(4, 64, 1), (8, 32, 1), (8, 64, 1), (8, 64, 2), (16, 32, 1), (16, 64, 2), (16, 64, 4), (4, 128, 1),
+         (8, 128, 2), (8, 128, 4), (16, 128, 4), (32, 32, 4)]
 
 
 def bench(fn):
@@ -103,11 +104,11 @@ def sweep(inputs, do):
     """Forward and backward launchers alone for each (BT, BD, num_warps): {config: (fwd ms, bwd ms)}."""
     args = [inputs[k].detach() for k in ("x", "r", "i", "lam", "z")]
     res = {}
-    for config in SWEEP:
-        _, hs, _ = fused_recurrent.bdlru_fwd(*args, None, store_h=True, store_ht=False, config=config)
-        fwd = bench(lambda: fused_recurrent.bdlru_fwd(*args, None, store_h=False, store_ht=False, config=config))
-        bwd = bench(lambda: fused_recurrent.bdlru_bwd(*args, None, hs, do, None, config=config))
-        res[config] = (fwd, bwd)
+    for BT, BD, w in SWEEP:
+        _, ckpt, _ = fused_recurrent.bdlru_fwd(*args, None, True, False, BT, BD, w)
+        fwd = bench(lambda: fused_recurrent.bdlru_fwd(*args, None, False, False, BT, BD, w))
+        bwd = bench(lambda: fused_recurrent.bdlru_bwd(*args, ckpt, do, None, False, BT, BD, w))
+        res[(BT, BD, w)] = (fwd, bwd)
     return res
 
 
@@ -115,8 +116,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, default=Path("benchmarks/out/bdlru_kernel.json"))
     p.add_argument("--sweep", action="store_true", help="also time each (BT, BD, num_warps) of the kernel")
+    p.add_argument("--skip-peers", action="store_true", help="time only ours and the floor (peers take most time)")
     args = p.parse_args()
-    methods = {"fused bdlru": lambda x, r, i, lam, z: bdlru(x, r, i, lam, z=z)} | peers()
+    ours = {"fused_recurrent": fused_recurrent_bdlru, "chunk": chunk_bdlru}
+    methods = ours if args.skip_peers else ours | peers()
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     rows, sweeps = [], {}
     for B, T, D, dt in tqdm(SHAPES, desc="shapes", file=sys.stderr):
         dtype, g = DTYPES[dt], torch.Generator(device="cuda").manual_seed(0)
@@ -133,7 +137,9 @@ def main():
                 row[name] = None
                 print(f"{name} at {(B, T, D, dt)}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
             torch.cuda.empty_cache()
-        if args.sweep:
+        # bdlru's own choice between the two
+        row["bdlru"] = row["chunk" if use_chunk(B, T, D, dtype, n_sm) else "fused_recurrent"]
+        if args.sweep and B * D >= 128 * n_sm:
             sweeps[f"{B}x{T}x{D}_{dt}"] = {str(c): ms for c, ms in sweep(inputs, do).items()}
         rows.append(row)
 
@@ -141,12 +147,12 @@ def main():
         for j, step in enumerate(("fwd", "bwd")):
             best = sorted(res.items(), key=lambda kv: kv[1][j])[:4]
             print(f"sweep {shape} {step}: " + ", ".join(f"{c} {ms[j]:.3f}" for c, ms in best))
-    peer_names = [k for k in methods if k not in ("fused bdlru", "torch_loop")]
-    print(f"\n{torch.cuda.get_device_name()}  (fwd / fwd+bwd, ms, median)")
-    print(f"{'B,T,D dtype':22} {'floor':>13} {'fused':>13} {'best peer':>13} {'vs floor':>11} {'vs peer':>11}")
+    peer_names = [k for k in methods if k not in (*ours, "torch_loop")]
+    print(f"\n{torch.cuda.get_device_name()}  (fwd / fwd+bwd, ms, median; best peer taken per column)")
+    print(f"{'B,T,D dtype':22} {'floor':>13} {'bdlru':>13} {'best peer':>13} {'vs floor':>11} {'vs peer':>11}")
     for row in rows:
-        best = min((row[k] for k in peer_names if row[k]), key=lambda v: v[1])
-        f, fl = row["fused bdlru"], row["floor"]
+        best = [min((row[k][j] for k in peer_names if row[k]), default=float("nan")) for j in range(2)]
+        f, fl = row["bdlru"], row["floor"]
         row["best_peer"] = best
         print(f"{row['B']},{row['T']},{row['D']} {row['dtype']:10} {fl[0]:6.3f}/{fl[1]:6.3f} {f[0]:6.3f}/{f[1]:6.3f} "
               f"{best[0]:6.3f}/{best[1]:6.3f} {f[0] / fl[0]:4.2f}/{f[1] / fl[1]:4.2f}x "

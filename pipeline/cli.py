@@ -130,15 +130,15 @@ def train(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Checkpoints and model.pt (default DATA_DIR/runs/MODEL)."),
     model: str = typer.Option("recblr", "--model", help="Registry name: recblr, sasrec, gru4rec, lrurec, pop."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epoch cap (default 300 on a GPU, 4 on a CPU)."),
-    batch_size: int = typer.Option(2048, "--batch-size"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
-    max_len: int = typer.Option(50, "--max-len", help="Most recent items a model reads."),
-    regime: str = typer.Option("prefix", "--regime", help="prefix (every prefix a sample) or all (loss at every position)."),
-    patience: int = typer.Option(10, "--patience", help="Stop after this many epochs without a better valid NDCG@10."),
-    seed: int = typer.Option(42, "--seed"),
-    device: str = typer.Option("auto", "--device"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 256 (the paper: 2048 prefixes)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default 1e-3)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Default 0."),
+    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Default 0.1 (the paper: 0)."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Most recent items a model reads (default 50)."),
+    regime: Optional[str] = typer.Option(None, "--regime", help="all (default: loss at every position) or prefix (the paper's)."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Epochs without a better valid NDCG@10 (default 10)."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:1..."),
     set_: list[str] = typer.Option([], "--set", help="Model config override FIELD=VALUE, repeatable (e.g. dropout=0.5)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.pt."),
     as_json: bool = AsJson,
@@ -147,16 +147,17 @@ def train(
     from pipeline.errors import PipelineError
     from recblr.train import TrainConfig, fit
 
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+             "label_smoothing": label_smoothing, "max_len": max_len, "regime": regime, "patience": patience,
+             "seed": seed, "device": device}
     try:
-        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                          label_smoothing=label_smoothing, max_len=max_len, regime=regime, patience=patience,
-                          seed=seed, device=device)
+        cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})  # TrainConfig owns the defaults
         result = fit(data_dir / "prepared", run_dir or data_dir / "runs" / model, model,
                      overrides=_parse_sets(set_), train=cfg, resume=resume)
     except (FileNotFoundError, ValueError) as err:
         raise PipelineError(str(err)) from err
-    emit({**result["test"], "valid": result["valid"], "model": model, "regime": regime, "epochs": result["epochs"],
-          "best_epoch": result["best_epoch"], "seconds": round(result["seconds"], 1),
+    emit({**result["test"], "valid": result["valid"], "model": model, "regime": result["train"]["regime"],
+          "epochs": result["epochs"], "best_epoch": result["best_epoch"], "seconds": round(result["seconds"], 1),
           "model_path": result["model_path"]}, as_json, "train (test metrics of the best epoch)")
 
 

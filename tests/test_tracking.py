@@ -1,7 +1,6 @@
 """MLflow side without Airflow: the pyfunc round trip, the champion gate, and run replacement per run key."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow

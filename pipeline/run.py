@@ -16,8 +16,6 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 
-STEPS = ("ingest", "validate", "prepare", "train", "evaluate", "register")
-
 
 def run_key_for(logical_date, run_id: str | None = None) -> str:
     """`2026-11-23` for a dated run; a manual trigger without a logical date uses its (sanitised) run id."""

@@ -126,7 +126,8 @@ def fit(prepared_dir: Path, run_dir: Path, model: str = "recblr", *, overrides: 
             loss.backward()
             opt.step()
             loss_sum += loss.item()
-            bar.set_postfix(loss=f"{loss_sum / n:.4f}", seq_s=f"{lo / (time.time() - epoch_began + 1e-9):.0f}")
+            speed = (lo + len(batch)) / (time.time() - epoch_began)
+            bar.set_postfix(loss=f"{loss_sum / n:.4f}", seq_s=f"{speed:.0f}")
         valid = evaluate(net, data, "valid", max_len=cfg.max_len, batch_size=cfg.eval_batch_size)
         record = {"epoch": epoch, "loss": loss_sum / n, "seconds": time.time() - epoch_began,
                   **{f"val_{k}": v for k, v in valid.items()}}

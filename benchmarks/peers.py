@@ -114,10 +114,10 @@ def main() -> None:
             print(f"{dataset}/{model}: failed, see {out / f'{model}.log'}", file=sys.stderr)
             continue
         report.setdefault(dataset, []).append(result)
-    for dataset, results in report.items():
-        markdown.append(f"### {dataset}\n\n{table(dataset, results)}")
-    (args.out / "results.json").write_text(json.dumps(report, indent=1, default=str))
-    (args.out / "results.md").write_text("\n".join(markdown))
+        # rewritten after each run: salvages are slow, and a command cut short still leaves what it had
+        markdown = [f"### {name}\n\n{table(name, results)}" for name, results in report.items()]
+        (args.out / "results.json").write_text(json.dumps(report, indent=1, default=str))
+        (args.out / "results.md").write_text("\n".join(markdown))
     print("\n".join(markdown))
     print(f"{time.time() - began:.0f} s in all", file=sys.stderr)
 

@@ -237,14 +237,20 @@ def ui(
                                                help="Default: SQLite under the data root."),
     artifacts: Optional[str] = typer.Option(None, "--artifacts", help="Artifact folder or URI (default beside SQLite)."),
     port: int = typer.Option(5000, "--port"),
+    as_json: bool = typer.Option(False, "--json", help="Print {url, tracking_uri} as one JSON line before serving."),
 ) -> None:
     """Serve the MLflow UI (and REST API) of the tracking store on 127.0.0.1 until Ctrl-C."""
     import os
 
     from pipeline.tracking import resolve_tracking_uri, server_command
 
-    cmd = server_command(resolve_tracking_uri(data_dir, tracking_uri), "127.0.0.1", port, artifacts)
-    console.print(f"MLflow UI on http://127.0.0.1:{port}")
+    uri = resolve_tracking_uri(data_dir, tracking_uri)
+    url = f"http://127.0.0.1:{port}"
+    if as_json:  # the server never ends, so the line comes first, flushed before exec replaces this process
+        print(json.dumps({"url": url, "tracking_uri": uri}), flush=True)
+    else:
+        console.print(f"MLflow UI on {url}")
+    cmd = server_command(uri, "127.0.0.1", port, artifacts)
     os.execv(cmd[0], cmd)
 
 

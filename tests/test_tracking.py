@@ -1,6 +1,7 @@
 """MLflow side without Airflow: the pyfunc round trip, the champion gate, and run replacement per run key."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -154,3 +155,21 @@ def test_rerun_of_a_run_key_replaces_its_mlflow_run(tmp_path, store):
     run = client.get_run(ids[1])
     assert run.data.metrics["val_ndcg_at_10"] == 0.1
     assert run.inputs.dataset_inputs[0].dataset.digest == tracking.dataset_digest(prepared)
+
+
+def test_ui_json_names_the_loopback_url_and_serves_the_default_store(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    execs = []
+    monkeypatch.setattr("os.execv", lambda path, argv: execs.append(argv))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = CliRunner().invoke(app, ["ui", "--data-dir", str(tmp_path / "shop"), "--port", "5123", "--json"])
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["url"] == "http://127.0.0.1:5123"
+    assert line["tracking_uri"] == tracking.resolve_tracking_uri(tmp_path / "shop", None)
+    (argv,) = execs
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "5123"
+    assert line["tracking_uri"] in argv

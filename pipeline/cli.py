@@ -197,6 +197,28 @@ def evaluate(
          f"evaluate ({split})")
 
 
+@app.command()
+def recommend(
+    data_dir: Path = DataDir,
+    model_name: str = typer.Option("recblr", "--model-name", help="Registered model name."),
+    alias: str = typer.Option("champion", "--alias", help="Registry alias of the version to serve."),
+    k: int = typer.Option(10, "--k", help="Items per user."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Parquet file (default DATA_DIR/recommendations.parquet)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1..."),
+    batch_size: int = typer.Option(4096, "--batch-size", help="Users per chunk (capped so users x items stays bounded)."),
+    exclude_history: bool = typer.Option(False, "--exclude-history", help="Never recommend an item the user already has."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                               help="Default: SQLite under the data root."),
+    as_json: bool = AsJson,
+) -> None:
+    """Write the top-K next items of every prepared user from a registered model version to Parquet."""
+    from pipeline.recommend import recommend as run_recommend
+
+    emit(run_recommend(data_dir, model_name=model_name, alias=alias, k=k, out=out, device=device,
+                       batch_size=batch_size, exclude_history=exclude_history, tracking_uri=tracking_uri),
+         as_json, f"recommend ({model_name}@{alias})")
+
+
 @app.command("run")
 def run_all(
     data_dir: Path = DataDir,

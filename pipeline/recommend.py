@@ -1,0 +1,166 @@
+"""Batch recommendation: the top-K next items of every user from a registered model version, to Parquet.
+
+The version is resolved by alias (`recblr@champion`) in the MLflow registry; its weights and item map are
+downloaded as plain files and loaded with `torch.load(weights_only=True)`, nothing is unpickled. Each
+user's input is the whole prepared sequence (history + valid item + test item), cut to the most recent
+`max_len` items the model was trained with, so the output is the item after the last one seen. Prepared
+items are matched to the model's vocabulary by raw id: a champion trained on yesterday's data scores
+today's users, items it never saw are left out of their inputs.
+
+Users are scored a chunk at a time (the chunk sized as in evaluation, so users x items never exceeds
+`SCORE_BUDGET` floats) and each chunk is one Parquet row group, so memory does not grow with the user count.
+The file appears only when complete. mlflow is imported inside `recommend` alone: `top_k` runs wherever torch does.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError
+from recblr.data import Sequences, gather, load_prepared
+from recblr.evaluate import SCORE_BUDGET
+
+SCHEMA = pa.schema([("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()),
+                    ("score", pa.float32())])
+
+
+@torch.inference_mode()
+def top_k(model: torch.nn.Module, seqs: Sequences, k: int, *, max_len: int, batch_size: int = 4096,
+          exclude_history: bool = False, progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield (rows, items (B, k), scores (B, k)) per chunk of users, best first; item 0 (padding) never.
+
+    With exclude_history every item of a user's whole sequence scores -inf; a user with fewer than k
+    unseen items gets -inf in the tail, which callers drop.
+    """
+    device = next(model.parameters()).device
+    n_users, n_scores = len(seqs.offsets) - 1, model.item_embedding.num_embeddings
+    if not 1 <= k < n_scores:
+        raise ValueError(f"k must be in 1..{n_scores - 1} (the model's item count), got {k}")
+    rows_per_batch = max(1, min(batch_size, SCORE_BUDGET // n_scores))
+    with tqdm(total=n_users, desc="recommend", unit="user", unit_scale=True, disable=not progress) as bar:
+        for lo in range(0, n_users, rows_per_batch):
+            rows = np.arange(lo, min(lo + rows_per_batch, n_users))
+            start, stop = seqs.last(rows, max_len)
+            hidden = model(gather(seqs.flat, start, stop).to(device))  # (B, T, D)
+            last = torch.from_numpy(np.maximum(stop - start - 1, 0)).to(device)  # an empty input reads pad
+            scores = model.scores(hidden[torch.arange(len(rows), device=device), last]).float()  # (B, N + 1)
+            scores[:, 0] = float("-inf")
+            if exclude_history:
+                seen = gather(seqs.flat, seqs.offsets[rows], seqs.offsets[rows + 1]).to(device)  # (B, L)
+                scores.scatter_(1, seen, float("-inf"))
+            values, items = scores.topk(k, dim=1)  # (B, k) each
+            bar.update(len(rows))
+            yield rows, items.cpu().numpy(), values.cpu().numpy()
+
+
+def to_vocabulary(seqs: Sequences, prepared_ids: np.ndarray, model_ids: np.ndarray) -> Sequences:
+    """Re-index sequences from the prepared item ids to the model's, dropping items the model lacks.
+
+    prepared_ids / model_ids: raw id of each dense index (index 0 = padding, unused).
+    """
+    position = {item: idx for idx, item in enumerate(model_ids) if idx}
+    lut = np.array([0] + [position.get(item, 0) for item in prepared_ids[1:]], dtype=np.int64)
+    flat = lut[seqs.flat]
+    kept = np.concatenate([[0], np.cumsum(flat > 0)])  # kept items before each flat position
+    return Sequences(flat[flat > 0], kept[seqs.offsets])
+
+
+def write_recommendations(model: torch.nn.Module, seqs: Sequences, user_ids: np.ndarray, item_ids: np.ndarray,
+                          out: Path, k: int, *, max_len: int, batch_size: int = 4096, exclude_history: bool = False,
+                          progress: bool = True) -> int:
+    """Write user_id, rank (1..k), item_id, score of every user to `out` atomically; return the row count."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    n_rows = 0
+    try:
+        with pq.ParquetWriter(tmp, SCHEMA) as writer:
+            for rows, items, scores in top_k(model, seqs, k, max_len=max_len, batch_size=batch_size,
+                                             exclude_history=exclude_history, progress=progress):
+                keep = np.isfinite(scores)  # (B, k): only -inf tails of exclude_history are dropped
+                user, rank = np.nonzero(keep)
+                writer.write_table(pa.table({
+                    "user_id": pa.array(user_ids[rows[user]], pa.string()),
+                    "rank": pa.array(rank + 1, pa.int32()),
+                    "item_id": pa.array(item_ids[items[keep]], pa.string()),
+                    "score": pa.array(scores[keep], pa.float32()),
+                }, schema=SCHEMA))
+                n_rows += int(keep.sum())
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n_rows
+
+
+def _dense_ids(path: Path, idx_col: str, id_col: str) -> np.ndarray:
+    """Raw id of each dense index, as an array indexed by it (index 0 of items is padding)."""
+    table = pq.read_table(path, columns=[idx_col, id_col])
+    idx = table.column(idx_col).to_numpy().astype(np.int64)
+    ids = np.empty(int(idx.max(initial=-1)) + 1, dtype=object)
+    ids[idx] = np.asarray(table.column(id_col).to_pylist(), dtype=object).astype(str)
+    return ids
+
+
+def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion", k: int = 10,
+              out: Path | None = None, device: str = "auto", batch_size: int = 4096, exclude_history: bool = False,
+              tracking_uri: str | None = None, progress: bool = True) -> dict:
+    """Top-k of every user of DATA_DIR/prepared from `model_name@alias`, written to `out` (default
+    DATA_DIR/recommendations.parquet); returns users, k, output, seconds, users_per_s, model_version."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import resolve_tracking_uri
+    from recblr.models import load, load_blob
+
+    data_dir = Path(data_dir)
+    prepared = data_dir / "prepared"
+    try:
+        data = load_prepared(prepared)
+    except (FileNotFoundError, ValueError) as err:
+        raise PipelineError(str(err)) from err
+    users_path = prepared / "users.parquet"
+    if not users_path.is_file():
+        raise PipelineError(f"{users_path}: missing; run `recblr prepare` first")
+    user_ids = _dense_ids(users_path, "user_idx", "user_id")
+    if len(user_ids) != data.n_users:
+        raise PipelineError(f"{users_path}: {len(user_ids)} users but sequences.parquet has {data.n_users}")
+
+    uri = resolve_tracking_uri(data_dir, tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        version = MlflowClient(uri).get_model_version_by_alias(model_name, alias)
+    except MlflowException as err:
+        raise PipelineError(f"no model version {model_name}@{alias} in {uri} ({err.message.splitlines()[0]}); "
+                            f"`recblr run --data-dir {data_dir}` trains and registers one") from err
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version.version}",
+                                                             dst_path=tmp))
+        weights = model_dir / "artifacts" / "model.pt"
+        model = load(weights).to(device)
+        max_len = int(load_blob(weights).get("train", {}).get("max_len") or 50)
+        item_ids = _dense_ids(model_dir / "artifacts" / "items.parquet", "item_idx", "item_id")
+    inputs = data.history.append(data.valid_item).append(data.test_item)
+    inputs = to_vocabulary(inputs, _dense_ids(prepared / "items.parquet", "item_idx", "item_id"), item_ids)
+
+    out = Path(out) if out else data_dir / "recommendations.parquet"
+    started = time.perf_counter()
+    try:
+        n_rows = write_recommendations(model, inputs, user_ids, item_ids, out, k, max_len=max_len,
+                                       batch_size=batch_size, exclude_history=exclude_history, progress=progress)
+    except ValueError as err:
+        raise PipelineError(f"{model_name}@{alias} (version {version.version}): {err}") from err
+    seconds = time.perf_counter() - started
+    return {"users": data.n_users, "k": k, "rows": n_rows, "output": str(out), "seconds": round(seconds, 3),
+            "users_per_s": round(data.n_users / seconds, 1), "model_version": str(version.version),
+            "model": f"{model_name}@{alias}", "device": str(device), "max_len": max_len,
+            "exclude_history": exclude_history}

@@ -1,0 +1,126 @@
+"""Batch recommendation from the registry: a tiny trained model as champion in a temp MLflow store."""
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from prepared_data import markov_sequences, write_prepared
+from typer.testing import CliRunner
+
+from pipeline import tracking
+from pipeline.cli import app
+from pipeline.errors import PipelineError
+from pipeline.recommend import recommend, to_vocabulary
+from recblr import models
+from recblr.data import Sequences
+from recblr.train import TrainConfig, fit
+
+N_ITEMS, MAX_LEN, NAME = 25, 4, "shop-model"
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """DATA_DIR with prepared data of 13 users (3..14 events: some inputs shorter than MAX_LEN), a
+    1-epoch model trained on it and registered as NAME@champion."""
+    data_dir = tmp_path_factory.mktemp("store") / "data" / "shop"
+    seqs = [s[: 3 + u] for u, s in enumerate(markov_sequences(13, N_ITEMS, 15))]
+    prepared = write_prepared(data_dir / "prepared", seqs, N_ITEMS)
+    pq.write_table(pa.table({"user_idx": pa.array(range(len(seqs)), pa.int32()),
+                             "user_id": [f"user-{u}" for u in range(len(seqs))]}), prepared / "users.parquet")
+    result = fit(prepared, data_dir / "runs" / "recblr", overrides={"d_model": 16, "n_layers": 1},
+                 train=TrainConfig(epochs=1, max_len=MAX_LEN, device="cpu", batch_size=8))
+    uri = tracking.default_tracking_uri(data_dir)
+    tracking.start_training_run(uri, "shop", "2026-01-01", prepared)
+    tracking.log_evaluation(result["test"], result["valid"])
+    version = tracking.register(result["model_path"], prepared, NAME)
+    assert tracking.promote(NAME, version, prepared)["promoted"]
+    mlflow.end_run()
+    return {"data_dir": data_dir, "uri": uri, "version": version, "model_path": result["model_path"], "seqs": seqs}
+
+
+def expected_top(registered, k, exclude_history=False):
+    """Direct model.scores top-k of each user's last MAX_LEN items: (item ids (U, k), scores (U, k))."""
+    model = models.load(registered["model_path"])
+    seqs = registered["seqs"]
+    out_ids, out_scores = [], []
+    with torch.no_grad():
+        for seq in seqs:
+            scores = model.scores(model(torch.tensor([seq[-MAX_LEN:]]))[0, -1])  # (N + 1,)
+            scores[0] = float("-inf")
+            if exclude_history:
+                scores[seq] = float("-inf")
+            top = scores.topk(k)
+            out_ids.append([f"i{i}" for i in top.indices.tolist()])
+            out_scores.append(top.values.numpy())
+    return out_ids, np.array(out_scores)
+
+
+def test_writes_the_champions_top_k_of_every_user(registered, tmp_path):
+    out = tmp_path / "recs" / "top.parquet"
+    summary = recommend(registered["data_dir"], model_name=NAME, k=5, out=out, batch_size=5,
+                        tracking_uri=registered["uri"], progress=False)
+    n_users = len(registered["seqs"])
+    assert summary["users"] == n_users and summary["k"] == 5 and summary["rows"] == n_users * 5
+    assert summary["model_version"] == registered["version"] and summary["max_len"] == MAX_LEN
+    assert summary["output"] == str(out) and summary["users_per_s"] > 0
+    assert not list(out.parent.glob("*.tmp"))
+    table = pq.read_table(out)
+    assert table.schema.names == ["user_id", "rank", "item_id", "score"]
+    df = table.to_pandas()
+    assert len(df) == n_users * 5 and set(df["user_id"]) == {f"user-{u}" for u in range(n_users)}
+    ids, scores = expected_top(registered, 5)
+    for u, (user, group) in enumerate(df.groupby("user_id", sort=False)):
+        assert user == f"user-{u}"  # users in prepared order, ranks in order
+        assert group["rank"].tolist() == [1, 2, 3, 4, 5]
+        assert group["score"].is_monotonic_decreasing
+        assert group["item_id"].tolist() == ids[u]
+        np.testing.assert_allclose(group["score"].to_numpy(), scores[u], rtol=1e-5, atol=1e-6)
+
+
+def test_exclude_history_drops_every_seen_item(registered, tmp_path):
+    out = tmp_path / "unseen.parquet"
+    recommend(registered["data_dir"], model_name=NAME, k=3, out=out, exclude_history=True,
+              tracking_uri=registered["uri"], progress=False)
+    df = pd.read_parquet(out)
+    ids, scores = expected_top(registered, 3, exclude_history=True)
+    for u, seq in enumerate(registered["seqs"]):
+        mine = df[df["user_id"] == f"user-{u}"]
+        assert not set(mine["item_id"]) & {f"i{i}" for i in seq}
+        assert mine["item_id"].tolist() == ids[u]
+        np.testing.assert_allclose(mine["score"].to_numpy(), scores[u], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_json_summary(registered, tmp_path):
+    out = tmp_path / "cli.parquet"
+    result = CliRunner().invoke(app, ["recommend", "--data-dir", str(registered["data_dir"]), "--model-name", NAME,
+                                      "--k", "2", "--out", str(out), "--tracking-uri", registered["uri"], "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"users", "k", "output", "seconds", "users_per_s", "model_version"} <= set(summary)
+    assert summary["k"] == 2 and pq.read_metadata(out).num_rows == 2 * summary["users"]
+
+
+def test_missing_champion_and_bad_k_are_clear_errors(registered, tmp_path):
+    with pytest.raises(PipelineError, match="no model version nobody@champion"):
+        recommend(registered["data_dir"], model_name="nobody", tracking_uri=registered["uri"], progress=False)
+    with pytest.raises(PipelineError, match="no model version shop-model@gold"):
+        recommend(registered["data_dir"], model_name=NAME, alias="gold", tracking_uri=registered["uri"], progress=False)
+    out = tmp_path / "never.parquet"
+    with pytest.raises(PipelineError, match=r"k must be in 1\.\.25"):
+        recommend(registered["data_dir"], model_name=NAME, k=26, out=out, tracking_uri=registered["uri"],
+                  progress=False)
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_inputs_move_to_the_models_vocabulary_by_raw_id():
+    prepared_ids = np.array([None, "b", "new", "a"], dtype=object)  # dense index -> raw id
+    model_ids = np.array([None, "a", "b"], dtype=object)
+    seqs = Sequences(np.array([1, 2, 3, 2, 2, 1]), np.array([0, 3, 5, 6]))  # [b new a] [new new] [b]
+    moved = to_vocabulary(seqs, prepared_ids, model_ids)
+    assert moved.flat.tolist() == [2, 1, 2] and moved.offsets.tolist() == [0, 2, 2, 3]

@@ -139,23 +139,30 @@ def train(
     patience: Optional[int] = typer.Option(None, "--patience", help="Epochs without a better valid NDCG@10 (default 10)."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:1..."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 (default) or bf16 (autocast, training and evaluation)."),
     set_: list[str] = typer.Option([], "--set", help="Model config override FIELD=VALUE, repeatable (e.g. dropout=0.5)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.pt."),
     as_json: bool = AsJson,
 ) -> None:
-    """Train a model on DATA_DIR/prepared with early stopping; print the best model's test metrics."""
+    """Train a model on DATA_DIR/prepared with early stopping; print the best model's test metrics.
+
+    Multi-GPU: `torchrun --nproc-per-node N -m pipeline.cli train ...` (DDP, same global --batch-size); only
+    rank 0 prints.
+    """
     from pipeline.errors import PipelineError
     from recblr.train import TrainConfig, fit
 
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
              "label_smoothing": label_smoothing, "max_len": max_len, "regime": regime, "patience": patience,
-             "seed": seed, "device": device}
+             "seed": seed, "device": device, "precision": precision}
     try:
         cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})  # TrainConfig owns the defaults
         result = fit(data_dir / "prepared", run_dir or data_dir / "runs" / model, model,
                      overrides=_parse_sets(set_), train=cfg, resume=resume)
     except (FileNotFoundError, ValueError) as err:
         raise PipelineError(str(err)) from err
+    if result is None:  # a DDP rank other than 0: rank 0 reports
+        return
     emit({**result["test"], "valid": result["valid"], "model": model, "regime": result["train"]["regime"],
           "epochs": result["epochs"], "best_epoch": result["best_epoch"], "seconds": round(result["seconds"], 1),
           "model_path": result["model_path"]}, as_json, "train (test metrics of the best epoch)")
@@ -284,3 +291,7 @@ def main() -> None:
     except PipelineError as err:
         console.print(f"[red]error:[/red] {err}")
         raise SystemExit(2)
+
+
+if __name__ == "__main__":  # `python -m pipeline.cli`, which torchrun can launch
+    main()

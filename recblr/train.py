@@ -4,10 +4,18 @@ Two regimes over the same windows (recblr.data.training_windows): the paper's "p
 training sequence is a sample, loss at its last position) and "all" (one window per user, loss at every
 position). An epoch's shuffle and dropout depend only on (seed, epoch) and each epoch ends with a checkpoint,
 so a killed run restarted with resume=True replays the remaining epochs exactly.
+
+Under `torchrun --nproc-per-node N` (WORLD_SIZE, RANK, LOCAL_RANK in the environment) the same code runs as
+DDP: every rank draws the same permutation and takes a disjoint share of each global batch of `batch_size`,
+and each rank's loss is its sum over the batch's global target count, so the averaged gradient is the
+single-process one up to float rounding (dropout masks differ). Rank 0 alone evaluates, writes the
+checkpoint and model.pt, and broadcasts the early-stopping state; the other ranks' fit returns None.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -16,7 +24,9 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from recblr.data import gather, load_prepared, training_windows
@@ -37,7 +47,7 @@ class TrainConfig:
     lets the default run finish on a CPU in minutes.
     """
     epochs: Optional[int] = None  # None: 300 on a GPU (early stopping ends it first), 4 on a CPU
-    batch_size: int = 256  # user windows ("all") or samples ("prefix") per step
+    batch_size: int = 256  # user windows ("all") or samples ("prefix") per step, summed over DDP ranks
     lr: float = 1e-3
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
@@ -47,41 +57,110 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"  # "auto": cuda when available
     eval_batch_size: int = 4096
+    precision: str = "fp32"  # "bf16": autocast for training and evaluation (the kernel then reads bf16)
 
     def __post_init__(self):
         if self.regime not in ("prefix", "all"):
             raise ValueError(f"TrainConfig: regime must be 'prefix' or 'all', got {self.regime!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"TrainConfig: precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if (self.epochs is not None and self.epochs < 1) or min(self.batch_size, self.max_len, self.patience) < 1:
             raise ValueError(f"TrainConfig: epochs, batch_size, max_len and patience must be >= 1, got {self}")
 
     def resolved(self) -> "TrainConfig":
         cuda = torch.cuda.is_available()
         device = ("cuda" if cuda else "cpu") if self.device == "auto" else self.device
+        if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
         epochs = self.epochs or (300 if device.startswith("cuda") else 4)
         return dataclasses.replace(self, device=device, epochs=epochs)
 
 
-def batch_loss(net, flat: np.ndarray, start: np.ndarray, stop: np.ndarray, cfg: TrainConfig) -> torch.Tensor:
+def precision_context(device: str, precision: str):
+    """Autocast to bfloat16 on `device` for precision "bf16"; a no-op for "fp32"."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def batch_loss(net, flat: np.ndarray, start: np.ndarray, stop: np.ndarray, cfg: TrainConfig,
+               n_targets: Optional[float] = None) -> torch.Tensor:
+    """Cross-entropy summed over the batch's targets, divided by n_targets (default: their count, the mean)."""
     items = gather(flat, start, stop).to(cfg.device)  # (B, T)
     targets = gather(flat, start + 1, stop + 1).to(cfg.device)  # (B, T): the next item, 0 past the end
     if cfg.regime == "prefix":
         last = torch.from_numpy(stop - start - 1).to(cfg.device)  # (B,)
         targets = torch.where(torch.arange(targets.shape[1], device=cfg.device) == last[:, None], targets, 0)
     scored = targets != 0
-    logits = net.scores(net(items)[scored]).float()  # (n, n_items + 1): only positions with a loss
-    return F.cross_entropy(logits, targets[scored], label_smoothing=cfg.label_smoothing)
+    model = getattr(net, "module", net)  # scores() lives on the model inside a DDP wrapper
+    with precision_context(cfg.device, cfg.precision):
+        logits = model.scores(net(items)[scored]).float()  # (n, n_items + 1): only positions with a loss
+    loss = F.cross_entropy(logits, targets[scored], label_smoothing=cfg.label_smoothing, reduction="sum")
+    return loss / (n_targets if n_targets is not None else max(int(scored.sum()), 1))
+
+
+def shard(batch: np.ndarray, start: np.ndarray, stop: np.ndarray, cfg: TrainConfig, rank: int, world: int):
+    """This rank's samples of a global batch and the divisor that makes the ranks' mean loss the batch's mean.
+
+    DDP averages gradients over ranks, so each rank divides its sum by (global target count / world).
+    A last batch smaller than the world leaves some ranks empty: they run one sample at zero weight, so
+    every rank still joins each gradient all-reduce.
+    """
+    count = len(batch) if cfg.regime == "prefix" else int((stop[batch] - start[batch]).sum())
+    mine = batch[rank::world]
+    if len(mine) == 0:
+        return batch[:1], float("inf")
+    return mine, count / world
+
+
+def train_epoch(net, opt, flat: np.ndarray, start: np.ndarray, stop: np.ndarray, order: np.ndarray,
+                cfg: TrainConfig, *, rank: int = 0, world: int = 1, desc: str = "train") -> float:
+    """One pass over `order` (indices into start/stop) in global batches of cfg.batch_size; the mean loss."""
+    net.train()
+    began, loss_sum, n = time.time(), 0.0, 0
+    bar = tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch", disable=rank != 0)
+    for n, lo in enumerate(bar, 1):
+        batch = order[lo:lo + cfg.batch_size]
+        mine, n_targets = shard(batch, start, stop, cfg, rank, world)
+        loss = batch_loss(net, flat, start[mine], stop[mine], cfg, n_targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.item()
+        speed = (lo + len(batch)) / (time.time() - began)
+        bar.set_postfix(loss=f"{loss_sum / n:.4f}", seq_s=f"{speed:.0f}")
+    if world > 1:  # the batch mean is the mean of the ranks' losses (see shard)
+        total = torch.tensor([loss_sum], dtype=torch.float64, device=cfg.device)
+        dist.all_reduce(total)
+        loss_sum = total.item() / world
+    return loss_sum / max(n, 1)
 
 
 def fit(prepared_dir: Path, run_dir: Path, model: str = "recblr", *, overrides: Optional[dict] = None,
         train: Optional[TrainConfig] = None, resume: bool = False,
-        on_epoch: Optional[Callable[[int, dict], None]] = None) -> dict:
+        on_epoch: Optional[Callable[[int, dict], None]] = None) -> Optional[dict]:
     """Train `model` on prepared_dir; run_dir gets checkpoint.pt (latest) and model.pt (best validation).
 
     Returns {"model", "config", "train", "epochs", "best_epoch", "valid", "test", "history", "model_path",
-    "seconds"}; on_epoch(epoch, record) is called after each epoch's checkpoint is written.
+    "seconds"} (None on DDP ranks other than 0); on_epoch(epoch, record) is called on rank 0 after each
+    epoch's checkpoint is written.
     """
-    began = time.time()
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     cfg = (train or TrainConfig()).resolved()
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
+        if cfg.device.startswith("cuda"):
+            torch.cuda.set_device(cfg.device)
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    try:
+        return _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, world)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, world):
+    began = time.time()
     run_dir, data = Path(run_dir), load_prepared(prepared_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path, model_path = run_dir / "checkpoint.pt", run_dir / "model.pt"
@@ -107,6 +186,9 @@ def fit(prepared_dir: Path, run_dir: Path, model: str = "recblr", *, overrides: 
         net.load_state_dict(blob["state_dict"])
         opt.load_state_dict(blob["optimizer"])
         state = blob["progress"]
+    # DDP broadcasts rank 0's weights here and all-reduces gradients in backward; evaluation uses `net`
+    trained = DistributedDataParallel(net, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith(
+        "cuda") else None) if world > 1 else net
 
     start, stop = training_windows(data.history, cfg.max_len, cfg.regime)
     if len(start) == 0:
@@ -114,42 +196,44 @@ def fit(prepared_dir: Path, run_dir: Path, model: str = "recblr", *, overrides: 
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if state["stale"] >= cfg.patience:
             break
-        torch.manual_seed(cfg.seed + epoch)
+        torch.manual_seed((cfg.seed + epoch) * world + rank)  # one process: seed + epoch, as before DDP
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(start))
-        net.train()
-        epoch_began, loss_sum = time.time(), 0.0
-        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch")
-        for n, lo in enumerate(bar, 1):
-            batch = order[lo:lo + cfg.batch_size]
-            loss = batch_loss(net, data.history.flat, start[batch], stop[batch], cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item()
-            speed = (lo + len(batch)) / (time.time() - epoch_began)
-            bar.set_postfix(loss=f"{loss_sum / n:.4f}", seq_s=f"{speed:.0f}")
-        valid = evaluate(net, data, "valid", max_len=cfg.max_len, batch_size=cfg.eval_batch_size)
-        record = {"epoch": epoch, "loss": loss_sum / n, "seconds": time.time() - epoch_began,
-                  **{f"val_{k}": v for k, v in valid.items()}}
-        state["history"].append(record)
-        state["epoch"] = epoch
-        if valid["ndcg_at_10"] > state["best_ndcg"]:
-            state.update(best_ndcg=valid["ndcg_at_10"], best_epoch=epoch, stale=0)
-            save(net, model_path, train=dataclasses.asdict(cfg), epoch=epoch)
-        else:
-            state["stale"] += 1
-        tmp = checkpoint_path.with_suffix(".pt.tmp")
-        torch.save({"model": model, "config": dataclasses.asdict(net.config), "train": dataclasses.asdict(cfg),
-                    "state_dict": net.state_dict(), "optimizer": opt.state_dict(), "progress": state}, tmp)
-        tmp.replace(checkpoint_path)  # atomic: a kill mid-write keeps the previous epoch's checkpoint
-        tqdm.write(f"epoch {epoch}: loss {record['loss']:.4f} valid ndcg@10 {valid['ndcg_at_10']:.4f} "
-                   f"hr@10 {valid['hr_at_10']:.4f} ({record['seconds']:.1f} s)", file=sys.stderr)
-        if on_epoch is not None:
-            on_epoch(epoch, record)
+        epoch_began = time.time()
+        loss = train_epoch(trained, opt, data.history.flat, start, stop, order, cfg, rank=rank, world=world,
+                           desc=f"epoch {epoch}/{cfg.epochs}")
+        train_seconds = time.time() - epoch_began
+        if rank == 0:
+            with precision_context(cfg.device, cfg.precision):
+                valid = evaluate(net, data, "valid", max_len=cfg.max_len, batch_size=cfg.eval_batch_size)
+            record = {"epoch": epoch, "loss": loss, "seconds": time.time() - epoch_began,
+                      "train_seconds": train_seconds, **{f"val_{k}": v for k, v in valid.items()}}
+            state["history"].append(record)
+            state["epoch"] = epoch
+            if valid["ndcg_at_10"] > state["best_ndcg"]:
+                state.update(best_ndcg=valid["ndcg_at_10"], best_epoch=epoch, stale=0)
+                save(net, model_path, train=dataclasses.asdict(cfg), epoch=epoch)
+            else:
+                state["stale"] += 1
+            tmp = checkpoint_path.with_suffix(".pt.tmp")
+            torch.save({"model": model, "config": dataclasses.asdict(net.config), "train": dataclasses.asdict(cfg),
+                        "state_dict": net.state_dict(), "optimizer": opt.state_dict(), "progress": state}, tmp)
+            tmp.replace(checkpoint_path)  # atomic: a kill mid-write keeps the previous epoch's checkpoint
+            tqdm.write(f"epoch {epoch}: loss {loss:.4f} valid ndcg@10 {valid['ndcg_at_10']:.4f} "
+                       f"hr@10 {valid['hr_at_10']:.4f} ({train_seconds:.1f} s train, {record['seconds']:.1f} s)",
+                       file=sys.stderr)
+            if on_epoch is not None:
+                on_epoch(epoch, record)
+        if world > 1:  # every rank stops on rank 0's decision
+            shared = [state]
+            dist.broadcast_object_list(shared, src=0)
+            state = shared[0]
 
+    if rank != 0:
+        return None
     best = load(model_path, map_location=cfg.device)
     kwargs = {"max_len": cfg.max_len, "batch_size": cfg.eval_batch_size}
+    with precision_context(cfg.device, cfg.precision):
+        valid, test = (evaluate(best, data, split, **kwargs) for split in ("valid", "test"))
     return {"model": model, "config": dataclasses.asdict(best.config), "train": dataclasses.asdict(cfg),
-            "epochs": state["epoch"], "best_epoch": state["best_epoch"],
-            "valid": evaluate(best, data, "valid", **kwargs), "test": evaluate(best, data, "test", **kwargs),
+            "epochs": state["epoch"], "best_epoch": state["best_epoch"], "valid": valid, "test": test,
             "history": state["history"], "model_path": str(model_path), "seconds": time.time() - began}

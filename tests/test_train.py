@@ -115,7 +115,7 @@ def test_a_killed_run_resumes_to_the_same_result(prepared, tmp_path):
     resumed = fit(prepared, tmp_path / "b", overrides=SMALL, train=quick(), resume=True,
                   on_epoch=lambda epoch, record: seen.append(epoch))
     assert seen == [3]
-    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in h]  # noqa: E731
     for got, want in zip(strip(resumed["history"]), strip(straight["history"]), strict=True):
         assert got == pytest.approx(want)
     assert resumed["test"] == pytest.approx(straight["test"])
@@ -176,3 +176,19 @@ def test_load_prepared_rejects_out_of_range_items(tmp_path):
     shutil.copy(prepared / "items.parquet", tmp_path / "bad" / "items.parquet")  # 3 items, yet 9 is used
     with pytest.raises(ValueError, match="outside 1..3"):
         load_prepared(tmp_path / "bad")
+
+
+def test_bf16_autocast_feeds_the_scan_bf16_and_learns_like_fp32(prepared, tmp_path, monkeypatch):
+    import recblr.model
+
+    dtypes = set()
+    scan = recblr.model.bdlru
+    monkeypatch.setattr(recblr.model, "bdlru", lambda x, *a, **k: (dtypes.add(x.dtype), scan(x, *a, **k))[1])
+    bf16 = fit(prepared, tmp_path / "bf16", overrides=SMALL, train=quick(precision="bf16"))
+    assert dtypes == {torch.bfloat16}
+    fp32 = fit(prepared, tmp_path / "fp32", overrides=SMALL, train=quick())
+    assert torch.float32 in dtypes and bf16["train"]["precision"] == "bf16"
+    assert bf16["history"][-1]["loss"] == pytest.approx(fp32["history"][-1]["loss"], rel=0.02)
+    assert bf16["test"] == pytest.approx(fp32["test"], abs=0.03)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")

@@ -1,7 +1,8 @@
 """Serving cost: one cached-state RecBLR step against re-running the whole sequence (RecBLR, SASRec).
 
     python benchmarks/inference.py [--device cuda] [--batch 1,1024] [--lengths 200,1000] [--n-items 100000]
-        [--d-model 64] [--layers 2] [--repeats 100] [--threads N] [--recommend-users 100000] [--out benchmarks/out/inference.json]
+        [--d-model 64] [--layers 2] [--repeats 100] [--threads N] [--recommend-users 100000]
+        [--out benchmarks/out/inference.json]
 
 For each batch B and history length T: a RecBLR and a SASRec with the same D and layers (random weights,
 eval mode, float32, TF32 off) and B users with T past events each. Every timed method ends in the top-10
@@ -11,6 +12,7 @@ over all items of each user, on the device:
   sasrec   SASRec forward over the T + 1 events (position table T + 1), scores at the last position
   score    scoring and top-10 alone from a fixed hidden state: the part all three share
   prefill  building the state from the T events (what a new or evicted user costs once)
+  step_graph  (CUDA only) the step captured once in a CUDA graph and replayed: small batches are launch-bound
 p50 / p99 of `--repeats` calls, each timed with perf_counter around the call and a device synchronize;
 updates/s = B / p50. The step's scores are checked against the RecBLR forward's in the same run.
 With --recommend-users, also the users/s of `pipeline.recommend.top_k` (the batch job's scoring loop).
@@ -53,6 +55,23 @@ def timed(fn, repeats: int, device: torch.device, warmup: int = 3) -> dict:
             "p99_ms": 1e3 * seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))]}
 
 
+def graphed(fn):
+    """fn captured in a CUDA graph, so one replay replaces its ~50 small launches (or why capture failed)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile every Triton kernel before capture
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+    except RuntimeError as err:
+        return f"{type(err).__name__}: {err}"
+
+
 @torch.inference_mode()
 def one_shape(batch: int, length: int, args, device: torch.device) -> dict:
     torch.manual_seed(0)
@@ -74,12 +93,19 @@ def one_shape(batch: int, length: int, args, device: torch.device) -> dict:
         "score": lambda: top10(recblr.scores(hidden)),
         "prefill": lambda: recblr.prefill(past),
     }
+    if device.type == "cuda":
+        methods["step_graph"] = graphed(methods["step"])
     row = {"batch": batch, "length": length, "n_items": args.n_items, "d_model": args.d_model,
            "layers": args.layers, "step_vs_forward_max_abs": (step_scores - full_scores).abs().max().item(),
            "step_vs_forward_top10_equal": agree}
     for name, fn in methods.items():
+        if isinstance(fn, str):  # a capture that failed: say why, time the rest
+            row[name] = {"error": fn}
+            continue
         row[name] = timed(fn, args.repeats, device)
         row[name]["updates_per_s"] = batch / (row[name]["p50_ms"] / 1e3)
+    if "p50_ms" in row.get("step_graph", {}):
+        row["sasrec_over_step_graph"] = row["sasrec"]["p50_ms"] / row["step_graph"]["p50_ms"]
     for name in ("recblr", "sasrec"):
         row[f"{name}_over_step"] = row[name]["p50_ms"] / row["step"]["p50_ms"]
         # shares the scoring floor with step; what the recurrence saves once that floor is set aside
@@ -143,6 +169,12 @@ def main() -> None:
                            for m in ("step", "recblr", "sasrec", "score", "prefill"))
         print(f"{r['batch']:>5} {r['length']:>5} | {cells} | {r['step']['updates_per_s']:11.0f} | "
               f"{r['sasrec_over_step']:11.1f} | {r['recblr_over_step']:11.1f} | {r['step_vs_forward_max_abs']:.2e}")
+    for r in rows:
+        if "step_graph" in r:
+            g = r["step_graph"]
+            print(f"B={r['batch']} T={r['length']} step in a CUDA graph: " + (g["error"] if "error" in g else
+                  f"{g['p50_ms']:.3f} / {g['p99_ms']:.3f} ms, {g['updates_per_s']:.0f} updates/s, "
+                  f"sasrec/step {r['sasrec_over_step_graph']:.1f}"))
     if "recommend" in result:
         rec = result["recommend"]
         print(f"batch recommend: {rec['users']:,} users in {rec['seconds']:.2f} s = {rec['users_per_s']:,.0f} users/s")

@@ -109,10 +109,22 @@ def _dense_ids(path: Path, idx_col: str, id_col: str) -> np.ndarray:
     return ids
 
 
+def find_prepared(data_dir: Path) -> Path:
+    """DATA_DIR/prepared (`recblr prepare`), else the newest DATA_DIR/runs/<key>/prepared (`recblr run`)."""
+    data_dir = Path(data_dir)
+    if (data_dir / "prepared" / "sequences.parquet").is_file():
+        return data_dir / "prepared"
+    runs = [path.parent for path in (data_dir / "runs").glob("*/prepared/sequences.parquet")]
+    if not runs:
+        raise PipelineError(f"{data_dir}: no prepared/ and no runs/<key>/prepared/; run `recblr prepare` "
+                            f"or `recblr run` first")
+    return max(runs, key=lambda path: (path / "sequences.parquet").stat().st_mtime)
+
+
 def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion", k: int = 10,
               out: Path | None = None, device: str = "auto", batch_size: int = 4096, exclude_history: bool = False,
               tracking_uri: str | None = None, progress: bool = True) -> dict:
-    """Top-k of every user of DATA_DIR/prepared from `model_name@alias`, written to `out` (default
+    """Top-k of every prepared user (`find_prepared`) from `model_name@alias`, written to `out` (default
     DATA_DIR/recommendations.parquet); returns users, k, output, seconds, users_per_s, model_version."""
     import mlflow
     from mlflow import MlflowClient
@@ -122,7 +134,7 @@ def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion
     from recblr.models import load, load_blob
 
     data_dir = Path(data_dir)
-    prepared = data_dir / "prepared"
+    prepared = find_prepared(data_dir)
     try:
         data = load_prepared(prepared)
     except (FileNotFoundError, ValueError) as err:
@@ -162,5 +174,5 @@ def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion
     seconds = time.perf_counter() - started
     return {"users": data.n_users, "k": k, "rows": n_rows, "output": str(out), "seconds": round(seconds, 3),
             "users_per_s": round(data.n_users / seconds, 1), "model_version": str(version.version),
-            "model": f"{model_name}@{alias}", "device": str(device), "max_len": max_len,
+            "model": f"{model_name}@{alias}", "prepared": str(prepared), "device": str(device), "max_len": max_len,
             "exclude_history": exclude_history}

@@ -124,3 +124,18 @@ def test_inputs_move_to_the_models_vocabulary_by_raw_id():
     seqs = Sequences(np.array([1, 2, 3, 2, 2, 1]), np.array([0, 3, 5, 6]))  # [b new a] [new new] [b]
     moved = to_vocabulary(seqs, prepared_ids, model_ids)
     assert moved.flat.tolist() == [2, 1, 2] and moved.offsets.tolist() == [0, 2, 2, 3]
+
+
+def test_reads_the_newest_run_partition_when_there_is_no_prepared_folder(registered, tmp_path):
+    import shutil
+
+    data_dir = tmp_path / "nightly"
+    for key in ("2026-01-01", "2026-01-02"):  # the later one has only its first 5 users
+        shutil.copytree(registered["data_dir"] / "prepared", data_dir / "runs" / key / "prepared")
+    newest = data_dir / "runs" / "2026-01-02" / "prepared"
+    pq.write_table(pq.read_table(newest / "sequences.parquet").slice(0, 5), newest / "sequences.parquet")
+    pq.write_table(pq.read_table(newest / "users.parquet").slice(0, 5), newest / "users.parquet")
+    summary = recommend(data_dir, model_name=NAME, k=2, tracking_uri=registered["uri"], progress=False)
+    assert summary["prepared"] == str(newest) and summary["users"] == 5 and summary["rows"] == 10
+    with pytest.raises(PipelineError, match="no prepared/"):
+        recommend(tmp_path / "empty", model_name=NAME, tracking_uri=registered["uri"], progress=False)

@@ -1,0 +1,193 @@
+"""Training cost against sequence length (paper Figure 4): RecBLR vs SASRec, time per epoch, tokens/s, peak memory.
+
+    PYTHONPATH=. python3 benchmarks/training_cost.py --device cuda                        # the GPU run
+    .venv/bin/python benchmarks/training_cost.py --device cpu --lengths 50,200 --users 200   # a CPU smoke run
+
+Data shaped like the paper's XLong sample: --users users with about --events-per-user events each (5,000 x
+800), from pipeline.synthetic.generate_events over a --items vocabulary kept small (1,000) so that the full
+softmax does not hide the sequence model's cost. Every (model, length) runs in its own process, so the peak
+memory is its own and an out-of-memory ends only that row: a few warm-up batches (kernel compilation), then
+one timed epoch of recblr.train.train_epoch, regime "all" (each user's history cut into windows of T),
+batch --batch-size windows (the paper's 512 for XLong). tokens/s counts real (non-padding) input positions.
+Peak memory: torch.cuda.max_memory_allocated of the timed epoch on a GPU, the process's peak RSS on a CPU.
+"sasrec-math" is SASRec with PyTorch's plain T x T attention, like RecBole's SASRec that the paper timed;
+"sasrec" uses scaled_dot_product_attention's fused (flash / memory-efficient) kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+MIN_EVENTS = 5  # users with fewer are dropped, as prepare's 5-core would
+
+
+def synthetic_prepared(prepared_dir: Path, n_users: int, n_items: int, mean_events: int, seed: int = 0) -> Path:
+    """prepare's output layout straight from pipeline.synthetic.generate_events, with numpy instead of DuckDB.
+
+    The GPU machine has no DuckDB. Differences from `recblr prepare`: users with fewer than MIN_EVENTS events
+    are dropped but items are not filtered (at these sizes every item has far more than 5 events anyway).
+    """
+    from pipeline.synthetic import generate_events
+
+    prepared_dir = Path(prepared_dir)
+    prepared_dir.mkdir(parents=True, exist_ok=True)
+    events = generate_events(n_users, n_items, seed, mean_events)
+    users = events.column("user_id").combine_chunks().dictionary_encode()
+    items = events.column("item_id").combine_chunks().dictionary_encode()
+    u, it = users.indices.to_numpy(), items.indices.to_numpy()
+    order = np.lexsort((events.column("timestamp").to_numpy(), u))  # by user, then time (strictly increasing)
+    u, it = u[order], it[order]
+    kept = np.bincount(u, minlength=len(users.dictionary)) >= MIN_EVENTS
+    it = it[kept[u]]
+    lengths = np.bincount(u, minlength=len(kept))[kept]
+    seen, item_idx = np.unique(it, return_inverse=True)
+    item_idx = (item_idx + 1).astype(np.int32)  # dense 1..N; 0 is padding
+    ends = np.cumsum(lengths)
+    hist_len = lengths - 2
+    hist_off = np.concatenate([[0], np.cumsum(hist_len)]).astype(np.int32)
+    hist = np.concatenate([item_idx[e - n:e - 2] for e, n in zip(ends, lengths)])
+    pq.write_table(pa.table({
+        "user_idx": pa.array(np.arange(len(lengths), dtype=np.int32)),
+        "history": pa.ListArray.from_arrays(pa.array(hist_off), pa.array(hist, pa.int32())),
+        "valid_item": pa.array(item_idx[ends - 2]),
+        "test_item": pa.array(item_idx[ends - 1]),
+    }), prepared_dir / "sequences.parquet")
+    pq.write_table(pa.table({
+        "item_idx": pa.array(np.arange(1, len(seen) + 1, dtype=np.int32)),
+        "item_id": items.dictionary.take(pa.array(seen)),
+        "count": pa.array(np.bincount(item_idx, minlength=len(seen) + 1)[1:].astype(np.int64)),
+    }), prepared_dir / "items.parquet")
+    pq.write_table(pa.table({"user_idx": pa.array(np.arange(len(lengths), dtype=np.int32)),
+                             "user_id": users.dictionary.take(pa.array(np.flatnonzero(kept)))}),
+                   prepared_dir / "users.parquet")
+    summary = {"users": int(len(lengths)), "items": int(len(seen)), "interactions": int(lengths.sum()),
+               "min_count": MIN_EVENTS, "generator": {"n_users": n_users, "n_items": n_items,
+                                                      "mean_events": mean_events, "seed": seed}}
+    (prepared_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return prepared_dir
+
+
+def ensure_prepared(prepared_dir: Path, n_users: int, n_items: int, mean_events: int) -> dict:
+    """Reuse prepared_dir when it was generated with these arguments, else (re)generate it."""
+    want = {"n_users": n_users, "n_items": n_items, "mean_events": mean_events, "seed": 0}
+    path = Path(prepared_dir) / "summary.json"
+    if not (path.is_file() and json.loads(path.read_text()).get("generator") == want):
+        synthetic_prepared(prepared_dir, n_users, n_items, mean_events)
+    return json.loads(path.read_text())
+
+
+def measure(prepared: Path, model: str, T: int, args) -> dict:
+    """One (model, T): warm-up batches, then one timed epoch; runs in a worker process of its own."""
+    from recblr.data import load_prepared, training_windows
+    from recblr.models import build
+    from recblr.train import TrainConfig, train_epoch
+
+    cuda = args.device.startswith("cuda")
+    cfg = TrainConfig(batch_size=args.batch_size, max_len=T, regime="all", device=args.device,
+                      precision=args.precision, epochs=1)
+    data = load_prepared(prepared)
+    torch.manual_seed(0)
+    name = "sasrec" if model.startswith("sasrec") else model
+    net = build(name, data.n_items, **({"max_len": T} if name == "sasrec" else {})).to(args.device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    start, stop = training_windows(data.history, T, "all")
+    order = np.random.default_rng(0).permutation(len(start))
+    attention = contextlib.nullcontext()
+    if model == "sasrec-math":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        attention = sdpa_kernel(SDPBackend.MATH)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True  # as fit does
+    with attention:
+        train_epoch(net, opt, data.history.flat, start, stop, order[:args.warmup * args.batch_size], cfg,
+                    desc=f"{model} T={T} warm-up")
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        began = time.perf_counter()
+        loss = train_epoch(net, opt, data.history.flat, start, stop, order, cfg, desc=f"{model} T={T}")
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - began
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    tokens = int((stop - start).sum())
+    return {"model": model, "T": T, "epoch_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "peak_mb": peak / 2**20, "peak_kind": "cuda_max_allocated" if cuda else "process_peak_rss",
+            "windows": len(start), "loss": loss, "precision": args.precision, "device": args.device}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", default="recblr,sasrec,sasrec-math")
+    parser.add_argument("--lengths", default="50,200,500,1000,2000,4096")
+    parser.add_argument("--users", type=int, default=5000)
+    parser.add_argument("--events-per-user", type=int, default=800)
+    parser.add_argument("--items", type=int, default=1000, help="vocabulary: small, so the softmax does not dominate")
+    parser.add_argument("--batch-size", type=int, default=512, help="windows per step (the paper's XLong batch)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--warmup", type=int, default=3, help="batches before the timed epoch")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per (model, length) before it is cut")
+    parser.add_argument("--data", type=Path, default=Path("benchmarks/out/xlong_synth/prepared"))
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/out/training_cost.json"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # MODEL:T, run by the parent in a fresh process
+    args = parser.parse_args()
+    if args.worker:
+        model, T = args.worker.split(":")
+        print(json.dumps(measure(args.data, model, int(T), args)))
+        return
+
+    summary = ensure_prepared(args.data, args.users, args.items, args.events_per_user)
+    print(f"data: {summary['users']} users, {summary['items']} items, {summary['interactions']} events "
+          f"({summary['interactions'] / summary['users']:.0f} per user) in {args.data}", file=sys.stderr)
+    rows = []
+    configs = [(m, int(T)) for T in args.lengths.split(",") for m in args.models.split(",")]
+    for model, T in tqdm(configs, desc="training cost", unit="run"):
+        cmd = [sys.executable, __file__, "--worker", f"{model}:{T}", *sys.argv[1:]]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            error = None if done.returncode == 0 and lines else (
+                "out of memory" if "out of memory" in done.stderr.lower() else done.stderr.strip()[-300:])
+        except subprocess.TimeoutExpired:
+            lines, error = [], f"cut at {args.timeout:.0f} s"
+        rows.append(json.loads(lines[-1]) if not error else {"model": model, "T": T, "error": error})
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"data": summary, "args": {k: str(v) for k, v in vars(args).items()},
+                                         "rows": rows}, indent=1))
+
+    print(f"| model | T | s / epoch | tokens/s | peak MB ({rows[0].get('peak_kind', 'peak')}) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | {r['T']} | {r['error']} | | |")
+        else:
+            print(f"| {r['model']} | {r['T']} | {r['epoch_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['peak_mb']:,.0f} |")
+    ours = {r["T"]: r for r in rows if r["model"] == "recblr" and "error" not in r}
+    for r in rows:
+        if r["model"] != "recblr" and "error" not in r and r["T"] in ours:
+            o = ours[r["T"]]
+            print(f"T={r['T']}: recblr vs {r['model']}: {r['epoch_s'] / o['epoch_s']:.2f}x faster, "
+                  f"{r['peak_mb'] / o['peak_mb']:.2f}x less memory")
+    if len(ours) > 1:  # linear in T: seconds per epoch per token position of the padded windows
+        Ts = sorted(ours)
+        print("recblr s/epoch relative to T=" + str(Ts[0]) + ": "
+              + ", ".join(f"T={T} {ours[T]['epoch_s'] / ours[Ts[0]]['epoch_s']:.2f}" for T in Ts))
+    print(f"wrote {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -42,7 +42,8 @@ def evaluate(model: nn.Module, data: Prepared, split: str = "test", ks=(10, 20),
         start, stop = inputs.last(rows, max_len)
         hidden = model(gather(inputs.flat, start, stop).to(device))  # (B, T, D)
         last = torch.from_numpy(np.maximum(stop - start - 1, 0)).to(device)  # an empty history reads pad
-        scores = model.scores(hidden[torch.arange(len(rows), device=device), last]).float()  # (B, N + 1)
+        with torch.autocast(device.type, enabled=False):  # bf16's 8-bit mantissa would tie near scores
+            scores = model.scores(hidden[torch.arange(len(rows), device=device), last].float())  # (B, N + 1)
         target = torch.from_numpy(targets[rows]).to(device)[:, None]  # (B, 1)
         target_score = scores.gather(1, target)
         scores = scores.masked_fill(item_idx == 0, float("-inf"))

@@ -9,6 +9,7 @@ import torch.nn as nn
 import recblr.evaluate as ev
 from prepared_data import write_prepared
 from recblr.data import load_prepared
+from recblr.base import SequentialRecommender
 from recblr.models import build
 
 N_ITEMS = 30
@@ -101,3 +102,25 @@ def test_users_without_history_are_still_ranked(tmp_path):
 def test_unknown_split_is_refused(data):
     with pytest.raises(ValueError, match="split"):
         ev.evaluate(NearLastItem(), data, "train", progress=False)
+
+
+class AlmostTied(SequentialRecommender):
+    """Scores item j as 1 + j/10^4: apart in float32, all one value in bfloat16 (8-bit mantissa)."""
+
+    def __init__(self):
+        super().__init__()
+        self.item_embedding = nn.Embedding(N_ITEMS + 1, 1, padding_idx=0)
+        with torch.no_grad():
+            self.item_embedding.weight[:, 0] = 1 + torch.arange(N_ITEMS + 1) * 1e-4
+
+    def forward(self, items):  # (B, T) -> (B, T, 1)
+        return torch.ones(*items.shape, 1)
+
+
+def test_ranking_scores_stay_float32_under_bf16_autocast(tmp_path):
+    data = load_prepared(write_prepared(tmp_path / "prepared", [[2, 3, 4, 1, 1]] * 4, N_ITEMS))
+    exact = ev.evaluate(AlmostTied(), data, progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = ev.evaluate(AlmostTied(), data, progress=False)
+    assert exact["hr_at_20"] == 0.0  # the target, item 1, has the lowest score of 30 in float32
+    assert mixed == exact

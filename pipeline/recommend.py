@@ -22,17 +22,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from recblr.data import Sequences, gather, load_prepared
-from recblr.evaluate import SCORE_BUDGET
+from recblr.data import Sequences, load_prepared
+from recblr.evaluate import mask_seen, next_item_scores
+from recblr.models import resolve_device
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()),
                     ("score", pa.float32())])
 
 
-@torch.inference_mode()
 def top_k(model: torch.nn.Module, seqs: Sequences, k: int, *, max_len: int, batch_size: int = 4096,
           exclude_history: bool = False, progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield (rows, items (B, k), scores (B, k)) per chunk of users, best first; item 0 (padding) never.
@@ -40,25 +39,15 @@ def top_k(model: torch.nn.Module, seqs: Sequences, k: int, *, max_len: int, batc
     With exclude_history every item of a user's whole sequence scores -inf; a user with fewer than k
     unseen items gets -inf in the tail, which callers drop.
     """
-    device = next(model.parameters()).device
-    n_users, n_scores = len(seqs.offsets) - 1, model.item_embedding.num_embeddings
+    n_scores = model.item_embedding.num_embeddings
     if not 1 <= k < n_scores:
         raise ValueError(f"k must be in 1..{n_scores - 1} (the model's item count), got {k}")
-    rows_per_batch = max(1, min(batch_size, SCORE_BUDGET // n_scores))
-    with tqdm(total=n_users, desc="recommend", unit="user", unit_scale=True, disable=not progress) as bar:
-        for lo in range(0, n_users, rows_per_batch):
-            rows = np.arange(lo, min(lo + rows_per_batch, n_users))
-            start, stop = seqs.last(rows, max_len)
-            hidden = model(gather(seqs.flat, start, stop).to(device))  # (B, T, D)
-            last = torch.from_numpy(np.maximum(stop - start - 1, 0)).to(device)  # an empty input reads pad
-            scores = model.scores(hidden[torch.arange(len(rows), device=device), last]).float()  # (B, N + 1)
-            scores[:, 0] = float("-inf")
-            if exclude_history:
-                seen = gather(seqs.flat, seqs.offsets[rows], seqs.offsets[rows + 1]).to(device)  # (B, L)
-                scores.scatter_(1, seen, float("-inf"))
-            values, items = scores.topk(k, dim=1)  # (B, k) each
-            bar.update(len(rows))
-            yield rows, items.cpu().numpy(), values.cpu().numpy()
+    for rows, scores in next_item_scores(model, seqs, n_scores, max_len=max_len, batch_size=batch_size, desc="recommend",
+                                         progress=progress):
+        if exclude_history:
+            mask_seen(scores, seqs, rows)
+        values, items = scores.topk(k, dim=1)  # (B, k) each
+        yield rows, items.cpu().numpy(), values.cpu().numpy()
 
 
 def to_vocabulary(seqs: Sequences, prepared_ids: np.ndarray, model_ids: np.ndarray) -> Sequences:
@@ -153,7 +142,7 @@ def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion
     except MlflowException as err:
         raise PipelineError(f"no model version {model_name}@{alias} in {uri} ({err.message.splitlines()[0]}); "
                             f"`recblr run --data-dir {data_dir}` trains and registers one") from err
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = resolve_device(device)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version.version}",
                                                              dst_path=tmp))

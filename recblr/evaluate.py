@@ -9,13 +9,14 @@ that (users x items) stays under SCORE_BUDGET floats: 1M users x 100k items is n
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from recblr.data import Prepared, gather
+from recblr.data import Prepared, Sequences, gather
 
 SCORE_BUDGET = 1 << 26  # floats in one (users, items) score block: 256 MiB in float32
 
@@ -25,31 +26,47 @@ def metric_keys(ks=(10, 20)) -> list[str]:
 
 
 @torch.no_grad()
+def next_item_scores(model: nn.Module, seqs: Sequences, n_scores: int, *, max_len: int, batch_size: int = 4096,
+                     desc: str = "score", progress: bool = True) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Yield (rows, scores (B, n_scores)) per chunk of users: every item scored as the one after each user's
+    last `max_len` items, in float32, padding at -inf. Chunks keep users x n_scores under SCORE_BUDGET."""
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
+    n_users = len(seqs.offsets) - 1
+    rows_per_batch = max(1, min(batch_size, SCORE_BUDGET // n_scores))
+    padding = torch.arange(n_scores, device=device) == 0
+    with tqdm(total=n_users, desc=desc, unit="user", unit_scale=True, leave=False, disable=not progress) as bar:
+        for lo in range(0, n_users, rows_per_batch):
+            rows = np.arange(lo, min(lo + rows_per_batch, n_users))
+            start, stop = seqs.last(rows, max_len)
+            hidden = model(gather(seqs.flat, start, stop).to(device))  # (B, T, D)
+            last = torch.from_numpy(np.maximum(stop - start - 1, 0)).to(device)  # an empty input reads pad
+            with torch.autocast(device.type, enabled=False):  # bf16's 8-bit mantissa would tie near scores
+                scores = model.scores(hidden[torch.arange(len(rows), device=device), last].float())  # (B, N + 1)
+            scores = scores.masked_fill(padding, float("-inf"))  # a fresh tensor: scores may be a broadcast view
+            bar.update(len(rows))
+            yield rows, scores
+
+
+def mask_seen(scores: torch.Tensor, seqs: Sequences, rows: np.ndarray) -> torch.Tensor:
+    """Scores with every item of the users' whole sequences at -inf (in place)."""
+    seen = gather(seqs.flat, seqs.offsets[rows], seqs.offsets[rows + 1]).to(scores.device)  # (B, L), 0-padded
+    return scores.scatter_(1, seen, float("-inf"))
+
+
 def evaluate(model: nn.Module, data: Prepared, split: str = "test", ks=(10, 20), remove_history: bool = False,
              *, max_len: int = 50, batch_size: int = 4096, progress: bool = True) -> dict:
     """HR, NDCG and MRR at each k, averaged over all users; keys as in `metric_keys(ks)`."""
     inputs, targets = data.split(split)
-    device = next(itertools.chain(model.parameters(), model.buffers())).device
     was_training = model.training
     model.eval()
-    n_users, n_scores = data.n_users, data.n_items + 1
-    rows_per_batch = max(1, min(batch_size, SCORE_BUDGET // n_scores))
-    item_idx = torch.arange(n_scores, device=device)
     sums = dict.fromkeys(metric_keys(ks), 0.0)
-    starts = range(0, n_users, rows_per_batch)
-    for lo in tqdm(starts, desc=f"evaluate {split}", unit="batch", leave=False, disable=not progress):
-        rows = np.arange(lo, min(lo + rows_per_batch, n_users))
-        start, stop = inputs.last(rows, max_len)
-        hidden = model(gather(inputs.flat, start, stop).to(device))  # (B, T, D)
-        last = torch.from_numpy(np.maximum(stop - start - 1, 0)).to(device)  # an empty history reads pad
-        with torch.autocast(device.type, enabled=False):  # bf16's 8-bit mantissa would tie near scores
-            scores = model.scores(hidden[torch.arange(len(rows), device=device), last].float())  # (B, N + 1)
-        target = torch.from_numpy(targets[rows]).to(device)[:, None]  # (B, 1)
-        target_score = scores.gather(1, target)
-        scores = scores.masked_fill(item_idx == 0, float("-inf"))
+    for rows, scores in next_item_scores(model, inputs, data.n_items + 1, max_len=max_len, batch_size=batch_size,
+                                         desc=f"evaluate {split}", progress=progress):
+        target = torch.from_numpy(targets[rows]).to(scores.device)[:, None]  # (B, 1)
+        target_score = scores.gather(1, target)  # taken first: history removal keeps the target's own score
         if remove_history:
-            seen = gather(inputs.flat, inputs.offsets[rows], inputs.offsets[rows + 1]).to(device)
-            scores = scores.scatter(1, seen, float("-inf"))
+            mask_seen(scores, inputs, rows)
+        item_idx = torch.arange(scores.shape[1], device=scores.device)
         rank = (scores > target_score).sum(1) + ((scores == target_score) & (item_idx < target)).sum(1)  # (B,)
         for k in ks:
             hit = (rank < k).double()
@@ -57,4 +74,4 @@ def evaluate(model: nn.Module, data: Prepared, split: str = "test", ks=(10, 20),
             sums[f"ndcg_at_{k}"] += (hit / torch.log2(rank.double() + 2)).sum().item()
             sums[f"mrr_at_{k}"] += (hit / (rank.double() + 1)).sum().item()
     model.train(was_training)
-    return {key: value / max(n_users, 1) for key, value in sums.items()}
+    return {key: value / max(data.n_users, 1) for key, value in sums.items()}

@@ -180,14 +180,12 @@ def evaluate(
     as_json: bool = AsJson,
 ) -> None:
     """Leave-one-out full-ranking HR/NDCG/MRR at 10 and 20 of a trained model or the popularity baseline."""
-    import torch
-
     from pipeline.errors import PipelineError
     from recblr.data import load_prepared
     from recblr.evaluate import evaluate as run_evaluate
-    from recblr.models import build, load, load_blob
+    from recblr.models import build, load, load_blob, resolve_device
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = resolve_device(device)
     try:
         data = load_prepared(data_dir / "prepared")
         if popularity:

@@ -62,6 +62,13 @@ def save(model: SequentialRecommender, path: Path, **extra) -> Path:
     return path
 
 
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"; anything else as given."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load(path: Path, map_location: str | torch.device = "cpu") -> SequentialRecommender:
     """The model saved by `save`, in eval mode; the extra keys are in `load_blob`."""
     blob = load_blob(path, map_location)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from recblr.data import gather, load_prepared, training_windows
 from recblr.evaluate import evaluate
-from recblr.models import build, load, save
+from recblr.models import build, load, resolve_device, save
 
 # fields a resumed run may change: they alter neither the model nor what an epoch computes
 RESUMABLE_CHANGES = {"epochs", "device", "eval_batch_size"}
@@ -68,8 +68,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: epochs, batch_size, max_len and patience must be >= 1, got {self}")
 
     def resolved(self) -> "TrainConfig":
-        cuda = torch.cuda.is_available()
-        device = ("cuda" if cuda else "cpu") if self.device == "auto" else self.device
+        device = resolve_device(self.device)
         if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
             device = f"cuda:{os.environ['LOCAL_RANK']}"
         epochs = self.epochs or (300 if device.startswith("cuda") else 4)

@@ -8,8 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def write_prepared(prepared_dir: Path, sequences: list[list[int]], n_items: int) -> Path:
-    """sequences: each user's items 1..n_items, oldest first, at least two each (the contract's split)."""
+def write_prepared(prepared_dir: Path, sequences: list[list[int]], n_items: int,
+                   item_ids: list[str] | None = None) -> Path:
+    """sequences: each user's items 1..n_items, oldest first, at least two each (the contract's split);
+    item_ids: the raw id of items 1..n_items (default i1, i2, ...)."""
     prepared_dir = Path(prepared_dir)
     prepared_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({
@@ -21,7 +23,7 @@ def write_prepared(prepared_dir: Path, sequences: list[list[int]], n_items: int)
     counts = np.bincount(np.concatenate([np.asarray(s) for s in sequences]), minlength=n_items + 1)
     pq.write_table(pa.table({
         "item_idx": pa.array(range(1, n_items + 1), pa.int32()),
-        "item_id": pa.array([f"i{k}" for k in range(1, n_items + 1)]),
+        "item_id": pa.array(item_ids or [f"i{k}" for k in range(1, n_items + 1)]),
         "count": pa.array(counts[1:], pa.int64()),
     }), prepared_dir / "items.parquet")
     return prepared_dir

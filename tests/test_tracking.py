@@ -12,22 +12,17 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline import tracking
+from prepared_data import write_prepared
 from recblr import models
 
 N_ITEMS = 30
 
 
-def write_prepared(folder: Path, seed: int = 0, sku: str = "sku") -> Path:
+def tracking_prepared(folder: Path, seed: int = 0, sku: str = "sku") -> Path:
+    """Eight users of random 5-10 events over raw ids sku-7, sku-14, ... (sku names the vocabulary)."""
     rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    pd.DataFrame({"item_idx": np.arange(1, N_ITEMS + 1, dtype=np.int32),
-                  "item_id": [f"{sku}-{i * 7}" for i in range(1, N_ITEMS + 1)],
-                  "count": np.full(N_ITEMS, 5, dtype=np.int64)}).to_parquet(folder / "items.parquet")
-    hist = [rng.integers(1, N_ITEMS + 1, size=rng.integers(3, 9)).astype(np.int32).tolist() for _ in range(8)]
-    pd.DataFrame({"user_idx": np.arange(8, dtype=np.int32), "history": hist,
-                  "valid_item": rng.integers(1, N_ITEMS + 1, 8).astype(np.int32),
-                  "test_item": rng.integers(1, N_ITEMS + 1, 8).astype(np.int32)}).to_parquet(folder / "sequences.parquet")
-    return folder
+    sequences = [rng.integers(1, N_ITEMS + 1, size=rng.integers(5, 11)).tolist() for _ in range(8)]
+    return write_prepared(folder, sequences, N_ITEMS, [f"{sku}-{i * 7}" for i in range(1, N_ITEMS + 1)])
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +75,7 @@ def test_flatten_nested_config():
 
 
 def test_pyfunc_serves_variable_length_histories(tmp_path, store, weights):
-    prepared = write_prepared(tmp_path / "prepared")
+    prepared = tracking_prepared(tmp_path / "prepared")
     decision, run_id = candidate(store, prepared, weights, "2026-01-01", 0.1, "serve")
     model_dir = Path(mlflow.artifacts.download_artifacts("models:/serve@champion", tracking_uri=store))
     # model from code: no pickled Python object in the model folder, the weights are a plain torch file
@@ -103,7 +98,7 @@ def test_pyfunc_serves_variable_length_histories(tmp_path, store, weights):
 
 
 def test_gate_keeps_a_worse_candidate_as_challenger(tmp_path, store, weights):
-    prepared = write_prepared(tmp_path / "prepared")
+    prepared = tracking_prepared(tmp_path / "prepared")
     first, _ = candidate(store, prepared, weights, "2026-01-01", 0.20, "gate")
     assert first["promoted"] and first["champion_version"] is None
     worse, worse_run = candidate(store, prepared, weights, "2026-01-02", 0.15, "gate")
@@ -123,8 +118,8 @@ def test_gate_rescores_the_champion_on_the_candidates_data(tmp_path, store, weig
     from recblr.data import load_prepared
     from recblr.evaluate import evaluate
 
-    first, _ = candidate(store, write_prepared(tmp_path / "a", seed=0), weights, "2026-01-01", 0.10, "split")
-    new_night = write_prepared(tmp_path / "b", seed=1)
+    first, _ = candidate(store, tracking_prepared(tmp_path / "a", seed=0), weights, "2026-01-01", 0.10, "split")
+    new_night = tracking_prepared(tmp_path / "b", seed=1)
     rescored = evaluate(models.load(weights), load_prepared(new_night), "test", progress=False)["ndcg_at_10"]
     assert rescored != 0.10  # the champion's logged number is not the one to compare with
     worse, worse_run = candidate(store, new_night, weights, "2026-01-02", rescored - 0.01, "split")
@@ -136,14 +131,14 @@ def test_gate_rescores_the_champion_on_the_candidates_data(tmp_path, store, weig
 
 
 def test_gate_keeps_the_champion_when_the_items_differ(tmp_path, store, weights):
-    first, _ = candidate(store, write_prepared(tmp_path / "a"), weights, "2026-01-01", 0.10, "vocab")
-    other, _ = candidate(store, write_prepared(tmp_path / "b", sku="other"), weights, "2026-01-02", 0.90, "vocab")
+    first, _ = candidate(store, tracking_prepared(tmp_path / "a"), weights, "2026-01-01", 0.10, "vocab")
+    other, _ = candidate(store, tracking_prepared(tmp_path / "b", sku="other"), weights, "2026-01-02", 0.90, "vocab")
     assert not other["promoted"] and "item vocabulary" in other["reason"]
     assert str(MlflowClient(store).get_model_version_by_alias("vocab", "champion").version) == first["version"]
 
 
 def test_rerun_of_a_run_key_replaces_its_mlflow_run(tmp_path, store):
-    prepared = write_prepared(tmp_path / "prepared")
+    prepared = tracking_prepared(tmp_path / "prepared")
     ids = []
     for _ in range(2):
         ids.append(tracking.start_training_run(store, "toy", "2026-01-01", prepared))

@@ -86,15 +86,12 @@ def compare(
     from pipeline.errors import PipelineError
 
     overrides: dict = {}
-    for item in set_:
-        key, sep, value = item.partition("=")
+    form = "MODEL.FIELD=VALUE, e.g. sasrec.n_layers=3"
+    for key, value in _parse_sets(set_, form).items():
         model, dot, field = key.partition(".")
-        if not (sep and dot and model and field):
-            raise PipelineError(f"--set {item!r}: expected MODEL.FIELD=VALUE, e.g. sasrec.n_layers=3")
-        try:
-            overrides.setdefault(model, {})[field] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides.setdefault(model, {})[field] = value
+        if not (dot and model and field):
+            raise PipelineError(f"--set {key!r}: expected {form}")
+        overrides.setdefault(model, {})[field] = value
     summary = run_compare(data_dir, [m.strip() for m in models.split(",") if m.strip()], epochs=epochs,
                           max_len=max_len, dropout=dropout, overrides=overrides, tracking_uri=tracking_uri)
     if as_json:
@@ -108,15 +105,15 @@ def compare(
     Console().print(table)
 
 
-def _parse_sets(items: list[str]) -> dict:
-    """--set FIELD=VALUE pairs; VALUE as JSON when it parses (numbers, true/false), else as a string."""
+def _parse_sets(items: list[str], form: str = "FIELD=VALUE, e.g. n_layers=1") -> dict:
+    """--set KEY=VALUE pairs; VALUE as JSON when it parses (numbers, true/false), else as a string."""
     from pipeline.errors import PipelineError
 
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not (sep and key):
-            raise PipelineError(f"--set {item!r}: expected FIELD=VALUE, e.g. n_layers=1")
+            raise PipelineError(f"--set {item!r}: expected {form}")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.errors import PipelineError
 from prepared_data import markov_sequences, write_prepared
 from recblr.data import load_prepared
 from recblr.evaluate import evaluate
@@ -188,7 +189,6 @@ def test_compare_writes_table_chart_and_mlflow_parent_with_child_per_model(tmp_p
 
 def test_compare_rejects_unknown_models_and_fields_before_training(tmp_path):
     from pipeline.compare import compare
-    from pipeline.errors import PipelineError
 
     data_dir = tmp_path / "toy"
     write_prepared(data_dir / "prepared", markov_sequences(20, N_ITEMS, 5), N_ITEMS)
@@ -197,3 +197,14 @@ def test_compare_rejects_unknown_models_and_fields_before_training(tmp_path):
     with pytest.raises(PipelineError, match="sasrec has no config field"):
         compare(data_dir, ["sasrec"], overrides={"sasrec": {"n_head": 4}}, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
     assert not (data_dir / "compare").exists()
+
+
+@pytest.mark.parametrize("bad", ["n_layers=3", "sasrec.n_layers", ".n_layers=3"], ids=["no-model", "no-value", "empty-model"])
+def test_compare_set_needs_model_dot_field(tmp_path, bad):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    invoked = CliRunner().invoke(app, ["compare", "--data-dir", str(tmp_path), "--set", bad])
+    assert isinstance(invoked.exception, PipelineError)
+    assert "expected MODEL.FIELD=VALUE" in str(invoked.exception)

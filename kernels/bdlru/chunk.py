@@ -3,7 +3,7 @@
 A sequential-per-channel walk has only B * D / BD programs; at B = 8 that is a few per SM and the GPU idles
 on latency. Here T is cut into chunks of CT rows and each direction takes three launches:
   1. per chunk, the composition of its steps as one affine map h -> A h + H (local scan from zero);
-  2. per channel, a walk over the chunks' maps giving the carry into each chunk (B * NC * D floats);
+  2. per channel, a scan over the chunks' maps giving the carry into each chunk (B * NC * D floats);
   3. the fused kernel of `fused_recurrent.py` on every chunk at once, started from its carry.
 The backward does the same in reverse time on q = a_t dL/dh_t. Step 1 reads r, i, x (r, z, do backwards)
 once more than the fused kernel, the price of the parallelism.
@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels.bdlru import fused_recurrent
-from kernels.bdlru.fused_recurrent import _contiguous, _empty, _fit, _linear_combine, _softplus
+from kernels.bdlru.fused_recurrent import _contiguous, _empty, _fit, _linear_combine, _linear_combine_excl, _softplus
 from kernels.bdlru.naive import check_inputs
 
 
@@ -89,24 +89,23 @@ def chunk_bwd_summary_kernel(
 def chunk_carry_kernel(
     A_c, H_c, h0, h_in,
     NC,
-    D: tl.constexpr, BD: tl.constexpr, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
+    D: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
 ):
-    # one walk over the chunks' maps per channel; h_in[b, c] is the state entering chunk c
+    # h_in[b, c], the state entering chunk c, is an exclusive scan over the chunks' maps: all BC of them
+    # in one tile, so the walk costs one load's latency, not NC
     i_d, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
+    o_c = tl.arange(0, BC)
+    m = (o_c < NC)[:, None] & m_d[None, :]
+    off = (i_b * NC + o_c[:, None]) * D + o_d[None, :]  # (BC, BD)
+    a = tl.load(A_c + off, mask=m, other=1.0)
+    h = tl.load(H_c + off, mask=m, other=0.0)
+    one, zero = tl.full([BC, BD], 1.0, tl.float32), tl.zeros([BC, BD], dtype=tl.float32)
+    _, _, Ap, Hp = tl.associative_scan((a, h, one, zero), 0, _linear_combine_excl, reverse=REVERSE)
     if HAS_H0:
-        h = tl.load(h0 + i_b * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros([BD], dtype=tl.float32)
-    for k in range(NC):
-        if REVERSE:
-            c = NC - 1 - k
-        else:
-            c = k
-        o_c = (i_b * NC + c) * D + o_d
-        tl.store(h_in + o_c, h, mask=m_d)
-        h = tl.load(A_c + o_c, mask=m_d, other=1.0) * h + tl.load(H_c + o_c, mask=m_d, other=0.0)
+        Hp += Ap * tl.load(h0 + i_b * D + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+    tl.store(h_in + off, Hp, mask=m)
 
 
 def _chunk_config(B, T, D, dtype, n_sm):
@@ -121,9 +120,10 @@ def _chunk_config(B, T, D, dtype, n_sm):
 def _carry(A_c, H_c, h0, reverse):
     B, NC, D = A_c.shape
     h_in = _empty(B, NC, D, dtype=torch.float32, device=A_c.device)
-    BD = min(128, triton.next_power_of_2(D))
+    BC = triton.next_power_of_2(NC)
+    BD = min(triton.next_power_of_2(D), max(4, 2048 // BC))  # at most ~16 elements a thread
     chunk_carry_kernel[(triton.cdiv(D, BD), B)](
-        A_c, H_c, h0, h_in, NC, D=D, BD=BD, HAS_H0=h0 is not None, REVERSE=reverse, num_warps=1
+        A_c, H_c, h0, h_in, NC, D=D, BC=BC, BD=BD, HAS_H0=h0 is not None, REVERSE=reverse, num_warps=4
     )
     return h_in
 

@@ -39,6 +39,18 @@ def _softplus(v):
     return tl.maximum(v, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v)))
 
 
+@triton.jit
+def _load_tile(x, r, i, z, off, m, HAS_Z: tl.constexpr):
+    b_x = tl.load(x + off, mask=m, other=0.0).to(tl.float32)
+    b_r = tl.load(r + off, mask=m, other=0.0).to(tl.float32)
+    b_i = tl.load(i + off, mask=m, other=0.0).to(tl.float32)
+    if HAS_Z:
+        b_z = tl.load(z + off, mask=m, other=0.0).to(tl.float32)
+    else:
+        b_z = b_x  # never read
+    return b_x, b_r, b_i, b_z
+
+
 @triton.jit(do_not_specialize=["T", "CT"])
 def bdlru_fwd_kernel(
     x, r, i, lam, z, h_in, o, ckpt, ht,
@@ -57,13 +69,15 @@ def bdlru_fwd_kernel(
     else:
         h = tl.zeros([BD], dtype=tl.float32)
     base = i_b * T * D
-    for s in range(i_c * CT, tl.minimum(i_c * CT + CT, T), BT):
-        t = s + o_t
-        m = (t < T)[:, None] & m_d[None, :]
-        off = base + t[:, None] * D + o_d[None, :]  # (BT, BD)
-        b_x = tl.load(x + off, mask=m, other=0.0).to(tl.float32)
-        b_r = tl.load(r + off, mask=m, other=0.0).to(tl.float32)
-        b_i = tl.load(i + off, mask=m, other=0.0).to(tl.float32)
+    c_end = tl.minimum(i_c * CT + CT, T)
+    t = i_c * CT + o_t
+    m = (t < c_end)[:, None] & m_d[None, :]
+    off = base + t[:, None] * D + o_d[None, :]  # (BT, BD)
+    b_x, b_r, b_i, b_z = _load_tile(x, r, i, z, off, m, HAS_Z)
+    for s in range(i_c * CT, c_end, BT):
+        # the next tile's loads go out before this tile's maths: two tiles in flight per program
+        n_m = ((s + BT + o_t) < c_end)[:, None] & m_d[None, :]
+        n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, off + BT * D, n_m, HAS_Z)
         if STORE_CKPT:  # (B, cdiv(T, BT), D): the state before this tile
             tl.store(ckpt + (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d, h, mask=m_d)
         # padded rows get a = 1, b*x = 0, so the tile's last row carries h_{T-1}
@@ -73,9 +87,9 @@ def bdlru_fwd_kernel(
         H = H + A * h[None, :]
         h = tl.sum(tl.where(o_t[:, None] == BT - 1, H, 0.0), axis=0)
         if HAS_Z:
-            b_z = tl.load(z + off, mask=m, other=0.0).to(tl.float32)
             H = H * b_z * tl.sigmoid(b_z)
         tl.store(o + off, H.to(o.dtype.element_ty), mask=m)
+        b_x, b_r, b_i, b_z, m, off = n_x, n_r, n_i, n_z, n_m, off + BT * D
     if STORE_HT:
         if i_c == n_c - 1:
             tl.store(ht + i_b * D + o_d, h, mask=m_d)
@@ -103,18 +117,21 @@ def bdlru_bwd_kernel(
         q = tl.zeros([BD], dtype=tl.float32)
     dlam_acc = tl.zeros([BD], dtype=tl.float32)
     base = i_b * T * D
-    c_end = tl.minimum(i_c * CT + CT, T)
-    n_t = tl.cdiv(c_end - i_c * CT, BT)
-    for k in range(n_t):
-        s = i_c * CT + (n_t - 1 - k) * BT  # tiles from the chunk's end
-        t = s + o_t
-        m = (t < T)[:, None] & m_d[None, :]
-        off = base + t[:, None] * D + o_d[None, :]  # (BT, BD)
-        b_x = tl.load(x + off, mask=m, other=0.0).to(tl.float32)
-        b_r = tl.load(r + off, mask=m, other=0.0).to(tl.float32)
-        b_i = tl.load(i + off, mask=m, other=0.0).to(tl.float32)
-        b_do = tl.load(do + off, mask=m, other=0.0).to(tl.float32)
-        h = tl.load(ckpt + (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d, mask=m_d, other=0.0)
+    c_start = i_c * CT
+    n_t = tl.cdiv(tl.minimum(c_start + CT, T) - c_start, BT)
+    s = c_start + (n_t - 1) * BT  # tiles from the chunk's end
+    m = ((s + o_t) < T)[:, None] & m_d[None, :]
+    off = base + (s + o_t)[:, None] * D + o_d[None, :]  # (BT, BD)
+    o_ck = (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d  # the state before the tile
+    b_x, b_r, b_i, b_z = _load_tile(x, r, i, z, off, m, HAS_Z)
+    b_do = tl.load(do + off, mask=m, other=0.0).to(tl.float32)
+    h = tl.load(ckpt + o_ck, mask=m_d, other=0.0)
+    for _ in range(n_t):
+        # the previous tile's loads go out before this tile's maths: two tiles in flight per program
+        n_m = ((s - BT + o_t) >= c_start)[:, None] & m_d[None, :]
+        n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, off - BT * D, n_m, HAS_Z)
+        n_do = tl.load(do + off - BT * D, mask=n_m, other=0.0).to(tl.float32)
+        n_h = tl.load(ckpt + o_ck - D, mask=m_d & (s - BT + 0 * o_d >= c_start), other=0.0)
         sr = tl.sigmoid(b_r)
         a = tl.where(m, tl.exp(-sp[None, :] * sr), 1.0)
         sq = tl.sqrt(1.0 - a * a + 1e-8)
@@ -123,7 +140,6 @@ def bdlru_bwd_kernel(
         A, H, Ap, Hp = tl.associative_scan((a, sq * si * b_x, one, zero), 0, _linear_combine_excl)
         h_prev = Hp + Ap * h[None, :]  # (BT, BD) h_{t-1}
         if HAS_Z:
-            b_z = tl.load(z + off, mask=m, other=0.0).to(tl.float32)
             sz = tl.sigmoid(b_z)
             g = b_do * b_z * sz
             b_h = H + A * h[None, :]
@@ -141,6 +157,8 @@ def bdlru_bwd_kernel(
         tl.store(dr + off, (dA * (-sp[None, :] * a) * sr * (1.0 - sr)).to(dr.dtype.element_ty), mask=m)
         tl.store(di + off, (db * sq * si * (1.0 - si)).to(di.dtype.element_ty), mask=m)
         dlam_acc += tl.sum(tl.where(m, dA * (-sr * a), 0.0), axis=0)
+        b_x, b_r, b_i, b_z, b_do, h, m = n_x, n_r, n_i, n_z, n_do, n_h, n_m
+        s, off, o_ck = s - BT, off - BT * D, o_ck - D
     tl.store(dlam + (i_b * n_c + i_c) * D + o_d, dlam_acc * tl.sigmoid(b_lam), mask=m_d)
     if STORE_DQ0:
         if i_c == 0:
@@ -153,8 +171,7 @@ def _empty(*args, **kwargs):
 
 
 # (BT, (BD, num_warps) forward, (BD, num_warps) backward) from `benchmarks/bdlru_kernel.py --sweep` on an
-# H100: one warp per 4 x 64 tile was the fastest in both directions and dtypes at (2048, 200, 128). BT is
-# the checkpoint interval, so both directions share it.
+# H100; BT is the checkpoint interval, so both directions share it
 TILES = {torch.float32: (4, (64, 1), (64, 1)), torch.bfloat16: (4, (64, 1), (64, 1))}
 # too few sequences to fill the GPU: narrow channel blocks make more programs (`chunk.py` makes more still)
 TILES_FEW_PROGRAMS = (32, (8, 1), (8, 1))

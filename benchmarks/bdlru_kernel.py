@@ -1,16 +1,18 @@
 """BD-LRU kernels vs the best peer compositions and a copy of the same bytes, on one GPU in one run.
 
-    python benchmarks/bdlru_kernel.py [--sweep] [--skip-peers] [--json benchmarks/out/bdlru_kernel.json]
+    python benchmarks/bdlru_kernel.py [--sweep] [--profile] [--skip-peers] [--json benchmarks/out/bdlru_kernel.json]
 
 Every method computes out = h * silu(z) with gates from (r, i, lam), forward alone (no grad) and forward
 + backward (gradients of x, r, i, z, lam). Peers (STACK.md): torch.compile'd gates + fla's
 fused_recurrent_hgrn, eager gates + fla's chunk_hgrn, compiled gates + accelerated-scan (power-of-two
 padding, fp32 only), and the torch loop of the reference. The floor is a device copy of the bytes the
-op must move: inputs read once, outputs written once.
+op must move: inputs read once, outputs written once. `--profile` splits one bdlru fwd+bwd into its CUDA
+kernels and says how long the host takes to issue a call, to tell launch-bound shapes from slow kernels.
 """
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,13 +21,14 @@ import triton
 from tqdm import tqdm
 
 from kernels import bdlru_reference, chunk_bdlru, fused_recurrent_bdlru
-from kernels.bdlru import fused_recurrent, use_chunk
+from kernels.bdlru import chunk, fused_recurrent, use_chunk
 
 SHAPES = [(2048, 200, 128, "fp32"), (512, 1024, 128, "fp32"), (8, 4096, 128, "fp32"), (2048, 200, 128, "bf16")]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# (BT, BD, num_warps) tried at the large-batch shapes, each direction alone
-SWEEP = [(4, 64, 1), (8, 32, 1), (8, 64, 1), (8, 64, 2), (16, 32, 1), (16, 64, 2), (16, 64, 4), (4, 128, 1),
-         (8, 128, 2), (8, 128, 4), (16, 128, 4), (32, 32, 4)]
+# (BT, BD, num_warps) tried for each launcher, each direction alone
+SWEEP = [(4, 64, 1), (4, 32, 1), (4, 16, 1), (8, 32, 1), (8, 16, 1), (8, 64, 1), (8, 64, 2), (16, 32, 1),
+         (16, 16, 1), (16, 64, 2), (4, 128, 1), (8, 128, 2), (2, 64, 1), (2, 32, 1)]
+CHUNK_ROWS = [32, 64, 128, 256]  # chunk lengths CT tried with each tile of the chunked launcher
 
 
 def bench(fn):
@@ -100,28 +103,55 @@ def copy_ms(nbytes):
     return bench(lambda: dst.copy_(src))
 
 
-def sweep(inputs, do):
-    """Forward and backward launchers alone for each (BT, BD, num_warps): {config: (fwd ms, bwd ms)}."""
+def sweep(inputs, do, chunked):
+    """Forward and backward launchers alone for each config: {config: (fwd ms, bwd ms)}; a config is
+    (BT, BD, num_warps), plus the chunk length CT for the chunked launcher."""
     args = [inputs[k].detach() for k in ("x", "r", "i", "lam", "z")]
     res = {}
     for BT, BD, w in SWEEP:
-        _, ckpt, _ = fused_recurrent.bdlru_fwd(*args, None, True, False, BT, BD, w)
-        fwd = bench(lambda: fused_recurrent.bdlru_fwd(*args, None, False, False, BT, BD, w))
-        bwd = bench(lambda: fused_recurrent.bdlru_bwd(*args, ckpt, do, None, False, BT, BD, w))
-        res[(BT, BD, w)] = (fwd, bwd)
+        for CT in [BT * -(-ct // BT) for ct in CHUNK_ROWS] if chunked else [None]:
+            if chunked:
+                fwd_fn = lambda store: chunk.chunk_bdlru_fwd(*args, None, store, False, BT, (BD, w), CT)  # noqa: E731
+                bwd_fn = lambda ckpt: chunk.chunk_bdlru_bwd(*args, ckpt, do, None, False, BT, (BD, w), CT)  # noqa: E731
+            else:
+                fwd_fn = lambda store: fused_recurrent.bdlru_fwd(*args, None, store, False, BT, BD, w)  # noqa: E731
+                bwd_fn = lambda ckpt: fused_recurrent.bdlru_bwd(*args, ckpt, do, None, False, BT, BD, w)  # noqa: E731
+            _, ckpt, _ = fwd_fn(True)
+            res[(BT, BD, w, CT) if chunked else (BT, BD, w)] = (bench(lambda: fwd_fn(False)), bench(lambda: bwd_fn(ckpt)))
     return res
+
+
+def profile(fn, inputs, do):
+    """CUDA time of each kernel in one fwd+bwd (mean of 10 calls), and host ms to issue one call."""
+    diff = [inputs[k] for k in ("x", "r", "i", "lam", "z")]
+    step = lambda: torch.autograd.grad(fn(**inputs), diff, do)  # noqa: E731
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(10):  # the GPU queue is deep enough that 10 calls never wait on it
+        step()
+    host_ms = (time.perf_counter() - began) * 100
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    kernels = {e.key: e.self_device_time_total / 10e3 for e in prof.key_averages() if e.self_device_time_total > 0}
+    return {"host_ms_per_call": host_ms, "kernels_ms": dict(sorted(kernels.items(), key=lambda kv: -kv[1]))}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, default=Path("benchmarks/out/bdlru_kernel.json"))
     p.add_argument("--sweep", action="store_true", help="also time each (BT, BD, num_warps) of the kernel")
+    p.add_argument("--profile", action="store_true", help="split bdlru fwd+bwd into its CUDA kernels")
     p.add_argument("--skip-peers", action="store_true", help="time only ours and the floor (peers take most time)")
     args = p.parse_args()
     ours = {"fused_recurrent": fused_recurrent_bdlru, "chunk": chunk_bdlru}
     methods = ours if args.skip_peers else ours | peers()
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    rows, sweeps = [], {}
+    rows, sweeps, profiles = [], {}, {}
     for B, T, D, dt in tqdm(SHAPES, desc="shapes", file=sys.stderr):
         dtype, g = DTYPES[dt], torch.Generator(device="cuda").manual_seed(0)
         rand = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype).requires_grad_()  # noqa: E731
@@ -137,16 +167,22 @@ def main():
                 row[name] = None
                 print(f"{name} at {(B, T, D, dt)}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
             torch.cuda.empty_cache()
-        # bdlru's own choice between the two
-        row["bdlru"] = row["chunk" if use_chunk(B, T, D, dtype, n_sm) else "fused_recurrent"]
-        if args.sweep and B * D >= 128 * n_sm:
-            sweeps[f"{B}x{T}x{D}_{dt}"] = {str(c): ms for c, ms in sweep(inputs, do).items()}
+        chunked = use_chunk(B, T, D, dtype, n_sm)  # bdlru's own choice between the two
+        row["bdlru"] = row["chunk" if chunked else "fused_recurrent"]
+        print(f"{B}x{T}x{D}_{dt}: " + ", ".join(f"{k} {v[0]:.3f}/{v[1]:.3f}" for k, v in row.items()
+                                                if isinstance(v, tuple)), flush=True)
+        shape = f"{B}x{T}x{D}_{dt}"
+        if args.sweep:  # printed as it comes: a sweep is the long part of a run
+            res = sweeps[shape] = {str(c): ms for c, ms in sweep(inputs, do, chunked).items()}
+            for j, step in enumerate(("fwd", "bwd")):
+                best = sorted(res.items(), key=lambda kv: kv[1][j])[:4]
+                print(f"sweep {shape} {step}: " + ", ".join(f"{c} {ms[j]:.3f}" for c, ms in best), flush=True)
+        if args.profile:
+            prof = profiles[shape] = profile(chunk_bdlru if chunked else fused_recurrent_bdlru, inputs, do)
+            print(f"profile {shape}: host {prof['host_ms_per_call']:.3f} ms/call; " + ", ".join(
+                f"{k[:40]} {ms:.3f}" for k, ms in list(prof["kernels_ms"].items())[:8]), flush=True)
         rows.append(row)
 
-    for shape, res in sweeps.items():
-        for j, step in enumerate(("fwd", "bwd")):
-            best = sorted(res.items(), key=lambda kv: kv[1][j])[:4]
-            print(f"sweep {shape} {step}: " + ", ".join(f"{c} {ms[j]:.3f}" for c, ms in best))
     peer_names = [k for k in methods if k not in (*ours, "torch_loop")]
     print(f"\n{torch.cuda.get_device_name()}  (fwd / fwd+bwd, ms, median; best peer taken per column)")
     print(f"{'B,T,D dtype':22} {'floor':>13} {'bdlru':>13} {'best peer':>13} {'vs floor':>11} {'vs peer':>11}")
@@ -161,7 +197,8 @@ def main():
             v = row[k]
             print(f"    {k:30} " + (f"{v[0]:8.3f} / {v[1]:8.3f}" if v else "n/a"))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows, "sweep": sweeps}, indent=1))
+    args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows, "sweep": sweeps,
+                                     "profile": profiles}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,21 @@
 """Table 1 on our own path: RecBLR and its baselines trained and ranked alike on prepared Amazon data.
 
     PYTHONPATH=. python benchmarks/peers.py data/beauty/prepared data/sports/prepared --out benchmarks/out/peers
+    # three seeds each, and the paper's recipe instead of the TrainConfig defaults:
+    ... --seeds 42,43,44 --regime prefix --batch-size 2048 --label-smoothing 0
 
-Each (dataset, model) pair trains in its own process, all at once on the one GPU: these models are too small
-to fill it alone. At --deadline seconds the unfinished runs are stopped and the best checkpoint each has
-written so far (fit's model.pt) is evaluated instead, marked truncated. Needs torch only (no MLflow), so it
-runs on the GPU machine; writes <out>/results.json and <out>/results.md (the table beside the paper's).
+Each (dataset, model, seed) trains in its own process, all at once on the one GPU: these models are too small
+to fill it alone. With several seeds the table gives each metric's mean and standard deviation. At
+--deadline seconds the unfinished runs are stopped and the best checkpoint each has written so far (fit's
+model.pt) is evaluated instead, marked cut. Needs torch only (no MLflow), so it runs on the GPU machine;
+writes <out>/results.json and <out>/results.md (the table beside the paper's).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -31,12 +35,18 @@ def worker(prepared: Path, model: str, out: Path, args) -> None:
     from pipeline.compare import train_one
     from recblr.train import TrainConfig
 
-    train = TrainConfig(epochs=args.epochs, max_len=args.max_len)
+    train = TrainConfig(epochs=args.epochs, max_len=args.max_len, seed=args.seed, **recipe(args))
     result = train_one(prepared, out, model, train=train, dropout=args.dropout)
     (out / f"{model}.json").write_text(json.dumps(result, default=str))
 
 
-def salvage(prepared: Path, model: str, out: Path, max_len: int) -> dict | None:
+def recipe(args) -> dict:
+    """The TrainConfig fields given on the command line; the others keep TrainConfig's defaults."""
+    given = {"regime": args.regime, "batch_size": args.batch_size, "label_smoothing": args.label_smoothing}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def salvage(prepared: Path, model: str, seed: int, out: Path, max_len: int) -> dict | None:
     """A run stopped at the deadline: score the best checkpoint it saved, if any."""
     import torch
 
@@ -50,7 +60,8 @@ def salvage(prepared: Path, model: str, out: Path, max_len: int) -> dict | None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net, data = load(path, map_location=device), load_prepared(prepared)
     progress = torch.load(out / model / "checkpoint.pt", map_location="cpu", weights_only=True)["progress"]
-    return {"model": model, "truncated": True, "best_epoch": load_blob(path)["epoch"], "epochs": progress["epoch"],
+    return {"model": model, "seed": seed, "truncated": True, "best_epoch": load_blob(path)["epoch"],
+            "epochs": progress["epoch"],
             "valid": evaluate(net, data, "valid", max_len=max_len, progress=False),
             "test": evaluate(net, data, "test", max_len=max_len, progress=False),
             "parameters": sum(p.numel() for p in net.parameters() if p.requires_grad), "seconds": None}
@@ -58,15 +69,28 @@ def salvage(prepared: Path, model: str, out: Path, max_len: int) -> dict | None:
 
 def table(dataset: str, results: list[dict]) -> str:
     paper = PAPER.get(dataset, {})
-    lines = [f"| model | HR@10 | NDCG@10 | MRR@10 | HR@20 | NDCG@20 | MRR@20 | paper HR@10 | paper NDCG@10 "
-             f"| epochs (best) | seconds | params |", "|" + " --- |" * 12]
-    for r in sorted(results, key=lambda r: -r["test"]["ndcg_at_10"]):
-        ours = " | ".join(f"{r['test'][k]:.4f}" for k in METRICS)
-        ref = " | ".join(f"{v:.4f}" for v in paper[r["model"]]) if r["model"] in paper else "- | -"
-        epochs = f"{r['epochs']} ({r['best_epoch']}){' truncated' if r.get('truncated') else ''}"
-        seconds = "-" if r["seconds"] is None else f"{float(r['seconds']):.0f}"
-        lines.append(f"| {r['model']} | {ours} | {ref} | {epochs} | {seconds} | {r['parameters']} |")
+    """One row per model; with several seeds each metric is mean ± standard deviation, the rest per seed."""
+    lines = [f"| model | seeds | HR@10 | NDCG@10 | MRR@10 | HR@20 | NDCG@20 | MRR@20 | paper HR@10 | paper NDCG@10 "
+             f"| epochs (best) | seconds | params |", "|" + " --- |" * 13]
+    by_model: dict[str, list[dict]] = {}
+    for r in results:
+        by_model.setdefault(r["model"], []).append(r)
+    mean_ndcg = lambda runs: statistics.mean(r["test"]["ndcg_at_10"] for r in runs)  # noqa: E731
+    for model, runs in sorted(by_model.items(), key=lambda kv: -mean_ndcg(kv[1])):
+        runs.sort(key=lambda r: r.get("seed", 0))
+        values = [[r["test"][k] for r in runs] for k in METRICS]
+        ours = " | ".join(f"{statistics.mean(v):.4f}" + (f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else "")
+                          for v in values)
+        ref = " | ".join(f"{v:.4f}" for v in paper[model]) if model in paper else "- | -"
+        epochs = ", ".join(f"{r['epochs']} ({r['best_epoch']}){' cut' if r.get('truncated') else ''}" for r in runs)
+        seconds = ", ".join("-" if r["seconds"] is None else f"{float(r['seconds']):.0f}" for r in runs)
+        seeds = ", ".join(str(r.get("seed", "-")) for r in runs)
+        lines.append(f"| {model} | {seeds} | {ours} | {ref} | {epochs} | {seconds} | {runs[0]['parameters']} |")
     return "\n".join(lines) + "\n"
+
+
+def run_dir(out: Path, prepared: Path, seed: int) -> Path:
+    return out / prepared.resolve().parent.name / f"seed{seed}"
 
 
 def main() -> None:
@@ -77,26 +101,33 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.5, help="the paper's value for Beauty and Sports")
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--max-len", type=int, default=50)
+    parser.add_argument("--seeds", default="42", help="comma-separated; each seed is its own run")
+    parser.add_argument("--regime", choices=("all", "prefix"), help="default: TrainConfig's")
+    parser.add_argument("--batch-size", type=int, help="default: TrainConfig's")
+    parser.add_argument("--label-smoothing", type=float, help="default: TrainConfig's")
     parser.add_argument("--deadline", type=float, default=480.0, help="seconds before unfinished runs are cut")
     parser.add_argument("--worker", nargs=2, metavar=("PREPARED", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # a worker's one seed
     args = parser.parse_args()
     if args.worker:
         prepared, model = Path(args.worker[0]), args.worker[1]
-        worker(prepared, model, args.out / prepared.resolve().parent.name, args)
+        worker(prepared, model, run_dir(args.out, prepared, args.seed), args)
         return
+    passed = [f"--{k.replace('_', '-')}={v}" for k, v in recipe(args).items()]
 
     began, procs = time.time(), {}
     for prepared in args.prepared:
-        out = args.out / prepared.resolve().parent.name
-        out.mkdir(parents=True, exist_ok=True)
-        for model in args.models.split(","):
-            cmd = [sys.executable, __file__, *map(str, args.prepared), "--worker", str(prepared), model,
-                   "--out", str(args.out), "--dropout", str(args.dropout), "--epochs", str(args.epochs),
-                   "--max-len", str(args.max_len)]
-            log = open(out / f"{model}.log", "w")
-            # one CPU thread each: ten runs' default thread pools would fight over the cores
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            procs[(prepared, model)] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        for seed in map(int, args.seeds.split(",")):
+            out = run_dir(args.out, prepared, seed)
+            out.mkdir(parents=True, exist_ok=True)
+            for model in args.models.split(","):
+                cmd = [sys.executable, __file__, *map(str, args.prepared), "--worker", str(prepared), model,
+                       "--out", str(args.out), "--dropout", str(args.dropout), "--epochs", str(args.epochs),
+                       "--max-len", str(args.max_len), "--seed", str(seed), *passed]
+                log = open(out / f"{model}.log", "w")
+                # one CPU thread each: ten runs' default thread pools would fight over the cores
+                env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                procs[(prepared, model, seed)] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     while any(p.poll() is None for p in procs.values()) and time.time() - began < args.deadline:
         time.sleep(5)
     for proc in procs.values():  # all of them first: a salvage must not share the GPU with live runs
@@ -104,12 +135,12 @@ def main() -> None:
             proc.kill()
             proc.wait()
     report, markdown = {}, []
-    for prepared, model in procs:
-        dataset, out = prepared.resolve().parent.name, args.out / prepared.resolve().parent.name
+    for prepared, model, seed in procs:
+        dataset, out = prepared.resolve().parent.name, run_dir(args.out, prepared, seed)
         if (out / f"{model}.json").is_file():  # it finished, perhaps while exiting at the deadline
-            result = json.loads((out / f"{model}.json").read_text())
+            result = {**json.loads((out / f"{model}.json").read_text()), "seed": seed}
         else:
-            result = salvage(prepared, model, out, args.max_len)
+            result = salvage(prepared, model, seed, out, args.max_len)
         if result is None:
             print(f"{dataset}/{model}: failed, see {out / f'{model}.log'}", file=sys.stderr)
             continue

@@ -145,7 +145,7 @@ def train(
     """Train a model on DATA_DIR/prepared with early stopping; print the best model's test metrics.
 
     Multi-GPU: `torchrun --nproc-per-node N -m pipeline.cli train ...` (DDP, same global --batch-size); only
-    rank 0 prints.
+    rank 0 prints. `recblr run --nproc-per-node N` launches it that way.
     """
     from pipeline.errors import PipelineError
     from recblr.train import TrainConfig, fit
@@ -234,6 +234,7 @@ def run_all(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epoch cap (default 300 on a GPU, 4 on a CPU)."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Most recent items a model reads."),
     set_: list[str] = typer.Option([], "--set", help="Model config override FIELD=VALUE, repeatable."),
+    nproc_per_node: str = typer.Option("1", "--nproc-per-node", help="Training processes (DDP under torchrun), one per GPU; auto: every visible GPU."),
     min_count: int = typer.Option(5, "--min-count", help="k of the k-core filter."),
     max_quarantined: float = typer.Option(0.05, "--max-quarantined", help="Largest share of rejected rows."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
@@ -247,6 +248,7 @@ def run_all(
     out = run_pipeline(data_dir, run_key=run_key, source=str(source) if source else None, fmt=fmt, model=model,
                        epochs=epochs, max_len=max_len, overrides=_parse_sets(set_), min_count=min_count,
                        max_quarantined=max_quarantined, tracking_uri=tracking_uri, model_name=model_name,
+                       nproc_per_node=nproc_per_node,
                        synthetic={k: v for k, v in {"n_users": users, "mean_events": events_per_user}.items() if v})
     gate = out["register"]
     emit({"run_key": out["run_key"], "tracking_uri": out["tracking_uri"], "rows_kept": out["ingest"]["rows_kept"],

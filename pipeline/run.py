@@ -113,14 +113,19 @@ def prepare_step(data_dir: Path, run_key: str, min_count: int = 5) -> dict:
 
 
 def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "recblr", epochs: int | None = None,
-               max_len: int | None = None, overrides: dict | None = None) -> dict:
-    """Train on the run's prepared data, logging to a fresh MLflow run; the weights land in <partition>/model."""
+               max_len: int | None = None, overrides: dict | None = None, nproc_per_node: int | str = 1) -> dict:
+    """Train on the run's prepared data, logging to a fresh MLflow run; the weights land in <partition>/model.
+
+    nproc_per_node: DDP ranks, one per GPU ("auto": every visible GPU); 1 trains in this process.
+    """
     import mlflow
 
     from pipeline import tracking
-    from recblr.train import TrainConfig, fit
+    from pipeline.launch import fit_on_processes, resolve_nproc
+    from recblr.train import TrainConfig
 
     part = partition(data_dir, run_key)
+    nproc = resolve_nproc(nproc_per_node)
     try:
         train = TrainConfig(**{k: v for k, v in {"epochs": epochs, "max_len": max_len}.items() if v is not None})
     except ValueError as err:
@@ -128,8 +133,8 @@ def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "re
     work = _fresh(part / ".model.tmp")
     run_id = tracking.start_training_run(tracking_uri, Path(data_dir).name, run_key, part / "prepared")
     try:
-        result = fit(part / "prepared", work, model, overrides=overrides or None, train=train,
-                     on_epoch=tracking.log_epoch)
+        result = fit_on_processes(nproc, part, work, model, overrides=overrides or None, train=train,
+                                  on_epoch=tracking.log_epoch)
         tracking.log_training(result, part / "prepared")
     except (ValueError, FileNotFoundError) as err:  # unknown model or config field, unusable data
         mlflow.end_run("FAILED")
@@ -179,17 +184,20 @@ def run_pipeline(data_dir: Path, *, run_key: str | None = None, source: str | No
                  model: str = "recblr", epochs: int | None = None, max_len: int | None = None,
                  overrides: dict | None = None, min_count: int = 5, max_quarantined: float = 0.05,
                  tracking_uri: str | None = None, model_name: str = "recblr", synthetic: dict | None = None,
-                 format_options: dict | None = None) -> dict:
-    """All steps in order, in this process: what the DAG does, without Airflow."""
+                 format_options: dict | None = None, nproc_per_node: int | str = 1) -> dict:
+    """All steps in order, training on nproc_per_node DDP ranks: what the DAG does, without Airflow."""
+    from pipeline.launch import resolve_nproc
     from pipeline.tracking import resolve_tracking_uri
 
+    resolve_nproc(nproc_per_node)  # a bad value fails now, not after ingest and prepare
     run_key = run_key or date.today().isoformat()
     tracking_uri = resolve_tracking_uri(data_dir, tracking_uri)
     out = {"run_key": run_key, "tracking_uri": tracking_uri}
     out["ingest"] = ingest_step(data_dir, run_key, source, fmt, synthetic, **(format_options or {}))
     out["validate"] = validate_step(data_dir, run_key, max_quarantined)
     out["prepare"] = prepare_step(data_dir, run_key, min_count)
-    out["train"] = trained = train_step(data_dir, run_key, tracking_uri, model, epochs, max_len, overrides)
+    out["train"] = trained = train_step(data_dir, run_key, tracking_uri, model, epochs, max_len, overrides,
+                                        nproc_per_node)
     out["evaluate"] = evaluate_step(data_dir, run_key, tracking_uri, trained["run_id"], trained["model_path"])
     out["register"] = register_step(data_dir, run_key, tracking_uri, trained["run_id"], trained["model_path"],
                                     model_name)

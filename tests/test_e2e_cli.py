@@ -45,3 +45,9 @@ def test_bad_source_exits_2_naming_the_file(tmp_path):
     missing = tmp_path / "missing.csv"
     result = recblr("run", "--data-dir", str(tmp_path / "d"), "--source", str(missing))
     assert result.returncode == 2 and str(missing) in result.stderr.replace("\n", "")
+
+
+def test_a_bad_nproc_per_node_exits_2_before_ingest(tmp_path):
+    result = recblr("run", "--data-dir", str(tmp_path / "d"), "--nproc-per-node", "0")
+    assert result.returncode == 2 and "nproc_per_node" in result.stderr
+    assert not (tmp_path / "d" / "runs").exists()

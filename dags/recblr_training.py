@@ -5,7 +5,8 @@ Nightly RecBLR training: **ingest -> validate -> prepare -> train -> evaluate ->
 Each task is one call into `pipeline.run`; `recblr run` runs the same functions without Airflow. Outputs
 live under `DATA_DIR/runs/<logical date>/`, swapped in atomically, so clearing or rerunning a date
 replaces them. The prepared Parquet is published as the `recblr_prepared` asset. The train task goes to the
-`gpu` queue (a Celery or Kubernetes worker with a GPU takes it; without a GPU it trains on the CPU).
+`gpu` queue (a Celery or Kubernetes worker with a GPU takes it; without a GPU it trains on the CPU) and
+runs DDP on `nproc_per_node` processes, one per GPU of that worker (1: in the task's own process).
 The registered model gets alias `challenger`, and `champion` only if its test NDCG@10 beats the
 champion's on the same prepared data.
 
@@ -78,6 +79,10 @@ def _run():
         "epochs": Param(None, type=["null", "integer"], minimum=1, description="null = TrainConfig default."),
         "max_len": Param(None, type=["null", "integer"], minimum=2, description="null = TrainConfig default."),
         "overrides": Param({}, type="object", description="Model config fields, e.g. {\"d_model\": 16}."),
+        # minimum binds integers and pattern strings: a count from 1, or "auto"
+        "nproc_per_node": Param(1, type=["integer", "string"], minimum=1, pattern="^auto$",
+                                description="Training processes (DDP), one per GPU of the gpu worker; "
+                                            "\"auto\" = all of its GPUs."),
         "tracking_uri": Param(None, type=["null", "string"],
                               description="null = $MLFLOW_TRACKING_URI, else SQLite under the data root."),
         "model_name": Param("recblr", type="string", description="Registered model name."),
@@ -109,7 +114,8 @@ def recblr_training():
     @_fail_fast
     def train(prepared: dict) -> dict:
         data_dir, key, p, uri = _run()
-        return run.train_step(data_dir, key, uri, p["model"], p["epochs"], p["max_len"], p["overrides"])
+        return run.train_step(data_dir, key, uri, p["model"], p["epochs"], p["max_len"], p["overrides"],
+                              p["nproc_per_node"])
 
     @task(**IO_RETRIES)
     @_fail_fast

@@ -39,9 +39,10 @@ def workdir(tmp_path_factory):
 def test_schedule_params_and_task_order(dag):
     assert dag.timetable.expression == "0 3 * * *" and dag.catchup is False
     params = dag.params.dump()
-    for name in ("source", "format", "model", "epochs", "max_len", "tracking_uri"):
+    for name in ("source", "format", "model", "epochs", "max_len", "nproc_per_node", "tracking_uri"):
         assert name in params
     assert params["model"] == "recblr" and params["source"] is None and params["format"] == "csv"
+    assert params["nproc_per_node"] == 1  # one process: the task trains in its own process
     tasks = {t.task_id: t for t in dag.tasks}
     assert sorted(tasks) == sorted(ORDER)
     for before, after in zip(ORDER, ORDER[1:]):
@@ -60,23 +61,39 @@ def test_params_reject_a_wrong_type(dag):
     assert params["epochs"] == 3
     with pytest.raises(ParamValidationError, match="many"):
         params["epochs"] = "many"
+    params["nproc_per_node"] = "auto"
+    for wrong in (0, "all", "2"):
+        with pytest.raises(ParamValidationError):
+            params["nproc_per_node"] = wrong
 
 
 def run(dag, workdir, day: int, **conf):
     # dag.test() in one process keeps the last run's params: spell out every param a test changes
-    conf = {**TINY, "source": None, "model": "recblr", "overrides": {}, "data_dir": str(workdir / "data" / "toy"),
+    conf = {**TINY, "source": None, "model": "recblr", "overrides": {}, "nproc_per_node": 1,
+            "data_dir": str(workdir / "data" / "toy"),
             "tracking_uri": f"sqlite:///{workdir / 'data' / 'mlflow' / 'mlflow.db'}", **conf}
     return dag.test(logical_date=datetime(2026, 1, day, 3, tzinfo=timezone.utc), run_conf=conf)
 
 
-def test_dag_runs_end_to_end_and_gate_keeps_a_worse_candidate(dag, workdir):
+def test_dag_runs_end_to_end_and_gate_keeps_a_worse_candidate(dag, workdir, monkeypatch):
     from mlflow import MlflowClient
 
+    from pipeline import launch
+
+    real_fit_on_processes, launched = launch.fit_on_processes, []
+
+    def fit_on_processes(nproc, *args, **kwargs):
+        launched.append(nproc)
+        return real_fit_on_processes(nproc, *args, **kwargs)
+
+    monkeypatch.setattr(launch, "fit_on_processes", fit_on_processes)
     # the popularity model is a strong baseline on this data, one epoch of a tiny RecBLR is not
     first = run(dag, workdir, 1, model="pop")
     assert first.state == "success", {ti.task_id: ti.state for ti in first.get_task_instances()}
-    second = run(dag, workdir, 2, overrides={"d_model": 16, "n_layers": 1})
-    assert second.state == "success"
+    # the second night trains as on a 2-GPU worker: two gloo ranks under torchrun
+    second = run(dag, workdir, 2, overrides={"d_model": 16, "n_layers": 1}, nproc_per_node=2)
+    assert second.state == "success", {ti.task_id: ti.state for ti in second.get_task_instances()}
+    assert launched == [1, 2]
     client = MlflowClient(f"sqlite:///{workdir / 'data' / 'mlflow' / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("recblr", "champion")
     challenger = client.get_model_version_by_alias("recblr", "challenger")

@@ -31,7 +31,11 @@ SWEEP = [(4, 64, 1), (4, 32, 1), (4, 16, 1), (8, 32, 1), (8, 16, 1), (8, 64, 1),
 CHUNK_ROWS = [32, 64, 128, 256]  # chunk lengths CT tried with each tile of the chunked launcher
 
 
-def bench(fn):
+def bench(fn, graph=False):
+    """Median ms per call. graph=True replays the calls from a CUDA graph: the GPU's time alone, without
+    the host's (Python, autograd and launch overhead, which bounds small shapes in eager mode)."""
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
@@ -89,18 +93,19 @@ def peers():
     }
 
 
-def time_method(fn, inputs, do):
-    with torch.no_grad():
-        fwd = bench(lambda: fn(**inputs))
+def time_method(fn, inputs, do, graph=False):
+    def forward():
+        with torch.no_grad():
+            fn(**inputs)
+
     diff = [inputs[k] for k in ("x", "r", "i", "lam", "z")]
-    fwd_bwd = bench(lambda: torch.autograd.grad(fn(**inputs), diff, do))
-    return fwd, fwd_bwd
+    return bench(forward, graph), bench(lambda: torch.autograd.grad(fn(**inputs), diff, do), graph)
 
 
-def copy_ms(nbytes):
+def copy_ms(nbytes, graph=False):
     src = torch.randn(nbytes // 8, device="cuda")  # float32: the copy reads and writes nbytes / 2 each
     dst = torch.empty_like(src)
-    return bench(lambda: dst.copy_(src))
+    return bench(lambda: dst.copy_(src), graph)
 
 
 def sweep(inputs, do, chunked):
@@ -146,6 +151,7 @@ def main():
     p.add_argument("--json", type=Path, default=Path("benchmarks/out/bdlru_kernel.json"))
     p.add_argument("--sweep", action="store_true", help="also time each (BT, BD, num_warps) of the kernel")
     p.add_argument("--profile", action="store_true", help="split bdlru fwd+bwd into its CUDA kernels")
+    p.add_argument("--graph", action="store_true", help="also time every method replayed from a CUDA graph")
     p.add_argument("--skip-peers", action="store_true", help="time only ours and the floor (peers take most time)")
     args = p.parse_args()
     ours = {"fused_recurrent": fused_recurrent_bdlru, "chunk": chunk_bdlru}
@@ -160,15 +166,21 @@ def main():
         n = B * T * D * inputs["x"].element_size()
         row = {"B": B, "T": T, "D": D, "dtype": dt,
                "floor": (copy_ms(5 * n), copy_ms(14 * n))}  # fwd: x r i z -> out; bwd: + do -> dx dr di dz
-        for name, fn in methods.items():
-            try:
-                row[name] = time_method(fn, inputs, do)
-            except Exception as e:  # a peer that cannot run this shape is reported, not fatal
-                row[name] = None
-                print(f"{name} at {(B, T, D, dt)}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
-            torch.cuda.empty_cache()
+        for graph in (False, True) if args.graph else (False,):
+            timed = row["graph"] = {"floor": (copy_ms(5 * n, True), copy_ms(14 * n, True))} if graph else row
+            for name, fn in methods.items():
+                if graph and name == "torch_loop":  # thousands of tiny launches: the eager time says enough
+                    continue
+                try:
+                    timed[name] = time_method(fn, inputs, do, graph)
+                except Exception as e:  # a peer that cannot run this shape (or be captured) is reported
+                    timed[name] = None
+                    print(f"{name} at {(B, T, D, dt)}{' graph' if graph else ''}: {type(e).__name__}: "
+                          f"{str(e)[:200]}", file=sys.stderr)
+                torch.cuda.empty_cache()
         chunked = use_chunk(B, T, D, dtype, n_sm)  # bdlru's own choice between the two
-        row["bdlru"] = row["chunk" if chunked else "fused_recurrent"]
+        for timed in (row, row.get("graph", {})):
+            timed["bdlru"] = timed.get("chunk" if chunked else "fused_recurrent")
         print(f"{B}x{T}x{D}_{dt}: " + ", ".join(f"{k} {v[0]:.3f}/{v[1]:.3f}" for k, v in row.items()
                                                 if isinstance(v, tuple)), flush=True)
         shape = f"{B}x{T}x{D}_{dt}"
@@ -184,18 +196,20 @@ def main():
         rows.append(row)
 
     peer_names = [k for k in methods if k not in (*ours, "torch_loop")]
-    print(f"\n{torch.cuda.get_device_name()}  (fwd / fwd+bwd, ms, median; best peer taken per column)")
-    print(f"{'B,T,D dtype':22} {'floor':>13} {'bdlru':>13} {'best peer':>13} {'vs floor':>11} {'vs peer':>11}")
-    for row in rows:
-        best = [min((row[k][j] for k in peer_names if row[k]), default=float("nan")) for j in range(2)]
-        f, fl = row["bdlru"], row["floor"]
-        row["best_peer"] = best
-        print(f"{row['B']},{row['T']},{row['D']} {row['dtype']:10} {fl[0]:6.3f}/{fl[1]:6.3f} {f[0]:6.3f}/{f[1]:6.3f} "
-              f"{best[0]:6.3f}/{best[1]:6.3f} {f[0] / fl[0]:4.2f}/{f[1] / fl[1]:4.2f}x "
-              f"{best[0] / f[0]:4.2f}/{best[1] / f[1]:4.2f}x")
-        for k in methods:
-            v = row[k]
-            print(f"    {k:30} " + (f"{v[0]:8.3f} / {v[1]:8.3f}" if v else "n/a"))
+    for mode in ("eager", "graph") if args.graph else ("eager",):
+        print(f"\n{torch.cuda.get_device_name()}, {mode} (fwd / fwd+bwd, ms, median; best peer taken per column)")
+        print(f"{'B,T,D dtype':22} {'floor':>13} {'bdlru':>13} {'best peer':>13} {'vs floor':>11} {'vs peer':>11}")
+        for row in rows:
+            timed = row if mode == "eager" else row["graph"]
+            best = [min((timed[k][j] for k in peer_names if timed.get(k)), default=float("nan")) for j in range(2)]
+            timed["best_peer"] = best
+            f, fl = timed["bdlru"] or (float("nan"),) * 2, timed["floor"]
+            print(f"{row['B']},{row['T']},{row['D']} {row['dtype']:10} {fl[0]:6.3f}/{fl[1]:6.3f} "
+                  f"{f[0]:6.3f}/{f[1]:6.3f} {best[0]:6.3f}/{best[1]:6.3f} {f[0] / fl[0]:4.2f}/{f[1] / fl[1]:4.2f}x "
+                  f"{best[0] / f[0]:4.2f}/{best[1] / f[1]:4.2f}x")
+            for k in methods:
+                v = timed.get(k)
+                print(f"    {k:30} " + (f"{v[0]:8.3f} / {v[1]:8.3f}" if v else "n/a"))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows, "sweep": sweeps,
                                      "profile": profiles}, indent=1))

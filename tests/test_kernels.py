@@ -79,7 +79,7 @@ def test_fused_recurrent_many_tiles_and_channel_blocks(variant, monkeypatch):
 def test_chunk_matches_reference_fp32(variant, monkeypatch):
     # 4-row tiles, 12-row chunks: T=37 makes 4 chunks, the last one a single ragged tile; D=20 two
     # channel blocks forward, three backward
-    monkeypatch.setattr(chunk, "_chunk_config", lambda B, T, D, dtype, n_sm: (4, (16, 1), (8, 1), 12))
+    monkeypatch.setattr(chunk, "_chunk_config", lambda B, T, D, n_sm: (4, (16, 1), (8, 1), 12))
     inputs, upstream, state = make_inputs(2, 37, 20, torch.float32, "cpu", **VARIANTS[variant], seed=3)
     assert_close(chunk_bdlru, inputs, upstream, state, TOL[torch.float32])
 

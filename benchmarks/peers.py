@@ -5,10 +5,10 @@
     ... --seeds 42,43,44 --regime prefix --batch-size 2048 --label-smoothing 0
 
 Each (dataset, model, seed) trains in its own process, all at once on the one GPU: these models are too small
-to fill it alone. With several seeds the table gives each metric's mean and standard deviation. At
---deadline seconds the unfinished runs are stopped and the best checkpoint each has written so far (fit's
-model.pt) is evaluated instead, marked cut. Needs torch only (no MLflow), so it runs on the GPU machine;
-writes <out>/results.json and <out>/results.md (the table beside the paper's).
+to fill it alone. With several seeds the table gives each metric's mean and standard deviation. Each run
+gets --deadline seconds as its time budget (TrainConfig.time_budget_s): a run that would pass it stops at
+the end of an epoch and is scored at its best epoch so far, marked cut. Needs torch only (no MLflow), so it
+runs on the GPU machine; writes <out>/results.json and <out>/results.md (the table beside the paper's).
 """
 from __future__ import annotations
 
@@ -35,36 +35,17 @@ def worker(prepared: Path, model: str, out: Path, args) -> None:
     from pipeline.compare import train_one
     from recblr.train import TrainConfig
 
-    train = TrainConfig(epochs=args.epochs, max_len=args.max_len, seed=args.seed, **recipe(args))
+    train = TrainConfig(epochs=args.epochs, max_len=args.max_len, seed=args.seed, time_budget_s=args.deadline,
+                        **recipe(args))
     result = train_one(prepared, out, model, train=train, dropout=args.dropout)
     (out / f"{model}.json").write_text(json.dumps(result, default=str))
 
 
 def recipe(args) -> dict:
     """The TrainConfig fields given on the command line; the others keep TrainConfig's defaults."""
-    given = {"regime": args.regime, "batch_size": args.batch_size, "label_smoothing": args.label_smoothing}
+    given = {"regime": args.regime, "batch_size": args.batch_size, "label_smoothing": args.label_smoothing,
+             "lr": args.lr, "patience": args.patience}
     return {k: v for k, v in given.items() if v is not None}
-
-
-def salvage(prepared: Path, model: str, seed: int, out: Path, max_len: int) -> dict | None:
-    """A run stopped at the deadline: score the best checkpoint it saved, if any."""
-    import torch
-
-    from recblr.data import load_prepared
-    from recblr.evaluate import evaluate
-    from recblr.models import load, load_blob
-
-    path = out / model / "model.pt"
-    if not path.is_file():
-        return None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    net, data = load(path, map_location=device), load_prepared(prepared)
-    progress = torch.load(out / model / "checkpoint.pt", map_location="cpu", weights_only=True)["progress"]
-    return {"model": model, "seed": seed, "truncated": True, "best_epoch": load_blob(path)["epoch"],
-            "epochs": progress["epoch"],
-            "valid": evaluate(net, data, "valid", max_len=max_len, progress=False),
-            "test": evaluate(net, data, "test", max_len=max_len, progress=False),
-            "parameters": sum(p.numel() for p in net.parameters() if p.requires_grad), "seconds": None}
 
 
 def table(dataset: str, results: list[dict]) -> str:
@@ -82,8 +63,9 @@ def table(dataset: str, results: list[dict]) -> str:
         ours = " | ".join(f"{statistics.mean(v):.4f}" + (f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else "")
                           for v in values)
         ref = " | ".join(f"{v:.4f}" for v in paper[model]) if model in paper else "- | -"
-        epochs = ", ".join(f"{r['epochs']} ({r['best_epoch']}){' cut' if r.get('truncated') else ''}" for r in runs)
-        seconds = ", ".join("-" if r["seconds"] is None else f"{float(r['seconds']):.0f}" for r in runs)
+        epochs = ", ".join(f"{r['epochs']} ({r['best_epoch']}){' cut' if r['stopped'] == 'time budget' else ''}"
+                           for r in runs)
+        seconds = ", ".join(f"{float(r['seconds']):.0f}" for r in runs)
         seeds = ", ".join(str(r.get("seed", "-")) for r in runs)
         lines.append(f"| {model} | {seeds} | {ours} | {ref} | {epochs} | {seconds} | {runs[0]['parameters']} |")
     return "\n".join(lines) + "\n"
@@ -105,7 +87,9 @@ def main() -> None:
     parser.add_argument("--regime", choices=("all", "prefix"), help="default: TrainConfig's")
     parser.add_argument("--batch-size", type=int, help="default: TrainConfig's")
     parser.add_argument("--label-smoothing", type=float, help="default: TrainConfig's")
-    parser.add_argument("--deadline", type=float, default=480.0, help="seconds before unfinished runs are cut")
+    parser.add_argument("--lr", type=float, help="default: TrainConfig's")
+    parser.add_argument("--patience", type=int, help="default: TrainConfig's")
+    parser.add_argument("--deadline", type=float, default=480.0, help="each run's time budget, seconds")
     parser.add_argument("--worker", nargs=2, metavar=("PREPARED", "MODEL"), help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # a worker's one seed
     args = parser.parse_args()
@@ -123,32 +107,24 @@ def main() -> None:
             for model in args.models.split(","):
                 cmd = [sys.executable, __file__, *map(str, args.prepared), "--worker", str(prepared), model,
                        "--out", str(args.out), "--dropout", str(args.dropout), "--epochs", str(args.epochs),
-                       "--max-len", str(args.max_len), "--seed", str(seed), *passed]
+                       "--max-len", str(args.max_len), "--seed", str(seed), "--deadline", str(args.deadline),
+                       *passed]
                 log = open(out / f"{model}.log", "w")
                 # one CPU thread each: ten runs' default thread pools would fight over the cores
                 env = {**os.environ, "OMP_NUM_THREADS": "1"}
                 procs[(prepared, model, seed)] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    while any(p.poll() is None for p in procs.values()) and time.time() - began < args.deadline:
-        time.sleep(5)
-    for proc in procs.values():  # all of them first: a salvage must not share the GPU with live runs
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    for proc in procs.values():  # each stops itself within its budget, then scores its best epoch
+        proc.wait()
     report, markdown = {}, []
     for prepared, model, seed in procs:
         dataset, out = prepared.resolve().parent.name, run_dir(args.out, prepared, seed)
-        if (out / f"{model}.json").is_file():  # it finished, perhaps while exiting at the deadline
-            result = {**json.loads((out / f"{model}.json").read_text()), "seed": seed}
-        else:
-            result = salvage(prepared, model, seed, out, args.max_len)
-        if result is None:
-            print(f"{dataset}/{model}: failed, see {out / f'{model}.log'}", file=sys.stderr)
+        if not (out / f"{model}.json").is_file():
+            print(f"{dataset}/{model}/seed{seed}: failed, see {out / f'{model}.log'}", file=sys.stderr)
             continue
-        report.setdefault(dataset, []).append(result)
-        # rewritten after each run: salvages are slow, and a command cut short still leaves what it had
-        markdown = [f"### {name}\n\n{table(name, results)}" for name, results in report.items()]
-        (args.out / "results.json").write_text(json.dumps(report, indent=1, default=str))
-        (args.out / "results.md").write_text("\n".join(markdown))
+        report.setdefault(dataset, []).append({**json.loads((out / f"{model}.json").read_text()), "seed": seed})
+    markdown = [f"### {name}\n\n{table(name, results)}" for name, results in report.items()]
+    (args.out / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    (args.out / "results.md").write_text("\n".join(markdown))
     print("\n".join(markdown))
     print(f"{time.time() - began:.0f} s in all", file=sys.stderr)
 

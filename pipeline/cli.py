@@ -138,6 +138,7 @@ def train(
     device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:1..."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 (default) or bf16 (autocast, training and evaluation)."),
     eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="Users per scoring chunk in evaluation (default 4096)."),
+    time_budget_s: Optional[float] = typer.Option(None, "--time-budget-s", help="Start no epoch that would end past this many seconds; the best epoch so far is the result."),
     set_: list[str] = typer.Option([], "--set", help="Model config override FIELD=VALUE, repeatable (e.g. dropout=0.5)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.pt."),
     as_json: bool = AsJson,
@@ -152,7 +153,8 @@ def train(
 
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
              "label_smoothing": label_smoothing, "max_len": max_len, "regime": regime, "patience": patience,
-             "seed": seed, "device": device, "precision": precision, "eval_batch_size": eval_batch_size}
+             "seed": seed, "device": device, "precision": precision, "eval_batch_size": eval_batch_size,
+             "time_budget_s": time_budget_s}
     try:
         cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})  # TrainConfig owns the defaults
         result = fit(data_dir / "prepared", run_dir or data_dir / "runs" / model, model,
@@ -162,8 +164,8 @@ def train(
     if result is None:  # a DDP rank other than 0: rank 0 reports
         return
     emit({**result["test"], "valid": result["valid"], "model": model, "regime": result["train"]["regime"],
-          "epochs": result["epochs"], "best_epoch": result["best_epoch"], "seconds": round(result["seconds"], 1),
-          "model_path": result["model_path"]}, as_json, "train (test metrics of the best epoch)")
+          "epochs": result["epochs"], "best_epoch": result["best_epoch"], "stopped": result["stopped"],
+          "seconds": round(result["seconds"], 1), "model_path": result["model_path"]}, as_json, "train (test metrics of the best epoch)")
 
 
 @app.command()

@@ -97,6 +97,7 @@ def rank0_result(run_dir: Path, summary: dict) -> dict:
     """fit's return value rebuilt from what rank 0 left: its summary line and its last checkpoint."""
     checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     return {"model": checkpoint["model"], "config": checkpoint["config"], "train": checkpoint["train"],
-            "epochs": summary["epochs"], "best_epoch": summary["best_epoch"], "valid": summary["valid"],
+            "epochs": summary["epochs"], "best_epoch": summary["best_epoch"], "stopped": summary["stopped"],
+            "valid": summary["valid"],
             "test": {key: summary[key] for key in metric_keys()}, "history": checkpoint["progress"]["history"],
             "model_path": summary["model_path"], "seconds": summary["seconds"]}

@@ -34,7 +34,7 @@ from recblr.evaluate import evaluate
 from recblr.models import build, load, resolve_device, save
 
 # fields a resumed run may change: they alter neither the model nor what an epoch computes
-RESUMABLE_CHANGES = {"epochs", "device", "eval_batch_size"}
+RESUMABLE_CHANGES = {"epochs", "device", "eval_batch_size", "time_budget_s"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda when available
     eval_batch_size: int = 4096
     precision: str = "fp32"  # "bf16": autocast for training and evaluation (the kernel then reads bf16)
+    time_budget_s: Optional[float] = None  # after the first epoch, none starts that would end past this
 
     def __post_init__(self):
         if self.regime not in ("prefix", "all"):
@@ -66,6 +67,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if (self.epochs is not None and self.epochs < 1) or min(self.batch_size, self.max_len, self.patience) < 1:
             raise ValueError(f"TrainConfig: epochs, batch_size, max_len and patience must be >= 1, got {self}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ValueError(f"TrainConfig: time_budget_s must be positive, got {self.time_budget_s}")
 
     def resolved(self) -> "TrainConfig":
         device = resolve_device(self.device)
@@ -140,8 +143,9 @@ def fit(prepared_dir: Path, run_dir: Path, model: str = "recblr", *, overrides: 
         on_epoch: Optional[Callable[[int, dict], None]] = None) -> Optional[dict]:
     """Train `model` on prepared_dir; run_dir gets checkpoint.pt (latest) and model.pt (best validation).
 
-    Returns {"model", "config", "train", "epochs", "best_epoch", "valid", "test", "history", "model_path",
-    "seconds"} (None on DDP ranks other than 0); on_epoch(epoch, record) is called on rank 0 after each
+    Returns {"model", "config", "train", "epochs", "best_epoch", "stopped" (why training ended: "early stopping",
+    "epoch cap" or "time budget"), "valid", "test", "history", "model_path", "seconds"} (None on DDP ranks
+    other than 0); on_epoch(epoch, record) is called on rank 0 after each
     epoch's checkpoint is written.
     """
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -171,7 +175,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
         net.fit_counts(data.item_counts())
     net = net.to(cfg.device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = {"epoch": 0, "history": [], "best_ndcg": -1.0, "best_epoch": 0, "stale": 0}
+    state = {"epoch": 0, "history": [], "best_ndcg": -1.0, "best_epoch": 0, "stale": 0, "out_of_time": False}
     if resume:
         if not checkpoint_path.is_file():
             raise FileNotFoundError(f"{checkpoint_path}: nothing to resume; train without --resume first")
@@ -184,7 +188,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
             raise ValueError(f"{checkpoint_path}: saved with other settings {theirs}, now {mine}")
         net.load_state_dict(blob["state_dict"])
         opt.load_state_dict(blob["optimizer"])
-        state = blob["progress"]
+        state = {**blob["progress"], "out_of_time": False}  # a resumed run has a budget of its own
     # DDP broadcasts rank 0's weights here and all-reduces gradients in backward; evaluation uses `net`
     trained = DistributedDataParallel(net, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith(
         "cuda") else None) if world > 1 else net
@@ -193,7 +197,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
     if len(start) == 0:
         raise ValueError(f"{prepared_dir}: no training sequence has two events; nothing to learn from")
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        if state["stale"] >= cfg.patience:
+        if state["stale"] >= cfg.patience or state["out_of_time"]:
             break
         torch.manual_seed((cfg.seed + epoch) * world + rank)  # one process: seed + epoch, as before DDP
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(start))
@@ -222,6 +226,9 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
                        file=sys.stderr)
             if on_epoch is not None:
                 on_epoch(epoch, record)
+            # decided on rank 0 and broadcast with the rest of the state: the ranks' clocks differ
+            state["out_of_time"] = cfg.time_budget_s is not None and (
+                time.time() - began + record["seconds"] > cfg.time_budget_s)
         if world > 1:  # every rank stops on rank 0's decision
             shared = [state]
             dist.broadcast_object_list(shared, src=0)
@@ -233,6 +240,8 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
     kwargs = {"max_len": cfg.max_len, "batch_size": cfg.eval_batch_size}
     with precision_context(cfg.device, cfg.precision):
         valid, test = (evaluate(best, data, split, **kwargs) for split in ("valid", "test"))
+    stopped = ("early stopping" if state["stale"] >= cfg.patience else
+               "time budget" if state["out_of_time"] and state["epoch"] < cfg.epochs else "epoch cap")
     return {"model": model, "config": dataclasses.asdict(best.config), "train": dataclasses.asdict(cfg),
-            "epochs": state["epoch"], "best_epoch": state["best_epoch"], "valid": valid, "test": test,
+            "epochs": state["epoch"], "best_epoch": state["best_epoch"], "stopped": stopped, "valid": valid, "test": test,
             "history": state["history"], "model_path": str(model_path), "seconds": time.time() - began}

@@ -96,6 +96,16 @@ def test_fit_learns_and_saves_the_best_model(prepared, tmp_path, regime):
 def test_early_stopping_after_patience_epochs_without_gain(prepared, tmp_path):
     result = fit(prepared, tmp_path / "run", overrides=SMALL, train=quick(epochs=20, lr=0.0, patience=2))
     assert result["epochs"] == 3 and result["best_epoch"] == 1  # with lr 0 nothing ever improves
+    assert result["stopped"] == "early stopping"
+
+
+def test_time_budget_starts_no_epoch_that_would_overrun(prepared, tmp_path):
+    ample = fit(prepared, tmp_path / "a", overrides=SMALL, train=quick(epochs=2, time_budget_s=3600))
+    assert ample["stopped"] == "epoch cap" and ample["epochs"] == 2
+    # the first epoch always runs; after it no second one fits in a millisecond
+    cut = fit(prepared, tmp_path / "b", overrides=SMALL, train=quick(epochs=2, time_budget_s=1e-3))
+    assert cut["stopped"] == "time budget" and cut["epochs"] == 1
+    assert cut["test"] == fit(prepared, tmp_path / "c", overrides=SMALL, train=quick(epochs=1))["test"]
 
 
 class Killed(Exception):

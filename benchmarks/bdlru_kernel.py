@@ -122,7 +122,8 @@ def sweep(inputs, do, chunked):
                 fwd_fn = lambda store: fused_recurrent.bdlru_fwd(*args, None, store, False, BT, BD, w)  # noqa: E731
                 bwd_fn = lambda ckpt: fused_recurrent.bdlru_bwd(*args, ckpt, do, None, False, BT, BD, w)  # noqa: E731
             _, ckpt, _ = fwd_fn(True)
-            res[(BT, BD, w, CT) if chunked else (BT, BD, w)] = (bench(lambda: fwd_fn(False)), bench(lambda: bwd_fn(ckpt)))
+            config = (BT, BD, w, CT) if chunked else (BT, BD, w)
+            res[config] = (bench(lambda: fwd_fn(False)), bench(lambda: bwd_fn(ckpt)))
     return res
 
 

@@ -243,5 +243,6 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
     stopped = ("early stopping" if state["stale"] >= cfg.patience else
                "time budget" if state["out_of_time"] and state["epoch"] < cfg.epochs else "epoch cap")
     return {"model": model, "config": dataclasses.asdict(best.config), "train": dataclasses.asdict(cfg),
-            "epochs": state["epoch"], "best_epoch": state["best_epoch"], "stopped": stopped, "valid": valid, "test": test,
+            "epochs": state["epoch"], "best_epoch": state["best_epoch"], "stopped": stopped, "valid": valid,
+            "test": test,
             "history": state["history"], "model_path": str(model_path), "seconds": time.time() - began}

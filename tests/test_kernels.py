@@ -84,6 +84,29 @@ def test_chunk_matches_reference_fp32(variant, monkeypatch):
     assert_close(chunk_bdlru, inputs, upstream, state, TOL[torch.float32])
 
 
+def make_view_inputs(B, T, D, dtype, device, seed=0):
+    """Inputs as the model makes them: r, i halves of one (B, T, 2D) gate projection and z half of the
+    input projection (row stride 2D, read in place); x transposed (channel stride T, so copied first)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    def leaf(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(device, dtype).requires_grad_()
+
+    r, i = leaf(B, T, 2 * D, scale=2.0).chunk(2, dim=-1)
+    inputs = dict(x=leaf(B, D, T).transpose(1, 2), r=r, i=i, lam=leaf(D), z=leaf(B, T, 2 * D).chunk(2, dim=-1)[1],
+                  h0=leaf(B, D))
+    upstream = (torch.randn(B, T, D, generator=g).to(device), torch.randn(B, D, generator=g).to(device))
+    return inputs, upstream, True
+
+
+@pytest.mark.parametrize("fn", [fused_recurrent_bdlru, chunk_bdlru], ids=["fused_recurrent", "chunk"])
+def test_inputs_read_in_place_from_views_of_wider_projections(fn, monkeypatch):
+    monkeypatch.setattr(fused_recurrent, "_config", lambda B, T, D, dtype: (4, (16, 1), (8, 1)))
+    monkeypatch.setattr(chunk, "_chunk_config", lambda B, T, D, n_sm: (4, (16, 1), (8, 1), 12))
+    inputs, upstream, state = make_view_inputs(3, 37, 20, torch.float32, "cpu", seed=5)
+    assert inputs["r"].stride(1) == 40 and not inputs["x"].is_contiguous()
+    assert_close(fn, inputs, upstream, state, TOL[torch.float32])
+
+
 def test_chunk_matches_reference_bf16_default_config():
     inputs, upstream, state = make_inputs(2, 70, 12, torch.bfloat16, "cpu", **VARIANTS["z+h0+state"], seed=4)
     assert_close(chunk_bdlru, inputs, upstream, state, TOL[torch.bfloat16])
@@ -145,3 +168,4 @@ def test_kernels_gpu_real_sizes(fn, B, T, D, dtype):
     for variant in ("plain", "z+h0+state"):
         inputs, upstream, state = make_inputs(B, T, D, dtype, "cuda", **VARIANTS[variant], seed=B)
         assert_close(fn, inputs, upstream, state, TOL[dtype])
+    assert_close(fn, *make_view_inputs(B, T, D, dtype, "cuda", seed=B), TOL[dtype])

@@ -13,30 +13,30 @@ import triton
 import triton.language as tl
 
 from kernels.bdlru import fused_recurrent
-from kernels.bdlru.fused_recurrent import _contiguous, _empty, _fit, _linear_combine, _linear_combine_excl, _softplus
+from kernels.bdlru.fused_recurrent import (_batch_start, _contiguous, _empty, _fit, _linear_combine,
+                                           _linear_combine_excl, _load_tile, _softplus, _strides,
+                                           _unit_stride_rows)
 from kernels.bdlru.naive import check_inputs
 
 
 @triton.jit(do_not_specialize=["T", "CT"])
 def chunk_fwd_summary_kernel(
     x, r, i, lam, A_c, H_c,
+    sx_b, sx_t, sr_b, sr_t, si_b, si_t,
     T, CT,
     D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):
     i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    x, r, i = _batch_start(x, r, i, i_b, sx_b, sr_b, si_b)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
     o_t = tl.arange(0, BT)
     sp = _softplus(tl.load(lam + o_d, mask=m_d, other=0.0).to(tl.float32))
     acc_a, acc_h = tl.full([BD], 1.0, tl.float32), tl.zeros([BD], dtype=tl.float32)
-    base = i_b * T * D
     for s in range(i_c * CT, tl.minimum(i_c * CT + CT, T), BT):
         t = s + o_t
         m = (t < T)[:, None] & m_d[None, :]
-        off = base + t[:, None] * D + o_d[None, :]  # (BT, BD)
-        b_x = tl.load(x + off, mask=m, other=0.0).to(tl.float32)
-        b_r = tl.load(r + off, mask=m, other=0.0).to(tl.float32)
-        b_i = tl.load(i + off, mask=m, other=0.0).to(tl.float32)
+        b_x, b_r, b_i, _ = _load_tile(x, r, i, x, t, o_d, sx_t, sr_t, si_t, 0, m, False)
         a = tl.where(m, tl.exp(-sp[None, :] * tl.sigmoid(b_r)), 1.0)
         bx = tl.sqrt(1.0 - a * a + 1e-8) * tl.sigmoid(b_i) * b_x
         A, H = tl.associative_scan((a, bx), 0, _linear_combine)
@@ -52,10 +52,14 @@ def chunk_fwd_summary_kernel(
 @triton.jit(do_not_specialize=["T", "CT"])
 def chunk_bwd_summary_kernel(
     r, lam, z, do, A_c, Q_c,
+    sr_b, sr_t, sz_b, sz_t,
     T, CT,
     D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_Z: tl.constexpr,
 ):
     i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    r += i_b * sr_b
+    if HAS_Z:
+        z += i_b * sz_b
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
     o_t = tl.arange(0, BT)
@@ -65,11 +69,11 @@ def chunk_bwd_summary_kernel(
     for s in range(i_c * CT, tl.minimum(i_c * CT + CT, T), BT):
         t = s + o_t
         m = (t < T)[:, None] & m_d[None, :]
-        off = base + t[:, None] * D + o_d[None, :]  # (BT, BD)
-        b_r = tl.load(r + off, mask=m, other=0.0).to(tl.float32)
+        off = base + t[:, None] * D + o_d[None, :]  # (BT, BD) of do, which is contiguous
+        b_r = tl.load(r + t[:, None] * sr_t + o_d[None, :], mask=m, other=0.0).to(tl.float32)
         g = tl.load(do + off, mask=m, other=0.0).to(tl.float32)
         if HAS_Z:
-            b_z = tl.load(z + off, mask=m, other=0.0).to(tl.float32)
+            b_z = tl.load(z + t[:, None] * sz_t + o_d[None, :], mask=m, other=0.0).to(tl.float32)
             g = g * b_z * tl.sigmoid(b_z)
         a = tl.where(m, tl.exp(-sp[None, :] * tl.sigmoid(b_r)), 1.0)
         # q_t = a_t (g_t + q_{t+1}), composed from the tile's end: row 0 holds the whole tile's map
@@ -139,7 +143,7 @@ def chunk_bdlru_fwd(x, r, i, lam, z, h0, store_ckpt, store_ht, BT, fwd, CT):
     A_c, H_c = (_empty(B, NC, D, dtype=torch.float32, device=x.device) for _ in range(2))
     BD, num_warps = fwd
     chunk_fwd_summary_kernel[(triton.cdiv(D, BD), NC, B)](
-        x, r, i, lam, A_c, H_c, T, CT, D=D, BT=BT, BD=BD, num_warps=num_warps
+        x, r, i, lam, A_c, H_c, *_strides(x, r, i, None)[:6], T, CT, D=D, BT=BT, BD=BD, num_warps=num_warps
     )
     h_in = _carry(A_c, H_c, h0, reverse=False)
     return fused_recurrent.bdlru_fwd(x, r, i, lam, z, h_in, store_ckpt, store_ht, BT, BD, num_warps, NC, CT)
@@ -150,8 +154,10 @@ def chunk_bdlru_bwd(x, r, i, lam, z, ckpt, do, dht, store_dq0, BT, bwd, CT):
     NC = triton.cdiv(T, CT)
     A_c, Q_c = (_empty(B, NC, D, dtype=torch.float32, device=x.device) for _ in range(2))
     BD, num_warps = bwd
+    _, _, sr_b, sr_t, _, _, sz_b, sz_t = _strides(x, r, i, z)
     chunk_bwd_summary_kernel[(triton.cdiv(D, BD), NC, B)](
-        r, lam, z, do, A_c, Q_c, T, CT, D=D, BT=BT, BD=BD, HAS_Z=z is not None, num_warps=num_warps
+        r, lam, z, do, A_c, Q_c, sr_b, sr_t, sz_b, sz_t, T, CT, D=D, BT=BT, BD=BD, HAS_Z=z is not None,
+        num_warps=num_warps
     )
     q_in = _carry(A_c, Q_c, dht, reverse=True)
     return fused_recurrent.bdlru_bwd(x, r, i, lam, z, ckpt, do, q_in, store_dq0, BT, BD, num_warps, NC, CT)
@@ -160,7 +166,8 @@ def chunk_bdlru_bwd(x, r, i, lam, z, ckpt, do, dht, store_dq0, BT, bwd, CT):
 class ChunkBDLRUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, r, i, lam, z, h0, return_state):
-        x, r, i, lam, z, h0 = _contiguous(x, r, i, lam, z, h0)
+        x, r, i, z = _unit_stride_rows(x, r, i, z)
+        lam, h0 = _contiguous(lam, h0)
         B, T, D = x.shape
         n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
         BT, fwd, bwd, CT = _chunk_config(B, T, D, n_sm)

@@ -40,26 +40,37 @@ def _softplus(v):
 
 
 @triton.jit
-def _load_tile(x, r, i, z, off, m, HAS_Z: tl.constexpr):
-    b_x = tl.load(x + off, mask=m, other=0.0).to(tl.float32)
-    b_r = tl.load(r + off, mask=m, other=0.0).to(tl.float32)
-    b_i = tl.load(i + off, mask=m, other=0.0).to(tl.float32)
+def _load_tile(x, r, i, z, rows, cols, sx, sr, si, sz, m, HAS_Z: tl.constexpr):
+    # (rows, cols) of x, r, i and z, each with its own row stride: r, i and z may be views into the wider
+    # outputs of the projections that made them (a chunk of the last dim), read in place instead of copied
+    b_x = tl.load(x + rows[:, None] * sx + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    b_r = tl.load(r + rows[:, None] * sr + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    b_i = tl.load(i + rows[:, None] * si + cols[None, :], mask=m, other=0.0).to(tl.float32)
     if HAS_Z:
-        b_z = tl.load(z + off, mask=m, other=0.0).to(tl.float32)
+        b_z = tl.load(z + rows[:, None] * sz + cols[None, :], mask=m, other=0.0).to(tl.float32)
     else:
         b_z = b_x  # never read
     return b_x, b_r, b_i, b_z
 
 
+@triton.jit
+def _batch_start(x, r, i, i_b, sx_b, sr_b, si_b):
+    return x + i_b * sx_b, r + i_b * sr_b, i + i_b * si_b
+
+
 @triton.jit(do_not_specialize=["T", "CT"])
 def bdlru_fwd_kernel(
     x, r, i, lam, z, h_in, o, ckpt, ht,
+    sx_b, sx_t, sr_b, sr_t, si_b, si_t, sz_b, sz_t,
     T, CT,
     D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_H_IN: tl.constexpr, STORE_CKPT: tl.constexpr, STORE_HT: tl.constexpr,
 ):
     i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     n_c = tl.num_programs(1)
+    x, r, i = _batch_start(x, r, i, i_b, sx_b, sr_b, si_b)
+    if HAS_Z:
+        z += i_b * sz_b
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
     o_t = tl.arange(0, BT)
@@ -72,12 +83,12 @@ def bdlru_fwd_kernel(
     c_end = tl.minimum(i_c * CT + CT, T)
     t = i_c * CT + o_t
     m = (t < c_end)[:, None] & m_d[None, :]
-    off = base + t[:, None] * D + o_d[None, :]  # (BT, BD)
-    b_x, b_r, b_i, b_z = _load_tile(x, r, i, z, off, m, HAS_Z)
+    off = base + t[:, None] * D + o_d[None, :]  # (BT, BD) of the output, which is contiguous
+    b_x, b_r, b_i, b_z = _load_tile(x, r, i, z, t, o_d, sx_t, sr_t, si_t, sz_t, m, HAS_Z)
     for s in range(i_c * CT, c_end, BT):
         # the next tile's loads go out before this tile's maths: two tiles in flight per program
         n_m = ((s + BT + o_t) < c_end)[:, None] & m_d[None, :]
-        n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, off + BT * D, n_m, HAS_Z)
+        n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, s + BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
         if STORE_CKPT:  # (B, cdiv(T, BT), D): the state before this tile
             tl.store(ckpt + (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d, h, mask=m_d)
         # padded rows get a = 1, b*x = 0, so the tile's last row carries h_{T-1}
@@ -98,12 +109,16 @@ def bdlru_fwd_kernel(
 @triton.jit(do_not_specialize=["T", "CT"])
 def bdlru_bwd_kernel(
     x, r, i, lam, z, ckpt, do, q_in, dx, dr, di, dz, dlam, dq0,
+    sx_b, sx_t, sr_b, sr_t, si_b, si_t, sz_b, sz_t,
     T, CT,
     D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_Q_IN: tl.constexpr, STORE_DQ0: tl.constexpr,
 ):
     i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     n_c = tl.num_programs(1)
+    x, r, i = _batch_start(x, r, i, i_b, sx_b, sr_b, si_b)
+    if HAS_Z:
+        z += i_b * sz_b
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
     o_t = tl.arange(0, BT)
@@ -121,15 +136,15 @@ def bdlru_bwd_kernel(
     n_t = tl.cdiv(tl.minimum(c_start + CT, T) - c_start, BT)
     s = c_start + (n_t - 1) * BT  # tiles from the chunk's end
     m = ((s + o_t) < T)[:, None] & m_d[None, :]
-    off = base + (s + o_t)[:, None] * D + o_d[None, :]  # (BT, BD)
+    off = base + (s + o_t)[:, None] * D + o_d[None, :]  # (BT, BD) of do and the gradients, contiguous
     o_ck = (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d  # the state before the tile
-    b_x, b_r, b_i, b_z = _load_tile(x, r, i, z, off, m, HAS_Z)
+    b_x, b_r, b_i, b_z = _load_tile(x, r, i, z, s + o_t, o_d, sx_t, sr_t, si_t, sz_t, m, HAS_Z)
     b_do = tl.load(do + off, mask=m, other=0.0).to(tl.float32)
     h = tl.load(ckpt + o_ck, mask=m_d, other=0.0)
     for _ in range(n_t):
         # the previous tile's loads go out before this tile's maths: two tiles in flight per program
         n_m = ((s - BT + o_t) >= c_start)[:, None] & m_d[None, :]
-        n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, off - BT * D, n_m, HAS_Z)
+        n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, s - BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
         n_do = tl.load(do + off - BT * D, mask=n_m, other=0.0).to(tl.float32)
         n_h = tl.load(ckpt + o_ck - D, mask=m_d & (s - BT + 0 * o_d >= c_start), other=0.0)
         sr = tl.sigmoid(b_r)
@@ -196,7 +211,7 @@ def bdlru_fwd(x, r, i, lam, z, h_in, store_ckpt, store_ht, BT, BD, num_warps, n_
     ckpt = _empty(B, triton.cdiv(T, BT), D, dtype=torch.float32, device=x.device) if store_ckpt else None
     ht = _empty(B, D, dtype=torch.float32, device=x.device) if store_ht else None
     bdlru_fwd_kernel[(triton.cdiv(D, BD), n_chunks, B)](
-        x, r, i, lam, z, h_in, o, ckpt, ht, T, CT or T, D=D, BT=BT, BD=BD,
+        x, r, i, lam, z, h_in, o, ckpt, ht, *_strides(x, r, i, z), T, CT or T, D=D, BT=BT, BD=BD,
         HAS_Z=z is not None, HAS_H_IN=h_in is not None, STORE_CKPT=store_ckpt, STORE_HT=store_ht,
         num_warps=num_warps,
     )
@@ -212,7 +227,8 @@ def bdlru_bwd(x, r, i, lam, z, ckpt, do, q_in, store_dq0, BT, BD, num_warps, n_c
     dlam = _empty(B * n_chunks, D, dtype=torch.float32, device=x.device)  # per-program partial sums
     dq0 = _empty(B, D, dtype=torch.float32, device=x.device) if store_dq0 else None
     bdlru_bwd_kernel[(triton.cdiv(D, BD), n_chunks, B)](
-        x, r, i, lam, z, ckpt, do, q_in, dx, dr, di, dz, dlam, dq0, T, CT or T, D=D, BT=BT, BD=BD,
+        x, r, i, lam, z, ckpt, do, q_in, dx, dr, di, dz, dlam, dq0, *_strides(x, r, i, z), T, CT or T,
+        D=D, BT=BT, BD=BD,
         HAS_Z=z is not None, HAS_Q_IN=q_in is not None, STORE_DQ0=store_dq0,
         num_warps=num_warps,
     )
@@ -223,10 +239,21 @@ def _contiguous(*ts):
     return [t.contiguous() if t is not None else None for t in ts]
 
 
+def _unit_stride_rows(*ts):
+    """x, r, i, z as the kernels read them: any batch and row strides, channels adjacent (else a copy)."""
+    return [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+
+def _strides(x, r, i, z):
+    """(batch, row) strides of x, r, i and z, in the kernels' argument order; z's are 0 when it is absent."""
+    return [s for t in (x, r, i, z) for s in ((t.stride(0), t.stride(1)) if t is not None else (0, 0))]
+
+
 class FusedRecurrentBDLRUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, r, i, lam, z, h0, return_state):
-        x, r, i, lam, z, h0 = _contiguous(x, r, i, lam, z, h0)
+        x, r, i, z = _unit_stride_rows(x, r, i, z)
+        lam, h0 = _contiguous(lam, h0)
         B, T, D = x.shape
         BT, fwd, bwd = _config(B, T, D, x.dtype)
         needs_grad = any(ctx.needs_input_grad[:6])

@@ -13,9 +13,9 @@ import triton
 import triton.language as tl
 
 from kernels.bdlru import fused_recurrent
-from kernels.bdlru.fused_recurrent import (_batch_start, _contiguous, _empty, _fit, _linear_combine,
-                                           _linear_combine_excl, _load_tile, _softplus, _strides,
-                                           _unit_stride_rows)
+from kernels.bdlru.fused_recurrent import (_batch_start, _contiguous, _empty, _fit, _kernel_inputs,
+                                           _linear_combine, _linear_combine_excl, _load_tile, _softplus,
+                                           _strides)
 from kernels.bdlru.naive import check_inputs
 
 
@@ -166,8 +166,7 @@ def chunk_bdlru_bwd(x, r, i, lam, z, ckpt, do, dht, store_dq0, BT, bwd, CT):
 class ChunkBDLRUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, r, i, lam, z, h0, return_state):
-        x, r, i, z = _unit_stride_rows(x, r, i, z)
-        lam, h0 = _contiguous(lam, h0)
+        x, r, i, z, lam, h0 = _kernel_inputs(x, r, i, lam, z, h0)
         B, T, D = x.shape
         n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
         BT, fwd, bwd, CT = _chunk_config(B, T, D, n_sm)

@@ -239,9 +239,11 @@ def _contiguous(*ts):
     return [t.contiguous() if t is not None else None for t in ts]
 
 
-def _unit_stride_rows(*ts):
-    """x, r, i, z as the kernels read them: any batch and row strides, channels adjacent (else a copy)."""
-    return [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in ts]
+def _kernel_inputs(x, r, i, lam, z, h0):
+    """(x, r, i, z, lam, h0) as the kernels read them: x, r, i and z with any batch and row strides but
+    adjacent channels (else copied), lam and h0 contiguous."""
+    rows = [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (x, r, i, z)]
+    return *rows, *_contiguous(lam, h0)
 
 
 def _strides(x, r, i, z):
@@ -252,8 +254,7 @@ def _strides(x, r, i, z):
 class FusedRecurrentBDLRUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, r, i, lam, z, h0, return_state):
-        x, r, i, z = _unit_stride_rows(x, r, i, z)
-        lam, h0 = _contiguous(lam, h0)
+        x, r, i, z, lam, h0 = _kernel_inputs(x, r, i, lam, z, h0)
         B, T, D = x.shape
         BT, fwd, bwd = _config(B, T, D, x.dtype)
         needs_grad = any(ctx.needs_input_grad[:6])

@@ -183,6 +183,7 @@ def test_compare_writes_table_chart_and_mlflow_parent_with_child_per_model(tmp_p
         assert child.data.metrics["test_ndcg_at_10"] == pytest.approx(row["ndcg_at_10"])
         assert parent.data.metrics[f"{row['model']}_test_hr_at_20"] == pytest.approx(row["hr_at_20"])
     assert by_model["gru4rec"].data.params["config.d_model"] == "16"
+    assert by_model["gru4rec"].data.tags["recblr.stopped"] == "epoch cap"  # --epochs 1
     assert parent.data.tags["recblr.best_model"] == max(summary["rows"], key=lambda r: r["ndcg_at_10"])["model"]
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"comparison.png", "comparison.md"}
 

@@ -83,6 +83,9 @@ def _run():
         "nproc_per_node": Param(1, type=["integer", "string"], minimum=1, pattern="^auto$",
                                 description="Training processes (DDP), one per GPU of the gpu worker; "
                                             "\"auto\" = all of its GPUs."),
+        "time_budget_s": Param(None, type=["null", "number"], exclusiveMinimum=0,
+                               description="Training seconds; after the first epoch none starts that would end "
+                                           "past it, and the best epoch so far is kept. null = no budget."),
         "tracking_uri": Param(None, type=["null", "string"],
                               description="null = $MLFLOW_TRACKING_URI, else SQLite under the data root."),
         "model_name": Param("recblr", type="string", description="Registered model name."),
@@ -115,7 +118,7 @@ def recblr_training():
     def train(prepared: dict) -> dict:
         data_dir, key, p, uri = _run()
         return run.train_step(data_dir, key, uri, p["model"], p["epochs"], p["max_len"], p["overrides"],
-                              p["nproc_per_node"])
+                              p["nproc_per_node"], p["time_budget_s"])
 
     @task(**IO_RETRIES)
     @_fail_fast

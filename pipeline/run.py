@@ -113,10 +113,13 @@ def prepare_step(data_dir: Path, run_key: str, min_count: int = 5) -> dict:
 
 
 def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "recblr", epochs: int | None = None,
-               max_len: int | None = None, overrides: dict | None = None, nproc_per_node: int | str = 1) -> dict:
+               max_len: int | None = None, overrides: dict | None = None, nproc_per_node: int | str = 1,
+               time_budget_s: float | None = None) -> dict:
     """Train on the run's prepared data, logging to a fresh MLflow run; the weights land in <partition>/model.
 
     nproc_per_node: DDP ranks, one per GPU ("auto": every visible GPU); 1 trains in this process.
+    time_budget_s: after the first epoch, no epoch starts that would end past it; the best epoch so far is
+    the result, so a nightly slot ends with a model instead of a killed task.
     """
     import mlflow
 
@@ -127,7 +130,8 @@ def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "re
     part = partition(data_dir, run_key)
     nproc = resolve_nproc(nproc_per_node)
     try:
-        train = TrainConfig(**{k: v for k, v in {"epochs": epochs, "max_len": max_len}.items() if v is not None})
+        given = {"epochs": epochs, "max_len": max_len, "time_budget_s": time_budget_s}
+        train = TrainConfig(**{k: v for k, v in given.items() if v is not None})
     except ValueError as err:
         raise PipelineError(str(err)) from err
     work = _fresh(part / ".model.tmp")
@@ -184,7 +188,8 @@ def run_pipeline(data_dir: Path, *, run_key: str | None = None, source: str | No
                  model: str = "recblr", epochs: int | None = None, max_len: int | None = None,
                  overrides: dict | None = None, min_count: int = 5, max_quarantined: float = 0.05,
                  tracking_uri: str | None = None, model_name: str = "recblr", synthetic: dict | None = None,
-                 format_options: dict | None = None, nproc_per_node: int | str = 1) -> dict:
+                 format_options: dict | None = None, nproc_per_node: int | str = 1,
+                 time_budget_s: float | None = None) -> dict:
     """All steps in order, training on nproc_per_node DDP ranks: what the DAG does, without Airflow."""
     from pipeline.launch import resolve_nproc
     from pipeline.tracking import resolve_tracking_uri
@@ -197,7 +202,7 @@ def run_pipeline(data_dir: Path, *, run_key: str | None = None, source: str | No
     out["validate"] = validate_step(data_dir, run_key, max_quarantined)
     out["prepare"] = prepare_step(data_dir, run_key, min_count)
     out["train"] = trained = train_step(data_dir, run_key, tracking_uri, model, epochs, max_len, overrides,
-                                        nproc_per_node)
+                                        nproc_per_node, time_budget_s)
     out["evaluate"] = evaluate_step(data_dir, run_key, tracking_uri, trained["run_id"], trained["model_path"])
     out["register"] = register_step(data_dir, run_key, tracking_uri, trained["run_id"], trained["model_path"],
                                     model_name)

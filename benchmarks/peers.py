@@ -49,8 +49,8 @@ def recipe(args) -> dict:
 
 
 def table(dataset: str, results: list[dict]) -> str:
-    paper = PAPER.get(dataset, {})
     """One row per model; with several seeds each metric is mean ± standard deviation, the rest per seed."""
+    paper = PAPER.get(dataset, {})
     lines = [f"| model | seeds | HR@10 | NDCG@10 | MRR@10 | HR@20 | NDCG@20 | MRR@20 | paper HR@10 | paper NDCG@10 "
              f"| epochs (best) | seconds | params |", "|" + " --- |" * 13]
     by_model: dict[str, list[dict]] = {}
@@ -58,7 +58,7 @@ def table(dataset: str, results: list[dict]) -> str:
         by_model.setdefault(r["model"], []).append(r)
     mean_ndcg = lambda runs: statistics.mean(r["test"]["ndcg_at_10"] for r in runs)  # noqa: E731
     for model, runs in sorted(by_model.items(), key=lambda kv: -mean_ndcg(kv[1])):
-        runs.sort(key=lambda r: r.get("seed", 0))
+        runs.sort(key=lambda r: r["seed"])
         values = [[r["test"][k] for r in runs] for k in METRICS]
         ours = " | ".join(f"{statistics.mean(v):.4f}" + (f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else "")
                           for v in values)
@@ -66,7 +66,7 @@ def table(dataset: str, results: list[dict]) -> str:
         epochs = ", ".join(f"{r['epochs']} ({r['best_epoch']}){' cut' if r['stopped'] == 'time budget' else ''}"
                            for r in runs)
         seconds = ", ".join(f"{float(r['seconds']):.0f}" for r in runs)
-        seeds = ", ".join(str(r.get("seed", "-")) for r in runs)
+        seeds = ", ".join(str(r["seed"]) for r in runs)
         lines.append(f"| {model} | {seeds} | {ours} | {ref} | {epochs} | {seconds} | {runs[0]['parameters']} |")
     return "\n".join(lines) + "\n"
 

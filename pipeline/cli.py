@@ -212,6 +212,7 @@ def recommend(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1..."),
     batch_size: int = typer.Option(4096, "--batch-size", help="Users per chunk (capped so users x items stays bounded)."),
     exclude_history: bool = typer.Option(False, "--exclude-history", help="Never recommend an item the user already has."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (the model under autocast; scores ranked in float32)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
                                                help="Default: SQLite under the data root."),
     as_json: bool = AsJson,
@@ -220,7 +221,8 @@ def recommend(
     from pipeline.recommend import recommend as run_recommend
 
     emit(run_recommend(data_dir, model_name=model_name, alias=alias, k=k, out=out, device=device,
-                       batch_size=batch_size, exclude_history=exclude_history, tracking_uri=tracking_uri),
+                       batch_size=batch_size, exclude_history=exclude_history, precision=precision,
+                       tracking_uri=tracking_uri),
          as_json, f"recommend ({model_name}@{alias})")
 
 

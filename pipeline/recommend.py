@@ -33,17 +33,19 @@ SCHEMA = pa.schema([("user_id", pa.string()), ("rank", pa.int32()), ("item_id", 
 
 
 def top_k(model: torch.nn.Module, seqs: Sequences, k: int, *, max_len: int, batch_size: int = 4096,
-          exclude_history: bool = False, progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+          exclude_history: bool = False, precision: str = "fp32",
+          progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield (rows, items (B, k), scores (B, k)) per chunk of users, best first; item 0 (padding) never.
 
     With exclude_history every item of a user's whole sequence scores -inf; a user with fewer than k
-    unseen items gets -inf in the tail, which callers drop.
+    unseen items gets -inf in the tail, which callers drop. precision "bf16" runs the model under bf16
+    autocast; the scores are ranked in float32 either way (next_item_scores).
     """
     n_scores = model.item_embedding.num_embeddings
     if not 1 <= k < n_scores:
         raise ValueError(f"k must be in 1..{n_scores - 1} (the model's item count), got {k}")
-    for rows, scores in next_item_scores(model, seqs, n_scores, max_len=max_len, batch_size=batch_size, desc="recommend",
-                                         progress=progress):
+    for rows, scores in next_item_scores(model, seqs, n_scores, max_len=max_len, batch_size=batch_size,
+                                         precision=precision, desc="recommend", progress=progress):
         if exclude_history:
             mask_seen(scores, seqs, rows)
         values, items = scores.topk(k, dim=1)  # (B, k) each
@@ -64,7 +66,7 @@ def to_vocabulary(seqs: Sequences, prepared_ids: np.ndarray, model_ids: np.ndarr
 
 def write_recommendations(model: torch.nn.Module, seqs: Sequences, user_ids: np.ndarray, item_ids: np.ndarray,
                           out: Path, k: int, *, max_len: int, batch_size: int = 4096, exclude_history: bool = False,
-                          progress: bool = True) -> int:
+                          precision: str = "fp32", progress: bool = True) -> int:
     """Write user_id, rank (1..k), item_id, score of every user to `out` atomically; return the row count."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +75,8 @@ def write_recommendations(model: torch.nn.Module, seqs: Sequences, user_ids: np.
     try:
         with pq.ParquetWriter(tmp, SCHEMA) as writer:
             for rows, items, scores in top_k(model, seqs, k, max_len=max_len, batch_size=batch_size,
-                                             exclude_history=exclude_history, progress=progress):
+                                             exclude_history=exclude_history, precision=precision,
+                                             progress=progress):
                 keep = np.isfinite(scores)  # (B, k): only -inf tails of exclude_history are dropped
                 user, rank = np.nonzero(keep)
                 writer.write_table(pa.table({
@@ -112,7 +115,7 @@ def find_prepared(data_dir: Path) -> Path:
 
 def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion", k: int = 10,
               out: Path | None = None, device: str = "auto", batch_size: int = 4096, exclude_history: bool = False,
-              tracking_uri: str | None = None, progress: bool = True) -> dict:
+              precision: str = "fp32", tracking_uri: str | None = None, progress: bool = True) -> dict:
     """Top-k of every prepared user (`find_prepared`) from `model_name@alias`, written to `out` (default
     DATA_DIR/recommendations.parquet); returns users, k, output, seconds, users_per_s, model_version."""
     import mlflow
@@ -122,6 +125,8 @@ def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion
     from pipeline.tracking import resolve_tracking_uri
     from recblr.models import load, load_blob
 
+    if precision not in ("fp32", "bf16"):
+        raise PipelineError(f"precision must be fp32 or bf16, got {precision!r}")
     data_dir = Path(data_dir)
     prepared = find_prepared(data_dir)
     try:
@@ -157,11 +162,12 @@ def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion
     started = time.perf_counter()
     try:
         n_rows = write_recommendations(model, inputs, user_ids, item_ids, out, k, max_len=max_len,
-                                       batch_size=batch_size, exclude_history=exclude_history, progress=progress)
+                                       batch_size=batch_size, exclude_history=exclude_history, precision=precision,
+                                       progress=progress)
     except ValueError as err:
         raise PipelineError(f"{model_name}@{alias} (version {version.version}): {err}") from err
     seconds = time.perf_counter() - started
     return {"users": data.n_users, "k": k, "rows": n_rows, "output": str(out), "seconds": round(seconds, 3),
             "users_per_s": round(data.n_users / seconds, 1), "model_version": str(version.version),
             "model": f"{model_name}@{alias}", "prepared": str(prepared), "device": str(device), "max_len": max_len,
-            "exclude_history": exclude_history}
+            "exclude_history": exclude_history, "precision": precision}

@@ -8,6 +8,7 @@ that (users x items) stays under SCORE_BUDGET floats: 1M users x 100k items is n
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterator
 
@@ -25,11 +26,20 @@ def metric_keys(ks=(10, 20)) -> list[str]:
     return [f"{name}_at_{k}" for k in ks for name in ("hr", "ndcg", "mrr")]
 
 
+def precision_context(device: str, precision: str):
+    """Autocast to bfloat16 on `device` for precision "bf16"; a no-op for "fp32"."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
 @torch.no_grad()
 def next_item_scores(model: nn.Module, seqs: Sequences, n_scores: int, *, max_len: int, batch_size: int = 4096,
-                     desc: str = "score", progress: bool = True) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+                     precision: str = "fp32", desc: str = "score",
+                     progress: bool = True) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield (rows, scores (B, n_scores)) per chunk of users: every item scored as the one after each user's
-    last `max_len` items, in float32, padding at -inf. Chunks keep users x n_scores under SCORE_BUDGET."""
+    last `max_len` items, in float32, padding at -inf. Chunks keep users x n_scores under SCORE_BUDGET.
+    precision "bf16" runs the model's forward under bf16 autocast ("fp32" leaves a caller's autocast as is)."""
     device = next(itertools.chain(model.parameters(), model.buffers())).device
     n_users = len(seqs.offsets) - 1
     rows_per_batch = max(1, min(batch_size, SCORE_BUDGET // n_scores))
@@ -38,7 +48,8 @@ def next_item_scores(model: nn.Module, seqs: Sequences, n_scores: int, *, max_le
         for lo in range(0, n_users, rows_per_batch):
             rows = np.arange(lo, min(lo + rows_per_batch, n_users))
             start, stop = seqs.last(rows, max_len)
-            hidden = model(gather(seqs.flat, start, stop).to(device))  # (B, T, D)
+            with precision_context(device.type, precision):
+                hidden = model(gather(seqs.flat, start, stop).to(device))  # (B, T, D)
             last = torch.from_numpy(np.maximum(stop - start - 1, 0)).to(device)  # an empty input reads pad
             with torch.autocast(device.type, enabled=False):  # bf16's 8-bit mantissa would tie near scores
                 scores = model.scores(hidden[torch.arange(len(rows), device=device), last].float())  # (B, N + 1)

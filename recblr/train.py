@@ -13,7 +13,6 @@ checkpoint and model.pt, and broadcasts the early-stopping state; the other rank
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import sys
@@ -30,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from recblr.data import gather, load_prepared, training_windows
-from recblr.evaluate import evaluate
+from recblr.evaluate import evaluate, precision_context
 from recblr.models import build, load, resolve_device, save
 
 # fields a resumed run may change: they alter neither the model nor what an epoch computes
@@ -76,13 +75,6 @@ class TrainConfig:
             device = f"cuda:{os.environ['LOCAL_RANK']}"
         epochs = self.epochs or (300 if device.startswith("cuda") else 4)
         return dataclasses.replace(self, device=device, epochs=epochs)
-
-
-def precision_context(device: str, precision: str):
-    """Autocast to bfloat16 on `device` for precision "bf16"; a no-op for "fp32"."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def batch_loss(net, flat: np.ndarray, start: np.ndarray, stop: np.ndarray, cfg: TrainConfig,

@@ -96,6 +96,26 @@ def test_exclude_history_drops_every_seen_item(registered, tmp_path):
         np.testing.assert_allclose(mine["score"].to_numpy(), scores[u], rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_serves_the_fp32_ranking_within_autocast_rounding(registered, tmp_path):
+    ranked = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.parquet"
+        summary = recommend(registered["data_dir"], model_name=NAME, k=5, out=out, precision=precision,
+                            tracking_uri=registered["uri"], progress=False)
+        assert summary["precision"] == precision
+        ranked[precision] = pd.read_parquet(out)
+    fp32, bf16 = ranked["fp32"], ranked["bf16"]
+    assert bf16["score"].dtype == np.float32 and len(bf16) == len(fp32)
+    assert not np.array_equal(bf16["score"], fp32["score"])  # the forward did run in bf16
+    # bf16 keeps 8 bits of mantissa: scores move by about 1%, so near-ties may swap but the lists agree
+    np.testing.assert_allclose(bf16["score"], fp32["score"], rtol=0.05, atol=0.05)
+    overlap = [len(set(a) & set(b)) / 5 for (_, a), (_, b) in zip(fp32.groupby("user_id")["item_id"],
+                                                                  bf16.groupby("user_id")["item_id"])]
+    assert np.mean(overlap) >= 0.8
+    with pytest.raises(PipelineError, match="precision must be fp32 or bf16"):
+        recommend(registered["data_dir"], model_name=NAME, precision="fp8", tracking_uri=registered["uri"])
+
+
 def test_cli_json_summary(registered, tmp_path):
     out = tmp_path / "cli.parquet"
     result = CliRunner().invoke(app, ["recommend", "--data-dir", str(registered["data_dir"]), "--model-name", NAME,

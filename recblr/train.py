@@ -137,8 +137,7 @@ def fit(prepared_dir: Path, run_dir: Path, model: str = "recblr", *, overrides: 
 
     Returns {"model", "config", "train", "epochs", "best_epoch", "stopped" (why training ended: "early stopping",
     "epoch cap" or "time budget"), "valid", "test", "history", "model_path", "seconds"} (None on DDP ranks
-    other than 0); on_epoch(epoch, record) is called on rank 0 after each
-    epoch's checkpoint is written.
+    other than 0); on_epoch(epoch, record) is called on rank 0 after each epoch's checkpoint is written.
     """
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     cfg = (train or TrainConfig()).resolved()
@@ -236,5 +235,4 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
                "time budget" if state["out_of_time"] and state["epoch"] < cfg.epochs else "epoch cap")
     return {"model": model, "config": dataclasses.asdict(best.config), "train": dataclasses.asdict(cfg),
             "epochs": state["epoch"], "best_epoch": state["best_epoch"], "stopped": stopped, "valid": valid,
-            "test": test,
-            "history": state["history"], "model_path": str(model_path), "seconds": time.time() - began}
+            "test": test, "history": state["history"], "model_path": str(model_path), "seconds": time.time() - began}

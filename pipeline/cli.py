@@ -183,7 +183,7 @@ def evaluate(
     from pipeline.errors import PipelineError
     from recblr.data import load_prepared
     from recblr.evaluate import evaluate as run_evaluate
-    from recblr.models import build, load, load_blob, resolve_device
+    from recblr.models import build, load, resolve_device, trained_max_len
 
     device = resolve_device(device)
     try:
@@ -193,7 +193,7 @@ def evaluate(
             net.fit_counts(data.item_counts())
         else:
             path = model_path or data_dir / "runs" / "recblr" / "model.pt"
-            net, trained_len = load(path), load_blob(path).get("train", {}).get("max_len")
+            net, trained_len = load(path), trained_max_len(path)
         metrics = run_evaluate(net.to(device), data, split, remove_history=remove_history,
                                max_len=max_len or trained_len or 50)
     except (FileNotFoundError, ValueError) as err:

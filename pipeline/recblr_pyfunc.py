@@ -16,11 +16,11 @@ import torch
 
 class RecblrPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from recblr.models import load, load_blob
+        from recblr.models import load, trained_max_len
 
         self.model = load(context.artifacts["weights"]).eval()
         # histories are cut to the window the model was trained on, as in evaluation
-        self.max_len = int(load_blob(context.artifacts["weights"]).get("train", {}).get("max_len") or 0)
+        self.max_len = trained_max_len(context.artifacts["weights"]) or 0
         items = pq.read_table(context.artifacts["items"], columns=["item_idx", "item_id"]).to_pandas()
         self.item_ids = np.empty(int(items["item_idx"].max()) + 1, dtype=object)  # index 0 is padding
         self.item_ids[items["item_idx"].to_numpy()] = items["item_id"].astype(str).to_numpy()

@@ -25,7 +25,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from recblr.data import Sequences, load_prepared
-from recblr.evaluate import mask_seen, next_item_scores
+from recblr.evaluate import PRECISIONS, mask_seen, next_item_scores
 from recblr.models import resolve_device
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()),
@@ -123,9 +123,9 @@ def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion
     from mlflow.exceptions import MlflowException
 
     from pipeline.tracking import resolve_tracking_uri
-    from recblr.models import load, load_blob
+    from recblr.models import load, trained_max_len
 
-    if precision not in ("fp32", "bf16"):
+    if precision not in PRECISIONS:
         raise PipelineError(f"precision must be fp32 or bf16, got {precision!r}")
     data_dir = Path(data_dir)
     prepared = find_prepared(data_dir)
@@ -153,7 +153,7 @@ def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion
                                                              dst_path=tmp))
         weights = model_dir / "artifacts" / "model.pt"
         model = load(weights).to(device)
-        max_len = int(load_blob(weights).get("train", {}).get("max_len") or 50)
+        max_len = trained_max_len(weights) or 50
         item_ids = _dense_ids(model_dir / "artifacts" / "items.parquet", "item_idx", "item_id")
     inputs = data.history.append(data.valid_item).append(data.test_item)
     inputs = to_vocabulary(inputs, _dense_ids(prepared / "items.parquet", "item_idx", "item_id"), item_ids)

@@ -112,6 +112,18 @@ def prepare_step(data_dir: Path, run_key: str, min_count: int = 5) -> dict:
     return {**summary, "output": str(prepared), "digest": dataset_digest(prepared)}
 
 
+def _train_config(epochs: int | None, max_len: int | None, time_budget_s: float | None):
+    """The TrainConfig of the pipeline's training params (None: TrainConfig's default); bad values raise
+    PipelineError."""
+    from recblr.train import TrainConfig
+
+    given = {"epochs": epochs, "max_len": max_len, "time_budget_s": time_budget_s}
+    try:
+        return TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as err:
+        raise PipelineError(str(err)) from err
+
+
 def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "recblr", epochs: int | None = None,
                max_len: int | None = None, overrides: dict | None = None, nproc_per_node: int | str = 1,
                time_budget_s: float | None = None) -> dict:
@@ -125,15 +137,10 @@ def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "re
 
     from pipeline import tracking
     from pipeline.launch import fit_on_processes, resolve_nproc
-    from recblr.train import TrainConfig
 
     part = partition(data_dir, run_key)
     nproc = resolve_nproc(nproc_per_node)
-    try:
-        given = {"epochs": epochs, "max_len": max_len, "time_budget_s": time_budget_s}
-        train = TrainConfig(**{k: v for k, v in given.items() if v is not None})
-    except ValueError as err:
-        raise PipelineError(str(err)) from err
+    train = _train_config(epochs, max_len, time_budget_s)
     work = _fresh(part / ".model.tmp")
     run_id = tracking.start_training_run(tracking_uri, Path(data_dir).name, run_key, part / "prepared")
     try:
@@ -160,10 +167,10 @@ def evaluate_step(data_dir: Path, run_key: str, tracking_uri: str, run_id: str, 
     from pipeline import tracking
     from recblr.data import load_prepared
     from recblr.evaluate import evaluate
-    from recblr.models import load, load_blob
+    from recblr.models import load, trained_max_len
 
     model, data = load(Path(model_path)), load_prepared(partition(data_dir, run_key) / "prepared")
-    max_len = load_blob(Path(model_path))["train"]["max_len"]  # rank with the window the model trained on
+    max_len = trained_max_len(Path(model_path))  # train_step's model always comes from fit
     test, valid = (evaluate(model, data, split, max_len=max_len) for split in ("test", "valid"))
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
@@ -194,7 +201,8 @@ def run_pipeline(data_dir: Path, *, run_key: str | None = None, source: str | No
     from pipeline.launch import resolve_nproc
     from pipeline.tracking import resolve_tracking_uri
 
-    resolve_nproc(nproc_per_node)  # a bad value fails now, not after ingest and prepare
+    resolve_nproc(nproc_per_node)  # bad values fail now, not after ingest and prepare
+    _train_config(epochs, max_len, time_budget_s)
     run_key = run_key or date.today().isoformat()
     tracking_uri = resolve_tracking_uri(data_dir, tracking_uri)
     out = {"run_key": run_key, "tracking_uri": tracking_uri}

@@ -215,7 +215,7 @@ def _champion_score(client: MlflowClient, champion, cand_run, prepared_dir: Path
 
     from recblr.data import load_prepared
     from recblr.evaluate import evaluate
-    from recblr.models import load, load_blob
+    from recblr.models import load, trained_max_len
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{champion.name}/{champion.version}", dst_path=tmp))
@@ -224,7 +224,7 @@ def _champion_score(client: MlflowClient, champion, cand_run, prepared_dir: Path
         if not theirs.equals(ours):  # other item ids: its output rows mean other items here
             return None, "champion has another item vocabulary; promote by hand if intended"
         weights = model_dir / "artifacts" / "model.pt"
-        max_len = load_blob(weights).get("train", {}).get("max_len", 50)
+        max_len = trained_max_len(weights) or 50
         test = evaluate(load(weights), load_prepared(prepared_dir), "test", max_len=max_len, progress=False)
     return test["ndcg_at_10"], "champion re-scored on this run's prepared data"
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from recblr.data import Prepared, Sequences, gather
 
 SCORE_BUDGET = 1 << 26  # floats in one (users, items) score block: 256 MiB in float32
+PRECISIONS = ("fp32", "bf16")
 
 
 def metric_keys(ks=(10, 20)) -> list[str]:
@@ -28,6 +29,8 @@ def metric_keys(ks=(10, 20)) -> list[str]:
 
 def precision_context(device: str, precision: str):
     """Autocast to bfloat16 on `device` for precision "bf16"; a no-op for "fp32"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)

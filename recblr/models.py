@@ -78,6 +78,12 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> SequentialReco
     return model.eval()
 
 
+def trained_max_len(path: Path) -> int | None:
+    """The window (most recent items) `fit` trained the saved model on: rank it with the same; None for a
+    model saved outside fit."""
+    return load_blob(path).get("train", {}).get("max_len")
+
+
 def load_blob(path: Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from recblr.data import gather, load_prepared, training_windows
-from recblr.evaluate import evaluate, precision_context
+from recblr.evaluate import PRECISIONS, evaluate, precision_context
 from recblr.models import build, load, resolve_device, save
 
 # fields a resumed run may change: they alter neither the model nor what an epoch computes
@@ -62,7 +62,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.regime not in ("prefix", "all"):
             raise ValueError(f"TrainConfig: regime must be 'prefix' or 'all', got {self.regime!r}")
-        if self.precision not in ("fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig: precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if (self.epochs is not None and self.epochs < 1) or min(self.batch_size, self.max_len, self.patience) < 1:
             raise ValueError(f"TrainConfig: epochs, batch_size, max_len and patience must be >= 1, got {self}")

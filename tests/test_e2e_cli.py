@@ -47,7 +47,9 @@ def test_bad_source_exits_2_naming_the_file(tmp_path):
     assert result.returncode == 2 and str(missing) in result.stderr.replace("\n", "")
 
 
-def test_a_bad_nproc_per_node_exits_2_before_ingest(tmp_path):
-    result = recblr("run", "--data-dir", str(tmp_path / "d"), "--nproc-per-node", "0")
-    assert result.returncode == 2 and "nproc_per_node" in result.stderr
+@pytest.mark.parametrize("option, value, named", [("--nproc-per-node", "0", "nproc_per_node"),
+                                                   ("--time-budget-s", "0", "time_budget_s")])
+def test_a_bad_training_option_exits_2_before_ingest(tmp_path, option, value, named):
+    result = recblr("run", "--data-dir", str(tmp_path / "d"), option, value)
+    assert result.returncode == 2 and named in result.stderr
     assert not (tmp_path / "d" / "runs").exists()

@@ -15,17 +15,15 @@ import statistics
 import sys
 from pathlib import Path
 
+from time_to_quality import ML1M_SHAPE, RECIPES
 from training_cost import ensure_prepared
-
-RECIPES = {"all": {"regime": "all", "batch_size": 256, "label_smoothing": 0.1},
-           "prefix": {"regime": "prefix", "batch_size": 2048, "label_smoothing": 0.0}}
 
 
 def run(data_dir: Path, out: Path, recipe: str, nproc: int, epochs: int) -> dict:
     from pipeline.launch import fit_on_processes
     from recblr.train import TrainConfig
 
-    train = TrainConfig(epochs=epochs, max_len=200, patience=epochs, **RECIPES[recipe])
+    train = TrainConfig(epochs=epochs, max_len=200, patience=epochs, regime=recipe, **RECIPES[recipe])
     result = fit_on_processes(nproc, data_dir, out / f"{recipe}_{nproc}", overrides={"dropout": 0.2}, train=train)
     per_epoch = statistics.median(r["train_seconds"] for r in result["history"][1:])
     return {"recipe": recipe, "nproc": nproc, "epochs": result["epochs"], "best_epoch": result["best_epoch"],
@@ -39,7 +37,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("benchmarks/out/ml1m_synth"))
     parser.add_argument("--json", type=Path, default=Path("benchmarks/out/ddp_scaling.json"))
     args = parser.parse_args()
-    ensure_prepared(args.data / "prepared", 6040, 3416, 165)
+    ensure_prepared(args.data / "prepared", ML1M_SHAPE["users"], ML1M_SHAPE["items"], ML1M_SHAPE["events_per_user"])
     rows = []
     for item in args.recipes.split(","):
         recipe, epochs = item.split(":")

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from recblr.evaluate import metric_keys
+
 # paper Table 1, test HR@10 and NDCG@10 (full ranking), by dataset folder name
 PAPER = {
     "beauty": {"gru4rec": (0.0606, 0.0332), "sasrec": (0.0829, 0.0409), "lrurec": (0.0759, 0.0393),
@@ -28,7 +30,7 @@ PAPER = {
     "sports": {"gru4rec": (0.0318, 0.0164), "sasrec": (0.0477, 0.0225), "lrurec": (0.0464, 0.0230),
                "recblr": (0.0500, 0.0238)},
 }
-METRICS = ["hr_at_10", "ndcg_at_10", "mrr_at_10", "hr_at_20", "ndcg_at_20", "mrr_at_20"]
+METRICS = metric_keys((10, 20))
 
 
 def worker(prepared: Path, model: str, out: Path, args) -> None:

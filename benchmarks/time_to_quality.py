@@ -25,6 +25,7 @@ import torch
 from training_cost import ensure_prepared
 
 RECIPES = {"prefix": {"batch_size": 2048, "label_smoothing": 0.0}, "all": {"batch_size": 256, "label_smoothing": 0.1}}
+ML1M_SHAPE = {"users": 6040, "items": 3416, "events_per_user": 165}
 
 
 def run(prepared: Path, out: Path, regime: str, precision: str, args) -> dict:
@@ -52,9 +53,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--runs", default="all:fp32,all:bf16,prefix:fp32,prefix:bf16", help="REGIME:PRECISION,...")
-    parser.add_argument("--users", type=int, default=6040)
-    parser.add_argument("--items", type=int, default=3416)
-    parser.add_argument("--events-per-user", type=int, default=165)
+    parser.add_argument("--users", type=int, default=ML1M_SHAPE["users"])
+    parser.add_argument("--items", type=int, default=ML1M_SHAPE["items"])
+    parser.add_argument("--events-per-user", type=int, default=ML1M_SHAPE["events_per_user"])
     parser.add_argument("--max-len", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--patience", type=int, default=10)

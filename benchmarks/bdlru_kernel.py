@@ -1,6 +1,7 @@
 """BD-LRU kernels vs the best peer compositions and a copy of the same bytes, on one GPU in one run.
 
-    python benchmarks/bdlru_kernel.py [--sweep] [--profile] [--skip-peers] [--json benchmarks/out/bdlru_kernel.json]
+    python benchmarks/bdlru_kernel.py [--graph] [--sweep] [--profile] [--skip-peers] [--shapes 8x4096x128_fp32,...]
+        [--json benchmarks/out/bdlru_kernel.json]
 
 Every method computes out = h * silu(z) with gates from (r, i, lam), forward alone (no grad) and forward
 + backward (gradients of x, r, i, z, lam). Peers (STACK.md): torch.compile'd gates + fla's
@@ -21,14 +22,16 @@ import triton
 from tqdm import tqdm
 
 from kernels import bdlru_reference, chunk_bdlru, fused_recurrent_bdlru
-from kernels.bdlru import chunk, fused_recurrent, use_chunk
+from kernels.bdlru import fused_recurrent, use_chunk
 
 SHAPES = [(2048, 200, 128, "fp32"), (512, 1024, 128, "fp32"), (8, 4096, 128, "fp32"), (2048, 200, 128, "bf16")]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (BT, BD, num_warps) tried for each launcher, each direction alone
 SWEEP = [(4, 64, 1), (4, 32, 1), (4, 16, 1), (8, 32, 1), (8, 16, 1), (8, 64, 1), (8, 64, 2), (16, 32, 1),
-         (16, 16, 1), (16, 64, 2), (4, 128, 1), (8, 128, 2), (2, 64, 1), (2, 32, 1)]
-CHUNK_ROWS = [32, 64, 128, 256]  # chunk lengths CT tried with each tile of the chunked launcher
+         (16, 16, 1), (16, 64, 2), (4, 128, 1), (8, 128, 2), (2, 64, 1), (2, 32, 1), (2, 128, 1), (2, 128, 2),
+         (1, 64, 1), (1, 128, 1)]
+# (BT = chunk length, BD, num_warps) tried for the chunked launcher, whose programs hold one chunk each
+CHUNK_SWEEP = [(bt, bd, w) for bt in (16, 32, 64, 128) for bd in (8, 16, 32) for w in (1, 2, 4) if bt * bd <= 1024 * w]
 
 
 def bench(fn, graph=False):
@@ -109,21 +112,14 @@ def copy_ms(nbytes, graph=False):
 
 
 def sweep(inputs, do, chunked):
-    """Forward and backward launchers alone for each config: {config: (fwd ms, bwd ms)}; a config is
-    (BT, BD, num_warps), plus the chunk length CT for the chunked launcher."""
+    """Forward and backward launchers alone for each (BT, BD, num_warps): {config: (fwd ms, bwd ms)}."""
     args = [inputs[k].detach() for k in ("x", "r", "i", "lam", "z")]
     res = {}
-    for BT, BD, w in SWEEP:
-        for CT in [BT * -(-ct // BT) for ct in CHUNK_ROWS] if chunked else [None]:
-            if chunked:
-                fwd_fn = lambda store: chunk.chunk_bdlru_fwd(*args, None, store, False, BT, (BD, w), CT)  # noqa: E731
-                bwd_fn = lambda ckpt: chunk.chunk_bdlru_bwd(*args, ckpt, do, None, False, BT, (BD, w), CT)  # noqa: E731
-            else:
-                fwd_fn = lambda store: fused_recurrent.bdlru_fwd(*args, None, store, False, BT, BD, w)  # noqa: E731
-                bwd_fn = lambda ckpt: fused_recurrent.bdlru_bwd(*args, ckpt, do, None, False, BT, BD, w)  # noqa: E731
-            _, ckpt, _ = fwd_fn(True)
-            config = (BT, BD, w, CT) if chunked else (BT, BD, w)
-            res[config] = (bench(lambda: fwd_fn(False)), bench(lambda: bwd_fn(ckpt)))
+    for BT, BD, w in CHUNK_SWEEP if chunked else SWEEP:
+        fwd_fn = lambda store: fused_recurrent.bdlru_fwd(*args, None, store, False, BT, BD, w, lookback=chunked)  # noqa: E731
+        bwd_fn = lambda ckpt: fused_recurrent.bdlru_bwd(*args, ckpt, do, None, False, BT, BD, w, lookback=chunked)  # noqa: E731
+        _, ckpt, _ = fwd_fn(True)
+        res[(BT, BD, w)] = (bench(lambda: fwd_fn(False)), bench(lambda: bwd_fn(ckpt)))
     return res
 
 
@@ -154,12 +150,16 @@ def main():
     p.add_argument("--profile", action="store_true", help="split bdlru fwd+bwd into its CUDA kernels")
     p.add_argument("--graph", action="store_true", help="also time every method replayed from a CUDA graph")
     p.add_argument("--skip-peers", action="store_true", help="time only ours and the floor (peers take most time)")
+    p.add_argument("--shapes", default=",".join(f"{B}x{T}x{D}_{dt}" for B, T, D, dt in SHAPES),
+                   help="comma-separated BxTxD_dtype (default: all four)")
     args = p.parse_args()
+    shapes = [(int(b), int(t), int(d), dt) for b, t, d, dt in
+              (s.replace("_", "x").split("x") for s in args.shapes.split(","))]
     ours = {"fused_recurrent": fused_recurrent_bdlru, "chunk": chunk_bdlru}
     methods = ours if args.skip_peers else ours | peers()
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     rows, sweeps, profiles = [], {}, {}
-    for B, T, D, dt in tqdm(SHAPES, desc="shapes", file=sys.stderr):
+    for B, T, D, dt in tqdm(shapes, desc="shapes", file=sys.stderr):
         dtype, g = DTYPES[dt], torch.Generator(device="cuda").manual_seed(0)
         rand = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype).requires_grad_()  # noqa: E731
         inputs = dict(x=rand(B, T, D), r=rand(B, T, D), i=rand(B, T, D), lam=rand(D), z=rand(B, T, D))

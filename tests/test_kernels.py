@@ -77,10 +77,20 @@ def test_fused_recurrent_many_tiles_and_channel_blocks(variant, monkeypatch):
 
 @pytest.mark.parametrize("variant", ["plain", "z+h0+state"])
 def test_chunk_matches_reference_fp32(variant, monkeypatch):
-    # 4-row tiles, 12-row chunks: T=37 makes 4 chunks, the last one a single ragged tile; D=20 two
-    # channel blocks forward, three backward
-    monkeypatch.setattr(chunk, "_chunk_config", lambda B, T, D, n_sm: (4, (16, 1), (8, 1), 12))
+    # 4-row chunks: T=37 makes 10, the last one ragged, each program waiting on up to 9 published maps; D=20
+    # two channel blocks forward, three backward
+    monkeypatch.setattr(chunk, "_chunk_config", lambda B, T, D: (4, (16, 1), (8, 1)))
     inputs, upstream, state = make_inputs(2, 37, 20, torch.float32, "cpu", **VARIANTS[variant], seed=3)
+    assert_close(chunk_bdlru, inputs, upstream, state, TOL[torch.float32])
+
+
+def test_chunk_look_back_across_windows(monkeypatch):
+    # with no chunk publishing the state after it, each of the 10 chunks composes its predecessors' own maps,
+    # 4 per window, down to the first chunk: the path a chunk takes on a GPU while its neighbours still run
+    monkeypatch.setattr(chunk, "_chunk_config", lambda B, T, D: (4, (16, 1), (8, 1)))
+    monkeypatch.setattr(fused_recurrent, "LOOKBACK_WINDOW", 4)
+    monkeypatch.setattr(fused_recurrent, "PUBLISH_STATES", False)
+    inputs, upstream, state = make_inputs(2, 37, 20, torch.float32, "cpu", **VARIANTS["z+h0+state"], seed=6)
     assert_close(chunk_bdlru, inputs, upstream, state, TOL[torch.float32])
 
 
@@ -101,7 +111,7 @@ def make_view_inputs(B, T, D, dtype, device, seed=0):
 @pytest.mark.parametrize("fn", [fused_recurrent_bdlru, chunk_bdlru], ids=["fused_recurrent", "chunk"])
 def test_inputs_read_in_place_from_views_of_wider_projections(fn, monkeypatch):
     monkeypatch.setattr(fused_recurrent, "_config", lambda B, T, D, dtype: (4, (16, 1), (8, 1)))
-    monkeypatch.setattr(chunk, "_chunk_config", lambda B, T, D, n_sm: (4, (16, 1), (8, 1), 12))
+    monkeypatch.setattr(chunk, "_chunk_config", lambda B, T, D: (4, (16, 1), (8, 1)))
     inputs, upstream, state = make_view_inputs(3, 37, 20, torch.float32, "cpu", seed=5)
     assert inputs["r"].stride(1) == 40 and not inputs["x"].is_contiguous()
     assert_close(fn, inputs, upstream, state, TOL[torch.float32])

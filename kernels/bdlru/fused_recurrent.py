@@ -2,8 +2,9 @@
 
 Each program owns one (batch, chunk of T, channel block) and walks its chunk in tiles of BT rows: a tile's
 loads are all in flight at once and the scan inside the tile is an associative scan, so the walk costs
-CT/BT dependent steps, not CT. Here a chunk is the whole sequence; `chunk.py` reuses these kernels with
-many chunks and a carry into each.
+CT/BT dependent steps, not CT. Here a chunk is the whole sequence; `chunk.py` launches the same kernels with
+LOOKBACK, one tile per chunk and many chunks, each program taking the state entering its chunk from the maps
+its predecessors publish (`_carry_in`), so a direction stays one launch that reads its inputs once.
 
 Bytes decide the speed, so the forward saves no h: only the state before each tile (T/BT rows in float32).
 The backward re-reads x, r and i (it needs them for the gates anyway) and rebuilds h inside the tile from
@@ -20,6 +21,9 @@ from kernels.bdlru.naive import check_inputs
 
 # Tests set this to fill every output with NaN before the launch, so an element the kernel skips fails.
 POISON_OUTPUTS = False
+# Tests set this so that chunks publish only their own maps, never the state after them: every look-back
+# then walks back to the first chunk, window by window, which the interpreter's in-order programs never need.
+PUBLISH_STATES = True
 
 
 @triton.jit
@@ -58,16 +62,88 @@ def _batch_start(x, r, i, i_b, sx_b, sr_b, si_b):
     return x + i_b * sx_b, r + i_b * sr_b, i + i_b * si_b
 
 
+# A published map (a, h) is one int64: a's bits high, h's low. a >= 0, so the sign bit of the high word is
+# free and marks "published"; the buffer starts at zero. Reading the value and its flag is one load, so no
+# fence orders a separate flag, and a NaN gate cannot look unpublished and hang the wait.
+_PUBLISHED_IDENTITY = tl.constexpr(-0x4080000000000000)  # (a = 1.0, h = 0.0) with the flag: what masked rows read
+
+
+@triton.jit
+def _pack(a, h):
+    hi = (a.to(tl.int32, bitcast=True).to(tl.int64) & 0x7FFFFFFF) | 0x80000000
+    return (hi << 32) | (h.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+
+
+@triton.jit
+def _unpack(v):
+    a = ((v >> 32) & 0x7FFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    return a, (v & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _ticket(status, n_c, D: tl.constexpr, BD: tl.constexpr, REVERSE: tl.constexpr):
+    """(channel block, chunk, batch) in the order programs start, earliest chunks in scan order first: a
+    program then only waits on programs already running, whatever order the GPU launches them in."""
+    n_d = tl.cdiv(D, BD)
+    per_chunk = tl.num_programs(0) // n_c
+    tid = tl.atomic_add(status + per_chunk // n_d * n_c * D, 1)  # the counter after the (B, n_c, D) maps
+    i_c = tid // per_chunk
+    if REVERSE:
+        i_c = n_c - 1 - i_c
+    return tid % n_d, i_c, tid % per_chunk // n_d
+
+
+@triton.jit
+def _publish(status, i_b, i_c, n_c, o_d, m_d, a, h, D: tl.constexpr):
+    tl.atomic_xchg(status + (i_b * n_c + i_c) * D + o_d, _pack(a, h), mask=m_d, sem="release")
+
+
+@triton.jit
+def _carry_in(status, i_b, i_c, n_c, o_d, m_d, a, h, h_init,
+              D: tl.constexpr, W: tl.constexpr, REVERSE: tl.constexpr):
+    """Decoupled look-back. Publish this chunk's map h -> a h + h (its scan from zero), then return the state
+    entering the chunk: h_init for the first chunk in scan order, else the predecessors' maps composed, nearest
+    first, W at a time, until the composition no longer depends on the past (a == 0).
+
+    A chunk whose carry is known republishes its map as the constant (0, state at its end) (`_publish`), and
+    the first chunk publishes (0, h + a h_init) at once, so the walk back ends at the nearest such chunk."""
+    first = (i_c == n_c - 1) if REVERSE else (i_c == 0)
+    _publish(status, i_b, i_c, n_c, o_d, m_d, tl.where(first, 0.0, a), h + a * h_init, D)
+    n_pred = (n_c - 1 - i_c) if REVERSE else i_c
+    o_w = tl.arange(0, W)
+    acc_a, acc_h = tl.where(m_d, 1.0, 0.0), tl.zeros_like(h)  # the maps composed so far; padded channels done
+    k = 0
+    while (tl.max(acc_a) > 0.0) & (k < n_pred):
+        p = (i_c + 1 + k + o_w) if REVERSE else (i_c - k - W + o_w)  # the next W predecessors
+        m = ((p < n_c) if REVERSE else (p >= 0))[:, None] & m_d[None, :]
+        ptr = status + (i_b * n_c + p[:, None]) * D + o_d[None, :]  # (W, BD)
+        v = tl.load(ptr, mask=m, other=_PUBLISHED_IDENTITY, volatile=True)
+        while tl.max(v) >= 0:  # some predecessor has not published yet: poll with atomics, which no
+            # compiler pass hoists out of the loop as it may a load
+            v = tl.where(v >= 0, tl.atomic_add(ptr, 0, mask=m & (v >= 0), sem="acquire"), v)
+        pa, ph = _unpack(v)
+        A, H = tl.associative_scan((pa, ph), 0, _linear_combine, reverse=REVERSE)
+        end = o_w[:, None] == (0 if REVERSE else W - 1)  # the window's whole map
+        acc_a, acc_h = _linear_combine(tl.sum(tl.where(end, A, 0.0), axis=0), tl.sum(tl.where(end, H, 0.0), axis=0),
+                                       acc_a, acc_h)
+        k += W
+    return tl.where(first, h_init, acc_h)
+
+
 @triton.jit(do_not_specialize=["T", "CT"])
 def bdlru_fwd_kernel(
-    x, r, i, lam, z, h_in, o, ckpt, ht,
+    x, r, i, lam, z, h0, o, ckpt, ht, status,
     sx_b, sx_t, sr_b, sr_t, si_b, si_t, sz_b, sz_t,
     T, CT,
-    D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_H_IN: tl.constexpr, STORE_CKPT: tl.constexpr, STORE_HT: tl.constexpr,
+    D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, W: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, STORE_CKPT: tl.constexpr, STORE_HT: tl.constexpr,
+    LOOKBACK: tl.constexpr, PUBLISH_STATE: tl.constexpr,
 ):
-    i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    n_c = tl.num_programs(1)
+    n_c = tl.cdiv(T, CT)
+    if LOOKBACK:  # one tile per chunk
+        i_d, i_c, i_b = _ticket(status, n_c, D, BD, False)
+    else:  # one chunk
+        i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     x, r, i = _batch_start(x, r, i, i_b, sx_b, sr_b, si_b)
     if HAS_Z:
         z += i_b * sz_b
@@ -75,10 +151,9 @@ def bdlru_fwd_kernel(
     m_d = o_d < D
     o_t = tl.arange(0, BT)
     sp = _softplus(tl.load(lam + o_d, mask=m_d, other=0.0).to(tl.float32))  # (BD,)
-    if HAS_H_IN:  # (B, n_c, D): h0 when there is one chunk, the carry into each chunk otherwise
-        h = tl.load(h_in + (i_b * n_c + i_c) * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros([BD], dtype=tl.float32)
+    h = tl.zeros([BD], dtype=tl.float32)
+    if HAS_H0:
+        h = tl.where(i_c == 0, tl.load(h0 + i_b * D + o_d, mask=m_d, other=0.0).to(tl.float32), 0.0)
     base = i_b * T * D
     c_end = tl.minimum(i_c * CT + CT, T)
     t = i_c * CT + o_t
@@ -86,17 +161,25 @@ def bdlru_fwd_kernel(
     off = base + t[:, None] * D + o_d[None, :]  # (BT, BD) of the output, which is contiguous
     b_x, b_r, b_i, b_z = _load_tile(x, r, i, z, t, o_d, sx_t, sr_t, si_t, sz_t, m, HAS_Z)
     for s in range(i_c * CT, c_end, BT):
-        # the next tile's loads go out before this tile's maths: two tiles in flight per program
-        n_m = ((s + BT + o_t) < c_end)[:, None] & m_d[None, :]
-        n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, s + BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
-        if STORE_CKPT:  # (B, cdiv(T, BT), D): the state before this tile
-            tl.store(ckpt + (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d, h, mask=m_d)
+        if LOOKBACK:  # the chunk is this one tile
+            n_x, n_r, n_i, n_z, n_m = b_x, b_r, b_i, b_z, m
+        else:  # the next tile's loads go out before this tile's maths: two tiles in flight per program
+            n_m = ((s + BT + o_t) < c_end)[:, None] & m_d[None, :]
+            n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, s + BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
         # padded rows get a = 1, b*x = 0, so the tile's last row carries h_{T-1}
         a = tl.where(m, tl.exp(-sp[None, :] * tl.sigmoid(b_r)), 1.0)
         bx = tl.sqrt(1.0 - a * a + 1e-8) * tl.sigmoid(b_i) * b_x
         A, H = tl.associative_scan((a, bx), 0, _linear_combine)
+        if LOOKBACK:
+            last = o_t[:, None] == BT - 1
+            h = _carry_in(status, i_b, i_c, n_c, o_d, m_d, tl.sum(tl.where(last, A, 0.0), axis=0),
+                          tl.sum(tl.where(last, H, 0.0), axis=0), h, D, W, False)
+        if STORE_CKPT:  # (B, cdiv(T, BT), D): the state before this tile
+            tl.store(ckpt + (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d, h, mask=m_d)
         H = H + A * h[None, :]
         h = tl.sum(tl.where(o_t[:, None] == BT - 1, H, 0.0), axis=0)
+        if LOOKBACK and PUBLISH_STATE:  # the state after this chunk, for the chunks still looking back
+            _publish(status, i_b, i_c, n_c, o_d, m_d, tl.zeros_like(h), h, D)
         if HAS_Z:
             H = H * b_z * tl.sigmoid(b_z)
         tl.store(o + off, H.to(o.dtype.element_ty), mask=m)
@@ -108,14 +191,18 @@ def bdlru_fwd_kernel(
 
 @triton.jit(do_not_specialize=["T", "CT"])
 def bdlru_bwd_kernel(
-    x, r, i, lam, z, ckpt, do, q_in, dx, dr, di, dz, dlam, dq0,
+    x, r, i, lam, z, ckpt, do, dht, dx, dr, di, dz, dlam, dq0, status,
     sx_b, sx_t, sr_b, sr_t, si_b, si_t, sz_b, sz_t,
     T, CT,
-    D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_Q_IN: tl.constexpr, STORE_DQ0: tl.constexpr,
+    D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, W: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DQ0: tl.constexpr, LOOKBACK: tl.constexpr,
+    PUBLISH_STATE: tl.constexpr,
 ):
-    i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    n_c = tl.num_programs(1)
+    n_c = tl.cdiv(T, CT)
+    if LOOKBACK:  # one tile per chunk, taken from the last
+        i_d, i_c, i_b = _ticket(status, n_c, D, BD, True)
+    else:  # one chunk
+        i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     x, r, i = _batch_start(x, r, i, i_b, sx_b, sr_b, si_b)
     if HAS_Z:
         z += i_b * sz_b
@@ -124,12 +211,11 @@ def bdlru_bwd_kernel(
     o_t = tl.arange(0, BT)
     b_lam = tl.load(lam + o_d, mask=m_d, other=0.0).to(tl.float32)
     sp = _softplus(b_lam)
-    # q = a_t * dL/dh_t, the gradient that reaches h_{t-1} through the recurrence; past the chunk's end
-    # it is the carry from later chunks, and past T it is dL/dh_T itself
-    if HAS_Q_IN:
-        q = tl.load(q_in + (i_b * n_c + i_c) * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    else:
-        q = tl.zeros([BD], dtype=tl.float32)
+    # q = a_t * dL/dh_t, the gradient that reaches h_{t-1} through the recurrence; past T it is dL/dh_T
+    # itself, past a chunk's end the carry from the later chunks
+    q = tl.zeros([BD], dtype=tl.float32)
+    if HAS_DHT:
+        q = tl.where(i_c == n_c - 1, tl.load(dht + i_b * D + o_d, mask=m_d, other=0.0).to(tl.float32), 0.0)
     dlam_acc = tl.zeros([BD], dtype=tl.float32)
     base = i_b * T * D
     c_start = i_c * CT
@@ -142,11 +228,13 @@ def bdlru_bwd_kernel(
     b_do = tl.load(do + off, mask=m, other=0.0).to(tl.float32)
     h = tl.load(ckpt + o_ck, mask=m_d, other=0.0)
     for _ in range(n_t):
-        # the previous tile's loads go out before this tile's maths: two tiles in flight per program
-        n_m = ((s - BT + o_t) >= c_start)[:, None] & m_d[None, :]
-        n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, s - BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
-        n_do = tl.load(do + off - BT * D, mask=n_m, other=0.0).to(tl.float32)
-        n_h = tl.load(ckpt + o_ck - D, mask=m_d & (s - BT + 0 * o_d >= c_start), other=0.0)
+        if LOOKBACK:  # the chunk is this one tile
+            n_x, n_r, n_i, n_z, n_do, n_h, n_m = b_x, b_r, b_i, b_z, b_do, h, m
+        else:  # the previous tile's loads go out before this tile's maths: two tiles in flight per program
+            n_m = ((s - BT + o_t) >= c_start)[:, None] & m_d[None, :]
+            n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, s - BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
+            n_do = tl.load(do + off - BT * D, mask=n_m, other=0.0).to(tl.float32)
+            n_h = tl.load(ckpt + o_ck - D, mask=m_d & (s - BT + 0 * o_d >= c_start), other=0.0)
         sr = tl.sigmoid(b_r)
         a = tl.where(m, tl.exp(-sp[None, :] * sr), 1.0)
         sq = tl.sqrt(1.0 - a * a + 1e-8)
@@ -163,8 +251,14 @@ def bdlru_bwd_kernel(
             g = b_do
         # dh_t = g_t + q_{t+1} and q_t = a_t dh_t: a reverse scan of (a, a g) whose exclusive part is q_{t+1}
         QA, Q, QAp, Qp = tl.associative_scan((a, a * g, one, zero), 0, _linear_combine_excl, reverse=True)
+        if LOOKBACK:
+            first = o_t[:, None] == 0
+            q = _carry_in(status, i_b, i_c, n_c, o_d, m_d, tl.sum(tl.where(first, QA, 0.0), axis=0),
+                          tl.sum(tl.where(first, Q, 0.0), axis=0), q, D, W, True)
         dh = g + Qp + QAp * q[None, :]
         q = tl.sum(tl.where(o_t[:, None] == 0, Q + QA * q[None, :], 0.0), axis=0)
+        if LOOKBACK and PUBLISH_STATE:  # q at this chunk's start, for the chunks still looking back
+            _publish(status, i_b, i_c, n_c, o_d, m_d, tl.zeros_like(q), q, D)
         db = dh * b_x
         # total derivative through a, including b = sqrt(1 - a^2 + eps) * sigmoid(i)
         dA = dh * h_prev - db * si * a / sq
@@ -204,33 +298,46 @@ def _config(B, T, D, dtype):
     return _fit(TILES_FEW_PROGRAMS if B * triton.cdiv(D, 32) < 512 else TILES[dtype], T, D)
 
 
-def bdlru_fwd(x, r, i, lam, z, h_in, store_ckpt, store_ht, BT, BD, num_warps, n_chunks=1, CT=None):
+LOOKBACK_WINDOW = 16  # predecessors read at once; the walk back rarely needs a second window
+
+
+def _grid(B, T, D, BT, BD, lookback, device):
+    """(grid, CT, W, status): one program per (channel block, batch) walking all of T, or with lookback one
+    per (channel block, chunk of BT rows, batch), plus the zeroed maps and start counter they share."""
+    if not lookback:
+        return (triton.cdiv(D, BD), 1, B), T, 1, None
+    n_c = triton.cdiv(T, BT)
+    status = torch.zeros(B * n_c * D + 1, dtype=torch.int64, device=device)
+    return (triton.cdiv(D, BD) * n_c * B,), BT, min(LOOKBACK_WINDOW, triton.next_power_of_2(n_c)), status
+
+
+def bdlru_fwd(x, r, i, lam, z, h0, store_ckpt, store_ht, BT, BD, num_warps, lookback=False):
     """out (B, T, D), the state before every BT-row tile (B, cdiv(T, BT), D) and h_T (B, D)."""
     B, T, D = x.shape
     o = _empty(x.shape, dtype=x.dtype, device=x.device)
     ckpt = _empty(B, triton.cdiv(T, BT), D, dtype=torch.float32, device=x.device) if store_ckpt else None
     ht = _empty(B, D, dtype=torch.float32, device=x.device) if store_ht else None
-    bdlru_fwd_kernel[(triton.cdiv(D, BD), n_chunks, B)](
-        x, r, i, lam, z, h_in, o, ckpt, ht, *_strides(x, r, i, z), T, CT or T, D=D, BT=BT, BD=BD,
-        HAS_Z=z is not None, HAS_H_IN=h_in is not None, STORE_CKPT=store_ckpt, STORE_HT=store_ht,
-        num_warps=num_warps,
+    grid, CT, W, status = _grid(B, T, D, BT, BD, lookback, x.device)
+    bdlru_fwd_kernel[grid](
+        x, r, i, lam, z, h0, o, ckpt, ht, status, *_strides(x, r, i, z), T, CT, D=D, BT=BT, BD=BD, W=W,
+        HAS_Z=z is not None, HAS_H0=h0 is not None, STORE_CKPT=store_ckpt, STORE_HT=store_ht, LOOKBACK=lookback,
+        PUBLISH_STATE=PUBLISH_STATES, num_warps=num_warps,
     )
     return o, ckpt, ht
 
 
-def bdlru_bwd(x, r, i, lam, z, ckpt, do, q_in, store_dq0, BT, BD, num_warps, n_chunks=1, CT=None):
-    """dx, dr, di, dlam, dz and dL/dh0 from the tile checkpoints; q_in (B, n_chunks, D) is dL/dh_T for
-    one chunk, the carry into each chunk from its right otherwise."""
+def bdlru_bwd(x, r, i, lam, z, ckpt, do, dht, store_dq0, BT, BD, num_warps, lookback=False):
+    """dx, dr, di, dlam, dz and dL/dh0 from the tile checkpoints and dL/dh_T (or None)."""
     B, T, D = x.shape
     dx, dr, di = (_empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(3))
     dz = _empty(x.shape, dtype=x.dtype, device=x.device) if z is not None else None
-    dlam = _empty(B * n_chunks, D, dtype=torch.float32, device=x.device)  # per-program partial sums
+    grid, CT, W, status = _grid(B, T, D, BT, BD, lookback, x.device)
+    dlam = _empty(B * triton.cdiv(T, CT), D, dtype=torch.float32, device=x.device)  # per-program partial sums
     dq0 = _empty(B, D, dtype=torch.float32, device=x.device) if store_dq0 else None
-    bdlru_bwd_kernel[(triton.cdiv(D, BD), n_chunks, B)](
-        x, r, i, lam, z, ckpt, do, q_in, dx, dr, di, dz, dlam, dq0, *_strides(x, r, i, z), T, CT or T,
-        D=D, BT=BT, BD=BD,
-        HAS_Z=z is not None, HAS_Q_IN=q_in is not None, STORE_DQ0=store_dq0,
-        num_warps=num_warps,
+    bdlru_bwd_kernel[grid](
+        x, r, i, lam, z, ckpt, do, dht, dx, dr, di, dz, dlam, dq0, status, *_strides(x, r, i, z), T, CT,
+        D=D, BT=BT, BD=BD, W=W, HAS_Z=z is not None, HAS_DHT=dht is not None, STORE_DQ0=store_dq0,
+        LOOKBACK=lookback, PUBLISH_STATE=PUBLISH_STATES, num_warps=num_warps,
     )
     return dx, dr, di, dlam.sum(0), dz, dq0
 

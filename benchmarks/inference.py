@@ -12,7 +12,9 @@ over all items of each user, on the device:
   sasrec   SASRec forward over the T + 1 events (position table T + 1), scores at the last position
   score    scoring and top-10 alone from a fixed hidden state: the part all three share
   prefill  building the state from the T events (what a new or evicted user costs once)
-  step_graph  (CUDA only) the step captured once in a CUDA graph and replayed: small batches are launch-bound
+  step_graph  (CUDA only) `recblr.serving.StepServer.step`, prefilled with the same T events: the step, its
+              in-place state update and the top-10, captured once in a CUDA graph and replayed (each call
+              advances the state by one more event; small batches are launch-bound)
 p50 / p99 of `--repeats` calls, each timed with perf_counter around the call and a device synchronize;
 updates/s = B / p50. The step's scores are checked against the RecBLR forward's in the same run.
 With --recommend-users, also the users/s of `pipeline.recommend.top_k` (the batch job's scoring loop).
@@ -29,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from recblr.models import build
+from recblr.serving import StepServer
 
 OUT = Path(__file__).resolve().parent / "out" / "inference.json"
 TOP = 10
@@ -55,23 +58,6 @@ def timed(fn, repeats: int, device: torch.device, warmup: int = 3) -> dict:
             "p99_ms": 1e3 * seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))]}
 
 
-def graphed(fn):
-    """fn captured in a CUDA graph, so one replay replaces its ~50 small launches (or why capture failed)."""
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # compile every Triton kernel before capture
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay
-    except RuntimeError as err:
-        return f"{type(err).__name__}: {err}"
-
-
 @torch.inference_mode()
 def one_shape(batch: int, length: int, args, device: torch.device) -> dict:
     torch.manual_seed(0)
@@ -93,8 +79,10 @@ def one_shape(batch: int, length: int, args, device: torch.device) -> dict:
         "score": lambda: top10(recblr.scores(hidden)),
         "prefill": lambda: recblr.prefill(past),
     }
-    if device.type == "cuda":
-        methods["step_graph"] = graphed(methods["step"])
+    if device.type == "cuda":  # what serving runs: one new event per user, replayed from a CUDA graph
+        server = StepServer(recblr, batch, k=TOP)
+        server.prefill(range(batch), past)
+        methods["step_graph"] = server.capture_error or (lambda: server.step(new))
     row = {"batch": batch, "length": length, "n_items": args.n_items, "d_model": args.d_model,
            "layers": args.layers, "step_vs_forward_max_abs": (step_scores - full_scores).abs().max().item(),
            "step_vs_forward_top10_equal": agree}

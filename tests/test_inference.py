@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,8 @@ def test_benchmark_runs_and_checks_step_against_forward(tmp_path):
     out = tmp_path / "inference.json"
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "inference.py"), "--device", "cpu", "--threads", "1",
                     "--batch", "2", "--lengths", "3,6", "--n-items", "30", "--d-model", "16", "--repeats", "2",
-                    "--recommend-users", "20", "--out", str(out)], check=True, cwd=REPO, capture_output=True)
+                    "--recommend-users", "20", "--out", str(out)], check=True, cwd=REPO, capture_output=True,
+                   env=os.environ | {"PYTHONPATH": str(REPO)})  # this checkout's packages, not an installed copy
     result = json.loads(out.read_text())
     assert [(r["batch"], r["length"]) for r in result["rows"]] == [(2, 3), (2, 6)]
     for row in result["rows"]:

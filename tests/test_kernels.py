@@ -84,6 +84,17 @@ def test_chunk_matches_reference_fp32(variant, monkeypatch):
     assert_close(chunk_bdlru, inputs, upstream, state, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("fn", [fused_recurrent_bdlru, chunk_bdlru], ids=["fused_recurrent", "chunk"])
+def test_inference_forward_saves_nothing_and_matches(fn, monkeypatch):
+    # without autograd the forward stores no checkpoints (serving's path): only the output and state
+    monkeypatch.setattr(chunk, "_chunk_config", lambda B, T, D: (4, (16, 1), (8, 1)))
+    inputs, _, _ = make_inputs(2, 37, 20, torch.float32, "cpu", **VARIANTS["z+h0+state"], seed=7)
+    with torch.no_grad():
+        out, ht = fn(**inputs, return_state=True)
+        ref_out, ref_ht = bdlru_reference(**inputs, return_state=True)
+    assert rel_err(out, ref_out) < TOL[torch.float32] and rel_err(ht, ref_ht) < TOL[torch.float32]
+
+
 def test_chunk_look_back_across_windows(monkeypatch):
     # with no chunk publishing the state after it, each of the 10 chunks composes its predecessors' own maps,
     # 4 per window, down to the first chunk: the path a chunk takes on a GPU while its neighbours still run

@@ -166,16 +166,18 @@ def bdlru_fwd_kernel(
         else:  # the next tile's loads go out before this tile's maths: two tiles in flight per program
             n_m = ((s + BT + o_t) < c_end)[:, None] & m_d[None, :]
             n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, s + BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
+        if STORE_CKPT and not LOOKBACK:  # (B, cdiv(T, BT), D): the state before this tile
+            tl.store(ckpt + (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d, h, mask=m_d)
         # padded rows get a = 1, b*x = 0, so the tile's last row carries h_{T-1}
         a = tl.where(m, tl.exp(-sp[None, :] * tl.sigmoid(b_r)), 1.0)
         bx = tl.sqrt(1.0 - a * a + 1e-8) * tl.sigmoid(b_i) * b_x
         A, H = tl.associative_scan((a, bx), 0, _linear_combine)
-        if LOOKBACK:
+        if LOOKBACK:  # the state before the tile is known only now
             last = o_t[:, None] == BT - 1
             h = _carry_in(status, i_b, i_c, n_c, o_d, m_d, tl.sum(tl.where(last, A, 0.0), axis=0),
                           tl.sum(tl.where(last, H, 0.0), axis=0), h, D, W, False)
-        if STORE_CKPT:  # (B, cdiv(T, BT), D): the state before this tile
-            tl.store(ckpt + (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d, h, mask=m_d)
+            if STORE_CKPT:
+                tl.store(ckpt + (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d, h, mask=m_d)
         H = H + A * h[None, :]
         h = tl.sum(tl.where(o_t[:, None] == BT - 1, H, 0.0), axis=0)
         if LOOKBACK and PUBLISH_STATE:  # the state after this chunk, for the chunks still looking back

@@ -360,26 +360,30 @@ def _strides(x, r, i, z):
     return [s for t in (x, r, i, z) for s in ((t.stride(0), t.stride(1)) if t is not None else (0, 0))]
 
 
-class FusedRecurrentBDLRUFunction(torch.autograd.Function):
+class BDLRUFunction(torch.autograd.Function):
+    """Autograd of both launchers: config = (BT, (BD, num_warps) forward, (BD, num_warps) backward); with
+    lookback a program per BT-row chunk (`chunk.py`), else one per channel block walking all of T."""
+
     @staticmethod
-    def forward(ctx, x, r, i, lam, z, h0, return_state):
+    def forward(ctx, x, r, i, lam, z, h0, return_state, config, lookback):
         x, r, i, z, lam, h0 = _kernel_inputs(x, r, i, lam, z, h0)
-        B, T, D = x.shape
-        BT, fwd, bwd = _config(B, T, D, x.dtype)
+        BT, fwd, bwd = config
         needs_grad = any(ctx.needs_input_grad[:6])
-        o, ckpt, ht = bdlru_fwd(x, r, i, lam, z, h0, needs_grad, return_state, BT, *fwd)
+        o, ckpt, ht = bdlru_fwd(x, r, i, lam, z, h0, needs_grad, return_state, BT, *fwd, lookback=lookback)
         if needs_grad:
             ctx.save_for_backward(x, r, i, lam, z, ckpt)
-            ctx.config, ctx.h0_dtype = (BT, *bwd), h0.dtype if h0 is not None else None
+            ctx.config, ctx.lookback = (BT, *bwd), lookback
+            ctx.h0_dtype = h0.dtype if h0 is not None else None
         return (o, ht) if return_state else o
 
     @staticmethod
     def backward(ctx, do, dht=None):
         x, r, i, lam, z, ckpt = ctx.saved_tensors
         do, dht = _contiguous(do, dht)
-        dx, dr, di, dlam, dz, dh0 = bdlru_bwd(x, r, i, lam, z, ckpt, do, dht, ctx.h0_dtype is not None, *ctx.config)
+        dx, dr, di, dlam, dz, dh0 = bdlru_bwd(x, r, i, lam, z, ckpt, do, dht, ctx.h0_dtype is not None, *ctx.config,
+                                              lookback=ctx.lookback)
         dh0 = dh0.to(ctx.h0_dtype) if dh0 is not None else None
-        return dx, dr, di, dlam.to(lam.dtype), dz, dh0, None
+        return dx, dr, di, dlam.to(lam.dtype), dz, dh0, None, None, None
 
 
 def check_device(x, name):
@@ -395,4 +399,4 @@ def fused_recurrent_bdlru(x, r, i, lam, z=None, h0=None, return_state=False):
     """
     check_inputs(x, r, i, lam, z, h0)
     check_device(x, "fused_recurrent_bdlru")
-    return FusedRecurrentBDLRUFunction.apply(x, r, i, lam, z, h0, return_state)
+    return BDLRUFunction.apply(x, r, i, lam, z, h0, return_state, _config(*x.shape, x.dtype), False)

@@ -31,15 +31,14 @@ import torch
 from tqdm import tqdm
 
 from recblr.models import build
-from recblr.serving import StepServer
+from recblr.serving import StepServer, top_k
 
 OUT = Path(__file__).resolve().parent / "out" / "inference.json"
 TOP = 10
 
 
 def top10(scores: torch.Tensor) -> torch.Tensor:
-    scores[:, 0] = float("-inf")  # padding is never recommended
-    return scores.topk(TOP, dim=1).indices  # (B, 10)
+    return top_k(scores, TOP)[0]  # (B, 10): serving's ranking, padding never recommended
 
 
 def timed(fn, repeats: int, device: torch.device, warmup: int = 3) -> dict:
@@ -105,7 +104,7 @@ def one_shape(batch: int, length: int, args, device: torch.device) -> dict:
 
 @torch.inference_mode()
 def batch_recommend(users: int, args, device: torch.device) -> dict:
-    from pipeline.recommend import top_k
+    from pipeline.recommend import top_k as recommend_top_k
     from recblr.data import Sequences
 
     rng = np.random.default_rng(0)
@@ -114,7 +113,7 @@ def batch_recommend(users: int, args, device: torch.device) -> dict:
                      np.concatenate([[0], np.cumsum(lengths)]))
     model = build("recblr", args.n_items, d_model=args.d_model, n_layers=args.layers).to(device).eval()
     start = time.perf_counter()
-    for _ in top_k(model, seqs, TOP, max_len=50):
+    for _ in recommend_top_k(model, seqs, TOP, max_len=50):
         pass
     seconds = time.perf_counter() - start
     return {"users": users, "n_items": args.n_items, "max_len": 50, "seconds": seconds, "users_per_s": users / seconds}

@@ -81,16 +81,20 @@ def _unpack(v):
 
 
 @triton.jit
-def _ticket(status, n_c, D: tl.constexpr, BD: tl.constexpr, REVERSE: tl.constexpr):
-    """(channel block, chunk, batch) in the order programs start, earliest chunks in scan order first: a
-    program then only waits on programs already running, whatever order the GPU launches them in."""
-    n_d = tl.cdiv(D, BD)
-    per_chunk = tl.num_programs(0) // n_c
-    tid = tl.atomic_add(status + per_chunk // n_d * n_c * D, 1)  # the counter after the (B, n_c, D) maps
-    i_c = tid // per_chunk
-    if REVERSE:
-        i_c = n_c - 1 - i_c
-    return tid % n_d, i_c, tid % per_chunk // n_d
+def _program(status, n_c, D: tl.constexpr, BD: tl.constexpr, LOOKBACK: tl.constexpr, REVERSE: tl.constexpr):
+    """(channel block, chunk, batch) of this program. Without look-back, the launch grid's. With it, a ticket
+    taken in the order programs start, earliest chunks in scan order first: a program then only waits on
+    programs already running, whatever order the GPU launches them in."""
+    if LOOKBACK:
+        n_d = tl.cdiv(D, BD)
+        per_chunk = tl.num_programs(0) // n_c
+        tid = tl.atomic_add(status + per_chunk // n_d * n_c * D, 1)  # the counter after the (B, n_c, D) maps
+        i_d, i_c, i_b = tid % n_d, tid // per_chunk, tid % per_chunk // n_d
+        if REVERSE:
+            i_c = n_c - 1 - i_c
+    else:  # one chunk
+        i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    return i_d, i_c, i_b
 
 
 @triton.jit
@@ -140,10 +144,7 @@ def bdlru_fwd_kernel(
     LOOKBACK: tl.constexpr, PUBLISH_STATE: tl.constexpr,
 ):
     n_c = tl.cdiv(T, CT)
-    if LOOKBACK:  # one tile per chunk
-        i_d, i_c, i_b = _ticket(status, n_c, D, BD, False)
-    else:  # one chunk
-        i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_d, i_c, i_b = _program(status, n_c, D, BD, LOOKBACK, False)  # with LOOKBACK, one tile per chunk
     x, r, i = _batch_start(x, r, i, i_b, sx_b, sr_b, si_b)
     if HAS_Z:
         z += i_b * sz_b
@@ -201,10 +202,7 @@ def bdlru_bwd_kernel(
     PUBLISH_STATE: tl.constexpr,
 ):
     n_c = tl.cdiv(T, CT)
-    if LOOKBACK:  # one tile per chunk, taken from the last
-        i_d, i_c, i_b = _ticket(status, n_c, D, BD, True)
-    else:  # one chunk
-        i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_d, i_c, i_b = _program(status, n_c, D, BD, LOOKBACK, True)  # with LOOKBACK, one tile per chunk
     x, r, i = _batch_start(x, r, i, i_b, sx_b, sr_b, si_b)
     if HAS_Z:
         z += i_b * sz_b

@@ -26,12 +26,13 @@ from kernels.bdlru import fused_recurrent, use_chunk
 
 SHAPES = [(2048, 200, 128, "fp32"), (512, 1024, 128, "fp32"), (8, 4096, 128, "fp32"), (2048, 200, 128, "bf16")]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# (BT, BD, num_warps) tried for each launcher, each direction alone
+# (BT, BD, num_warps) tried for the sequential launcher, each direction alone
 SWEEP = [(4, 64, 1), (4, 32, 1), (4, 16, 1), (8, 32, 1), (8, 16, 1), (8, 64, 1), (8, 64, 2), (16, 32, 1),
          (16, 16, 1), (16, 64, 2), (4, 128, 1), (8, 128, 2), (2, 64, 1), (2, 32, 1), (2, 128, 1), (2, 128, 2),
          (1, 64, 1), (1, 128, 1)]
-# (BT = chunk length, BD, num_warps) tried for the chunked launcher, whose programs hold one chunk each
-CHUNK_SWEEP = [(bt, bd, w) for bt in (16, 32, 64, 128) for bd in (8, 16, 32) for w in (1, 2, 4) if bt * bd <= 1024 * w]
+# (BT, chunk length, BD, num_warps) tried for the chunked launcher, whose programs hold one chunk each
+CHUNK_SWEEP = [(bt, ct, bd, w) for bt in (16, 32) for ct in (bt, 4 * bt, 256, 512) for bd in (8, 16, 32)
+               for w in (1, 2, 4) if bt * bd <= 256 * w]
 
 
 def bench(fn, graph=False):
@@ -96,6 +97,24 @@ def peers():
     }
 
 
+class NoKernel(torch.autograd.Function):
+    """bdlru's autograd contract with no GPU work but the output allocations: what the host spends on any
+    such op (Python, autograd, the allocator) before a kernel is launched, the host's floor for a call."""
+
+    @staticmethod
+    def forward(ctx, x, r, i, lam, z):
+        ctx.save_for_backward(x, r, i, lam, z)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, do):
+        return tuple(torch.empty_like(t) for t in ctx.saved_tensors)
+
+
+def no_kernel(x, r, i, lam, z):
+    return NoKernel.apply(x, r, i, lam, z)
+
+
 def time_method(fn, inputs, do, graph=False):
     def forward():
         with torch.no_grad():
@@ -112,41 +131,51 @@ def copy_ms(nbytes, graph=False):
 
 
 def sweep(inputs, do, chunked):
-    """Forward and backward launchers alone for each (BT, BD, num_warps): {config: (fwd ms, bwd ms)}."""
+    """Forward and backward launchers alone for each (BT, [chunk length,] BD, num_warps): {config: (fwd ms,
+    bwd ms)}."""
     args = [inputs[k].detach() for k in ("x", "r", "i", "lam", "z")]
     res = {}
-    for BT, BD, w in CHUNK_SWEEP if chunked else SWEEP:
-        fwd_fn = lambda store: fused_recurrent.bdlru_fwd(*args, None, store, False, BT, BD, w, lookback=chunked)  # noqa: E731
-        bwd_fn = lambda ckpt: fused_recurrent.bdlru_bwd(*args, ckpt, do, None, False, BT, BD, w, lookback=chunked)  # noqa: E731
+    for config in CHUNK_SWEEP if chunked else SWEEP:
+        BT, *ct, BD, w = config
+        ct = ct[0] if chunked else None
+        fwd_fn = lambda store: fused_recurrent.bdlru_fwd(*args, None, store, False, BT, BD, w, chunk=ct)  # noqa: E731
+        bwd_fn = lambda ckpt: fused_recurrent.bdlru_bwd(*args, ckpt, do, None, False, BT, BD, w, chunk=ct)  # noqa: E731
         _, ckpt, _ = fwd_fn(True)
-        res[(BT, BD, w)] = (bench(lambda: fwd_fn(False)), bench(lambda: bwd_fn(ckpt)))
+        res[config] = (bench(lambda: fwd_fn(False)), bench(lambda: bwd_fn(ckpt)))
     return res
 
 
-def profile(fn, inputs, do):
-    """CUDA time of each kernel in one fwd+bwd (mean of 10 calls), and host ms to issue one call."""
-    diff = [inputs[k] for k in ("x", "r", "i", "lam", "z")]
-    step = lambda: torch.autograd.grad(fn(**inputs), diff, do)  # noqa: E731
+def host_ms(step, calls=10):
+    """Host ms to issue one call: the GPU queue is deep enough that `calls` calls never wait on it."""
     for _ in range(3):
         step()
     torch.cuda.synchronize()
     began = time.perf_counter()
-    for _ in range(10):  # the GPU queue is deep enough that 10 calls never wait on it
+    for _ in range(calls):
         step()
-    host_ms = (time.perf_counter() - began) * 100
+    elapsed = time.perf_counter() - began
     torch.cuda.synchronize()
+    return elapsed * 1e3 / calls
+
+
+def profile(fn, inputs, do):
+    """CUDA time of each kernel in one fwd+bwd (mean of 10 calls), and host ms to issue one call, also for
+    `no_kernel`, the autograd plumbing alone."""
+    diff = [inputs[k] for k in ("x", "r", "i", "lam", "z")]
+    step = lambda fn: torch.autograd.grad(fn(**inputs), diff, do)  # noqa: E731
+    host = {"host_ms_per_call": host_ms(lambda: step(fn)), "no_kernel_host_ms_per_call": host_ms(lambda: step(no_kernel))}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
-            step()
+            step(fn)
         torch.cuda.synchronize()
     kernels = {e.key: e.self_device_time_total / 10e3 for e in prof.key_averages() if e.self_device_time_total > 0}
-    return {"host_ms_per_call": host_ms, "kernels_ms": dict(sorted(kernels.items(), key=lambda kv: -kv[1]))}
+    return host | {"kernels_ms": dict(sorted(kernels.items(), key=lambda kv: -kv[1]))}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, default=Path("benchmarks/out/bdlru_kernel.json"))
-    p.add_argument("--sweep", action="store_true", help="also time each (BT, BD, num_warps) of the kernel")
+    p.add_argument("--sweep", action="store_true", help="also time each tile configuration of the launcher bdlru picks")
     p.add_argument("--profile", action="store_true", help="split bdlru fwd+bwd into its CUDA kernels")
     p.add_argument("--graph", action="store_true", help="also time every method replayed from a CUDA graph")
     p.add_argument("--skip-peers", action="store_true", help="time only ours and the floor (peers take most time)")
@@ -194,7 +223,8 @@ def main():
                 print(f"sweep {shape} {step}: " + ", ".join(f"{c} {ms[j]:.3f}" for c, ms in best), flush=True)
         if args.profile:
             prof = profiles[shape] = profile(chunk_bdlru if chunked else fused_recurrent_bdlru, inputs, do)
-            print(f"profile {shape}: host {prof['host_ms_per_call']:.3f} ms/call; " + ", ".join(
+            print(f"profile {shape}: host {prof['host_ms_per_call']:.3f} ms/call (no_kernel "
+                  f"{prof['no_kernel_host_ms_per_call']:.3f}); " + ", ".join(
                 f"{k[:40]} {ms:.3f}" for k, ms in list(prof["kernels_ms"].items())[:8]), flush=True)
         rows.append(row)
 

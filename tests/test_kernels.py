@@ -75,11 +75,19 @@ def test_fused_recurrent_many_tiles_and_channel_blocks(variant, monkeypatch):
     assert_close(fused_recurrent_bdlru, inputs, upstream, state, TOL[torch.float32])
 
 
+def small_chunks(monkeypatch, rows=(4, 4)):
+    """4-row tiles in chunks of `rows` (forward, backward); 16-channel blocks forward, 8 backward (D=20: two
+    and three)."""
+    monkeypatch.setattr(chunk, "TILES", (4, (16, 1), (8, 1)))
+    monkeypatch.setattr(chunk, "CHUNK", rows)
+
+
+@pytest.mark.parametrize("rows", [(4, 4), (12, 8)], ids=["one_tile", "several_tiles"])
 @pytest.mark.parametrize("variant", ["plain", "z+h0+state"])
-def test_chunk_matches_reference_fp32(variant, monkeypatch):
-    # 4-row chunks: T=37 makes 10, the last one ragged, each program waiting on up to 9 published maps; D=20
-    # two channel blocks forward, three backward
-    monkeypatch.setattr(chunk, "_chunk_config", lambda B, T, D: (4, (16, 1), (8, 1)))
+def test_chunk_matches_reference_fp32(variant, rows, monkeypatch):
+    # T=37 makes 10 one-tile chunks, each program waiting on up to 9 published maps; or forward 4 chunks of
+    # three tiles whose last holds one row and backward 5 of two
+    small_chunks(monkeypatch, rows)
     inputs, upstream, state = make_inputs(2, 37, 20, torch.float32, "cpu", **VARIANTS[variant], seed=3)
     assert_close(chunk_bdlru, inputs, upstream, state, TOL[torch.float32])
 
@@ -87,7 +95,7 @@ def test_chunk_matches_reference_fp32(variant, monkeypatch):
 @pytest.mark.parametrize("fn", [fused_recurrent_bdlru, chunk_bdlru], ids=["fused_recurrent", "chunk"])
 def test_inference_forward_saves_nothing_and_matches(fn, monkeypatch):
     # without autograd the forward stores no checkpoints (serving's path): only the output and state
-    monkeypatch.setattr(chunk, "_chunk_config", lambda B, T, D: (4, (16, 1), (8, 1)))
+    small_chunks(monkeypatch, rows=(8, 12))
     inputs, _, _ = make_inputs(2, 37, 20, torch.float32, "cpu", **VARIANTS["z+h0+state"], seed=7)
     with torch.no_grad():
         out, ht = fn(**inputs, return_state=True)
@@ -95,10 +103,11 @@ def test_inference_forward_saves_nothing_and_matches(fn, monkeypatch):
     assert rel_err(out, ref_out) < TOL[torch.float32] and rel_err(ht, ref_ht) < TOL[torch.float32]
 
 
-def test_chunk_look_back_across_windows(monkeypatch):
-    # with no chunk publishing the state after it, each of the 10 chunks composes its predecessors' own maps,
-    # 4 per window, down to the first chunk: the path a chunk takes on a GPU while its neighbours still run
-    monkeypatch.setattr(chunk, "_chunk_config", lambda B, T, D: (4, (16, 1), (8, 1)))
+@pytest.mark.parametrize("rows", [(4, 4), (8, 8)], ids=["one_tile", "two_tiles"])
+def test_chunk_look_back_across_windows(rows, monkeypatch):
+    # with no chunk publishing the state after it, each of the 10 (or 5) chunks composes its predecessors' own
+    # maps, 4 per window, down to the first chunk: the path a chunk takes on a GPU while its neighbours run
+    small_chunks(monkeypatch, rows)
     monkeypatch.setattr(fused_recurrent, "LOOKBACK_WINDOW", 4)
     monkeypatch.setattr(fused_recurrent, "PUBLISH_STATES", False)
     inputs, upstream, state = make_inputs(2, 37, 20, torch.float32, "cpu", **VARIANTS["z+h0+state"], seed=6)
@@ -122,7 +131,7 @@ def make_view_inputs(B, T, D, dtype, device, seed=0):
 @pytest.mark.parametrize("fn", [fused_recurrent_bdlru, chunk_bdlru], ids=["fused_recurrent", "chunk"])
 def test_inputs_read_in_place_from_views_of_wider_projections(fn, monkeypatch):
     monkeypatch.setattr(fused_recurrent, "_config", lambda B, T, D, dtype: (4, (16, 1), (8, 1)))
-    monkeypatch.setattr(chunk, "_chunk_config", lambda B, T, D: (4, (16, 1), (8, 1)))
+    small_chunks(monkeypatch, rows=(8, 12))
     inputs, upstream, state = make_view_inputs(3, 37, 20, torch.float32, "cpu", seed=5)
     assert inputs["r"].stride(1) == 40 and not inputs["x"].is_contiguous()
     assert_close(fn, inputs, upstream, state, TOL[torch.float32])
@@ -190,3 +199,13 @@ def test_kernels_gpu_real_sizes(fn, B, T, D, dtype):
         inputs, upstream, state = make_inputs(B, T, D, dtype, "cuda", **VARIANTS[variant], seed=B)
         assert_close(fn, inputs, upstream, state, TOL[dtype])
     assert_close(fn, *make_view_inputs(B, T, D, dtype, "cuda", seed=B), TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [(32, 32), (128, 512), (512, 64)])
+def test_chunk_gpu_chunks_of_several_tiles(rows, monkeypatch):
+    monkeypatch.setattr(chunk, "CHUNK", rows)
+    inputs, upstream, state = make_inputs(4, 1000, 256, torch.float32, "cuda", **VARIANTS["z+h0+state"],
+                                          seed=rows[0])
+    assert_close(chunk_bdlru, inputs, upstream, state, TOL[torch.float32])

@@ -3,8 +3,9 @@
 Each program owns one (batch, chunk of T, channel block) and walks its chunk in tiles of BT rows: a tile's
 loads are all in flight at once and the scan inside the tile is an associative scan, so the walk costs
 CT/BT dependent steps, not CT. Here a chunk is the whole sequence; `chunk.py` launches the same kernels with
-LOOKBACK, one tile per chunk and many chunks, each program taking the state entering its chunk from the maps
-its predecessors publish (`_carry_in`), so a direction stays one launch that reads its inputs once.
+LOOKBACK and many chunks: each program first walks its chunk to compose the chunk's map, takes the state
+entering the chunk from the maps its predecessors publish (`_carry_in`), then walks it again as here. A
+direction stays one launch; the second walk re-reads a chunk the first has just brought into L2.
 
 Bytes decide the speed, so the forward saves no h: only the state before each tile (T/BT rows in float32).
 The backward re-reads x, r and i (it needs them for the gates anyway) and rebuilds h inside the tile from
@@ -134,6 +135,18 @@ def _carry_in(status, i_b, i_c, n_c, o_d, m_d, a, h, h_init,
     return tl.where(first, h_init, acc_h)
 
 
+@triton.jit
+def _fwd_gates(b_x, b_r, b_i, sp, m):
+    # padded rows get a = 1, b*x = 0, so a tile's last row carries the state past them
+    a = tl.where(m, tl.exp(-sp[None, :] * tl.sigmoid(b_r)), 1.0)
+    return a, tl.sqrt(1.0 - a * a + 1e-8) * tl.sigmoid(b_i) * b_x
+
+
+@triton.jit
+def _row(v, o_t, at):
+    return tl.sum(tl.where(o_t[:, None] == at, v, 0.0), axis=0)
+
+
 @triton.jit(do_not_specialize=["T", "CT"])
 def bdlru_fwd_kernel(
     x, r, i, lam, z, h0, o, ckpt, ht, status,
@@ -144,7 +157,7 @@ def bdlru_fwd_kernel(
     LOOKBACK: tl.constexpr, PUBLISH_STATE: tl.constexpr,
 ):
     n_c = tl.cdiv(T, CT)
-    i_d, i_c, i_b = _program(status, n_c, D, BD, LOOKBACK, False)  # with LOOKBACK, one tile per chunk
+    i_d, i_c, i_b = _program(status, n_c, D, BD, LOOKBACK, False)
     x, r, i = _batch_start(x, r, i, i_b, sx_b, sr_b, si_b)
     if HAS_Z:
         z += i_b * sz_b
@@ -157,32 +170,29 @@ def bdlru_fwd_kernel(
         h = tl.where(i_c == 0, tl.load(h0 + i_b * D + o_d, mask=m_d, other=0.0).to(tl.float32), 0.0)
     base = i_b * T * D
     c_end = tl.minimum(i_c * CT + CT, T)
+    if LOOKBACK:  # a first walk composes the chunk's map, then the look-back gives the state entering it
+        acc_a, acc_h = tl.full([BD], 1.0, tl.float32), tl.zeros([BD], dtype=tl.float32)
+        for s in range(i_c * CT, c_end, BT):
+            m = ((s + o_t) < c_end)[:, None] & m_d[None, :]
+            b_x, b_r, b_i, _ = _load_tile(x, r, i, z, s + o_t, o_d, sx_t, sr_t, si_t, sz_t, m, False)
+            A, H = tl.associative_scan(_fwd_gates(b_x, b_r, b_i, sp, m), 0, _linear_combine)
+            acc_a, acc_h = _linear_combine(acc_a, acc_h, _row(A, o_t, BT - 1), _row(H, o_t, BT - 1))
+        h = _carry_in(status, i_b, i_c, n_c, o_d, m_d, acc_a, acc_h, h, D, W, False)
+        if PUBLISH_STATE:  # the state after this chunk, for the chunks still looking back
+            _publish(status, i_b, i_c, n_c, o_d, m_d, tl.zeros_like(h), acc_h + acc_a * h, D)
     t = i_c * CT + o_t
     m = (t < c_end)[:, None] & m_d[None, :]
     off = base + t[:, None] * D + o_d[None, :]  # (BT, BD) of the output, which is contiguous
     b_x, b_r, b_i, b_z = _load_tile(x, r, i, z, t, o_d, sx_t, sr_t, si_t, sz_t, m, HAS_Z)
     for s in range(i_c * CT, c_end, BT):
-        if LOOKBACK:  # the chunk is this one tile
-            n_x, n_r, n_i, n_z, n_m = b_x, b_r, b_i, b_z, m
-        else:  # the next tile's loads go out before this tile's maths: two tiles in flight per program
-            n_m = ((s + BT + o_t) < c_end)[:, None] & m_d[None, :]
-            n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, s + BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
-        if STORE_CKPT and not LOOKBACK:  # (B, cdiv(T, BT), D): the state before this tile
+        # the next tile's loads go out before this tile's maths: two tiles in flight per program
+        n_m = ((s + BT + o_t) < c_end)[:, None] & m_d[None, :]
+        n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, s + BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
+        if STORE_CKPT:  # (B, cdiv(T, BT), D): the state before this tile
             tl.store(ckpt + (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d, h, mask=m_d)
-        # padded rows get a = 1, b*x = 0, so the tile's last row carries h_{T-1}
-        a = tl.where(m, tl.exp(-sp[None, :] * tl.sigmoid(b_r)), 1.0)
-        bx = tl.sqrt(1.0 - a * a + 1e-8) * tl.sigmoid(b_i) * b_x
-        A, H = tl.associative_scan((a, bx), 0, _linear_combine)
-        if LOOKBACK:  # the state before the tile is known only now
-            last = o_t[:, None] == BT - 1
-            h = _carry_in(status, i_b, i_c, n_c, o_d, m_d, tl.sum(tl.where(last, A, 0.0), axis=0),
-                          tl.sum(tl.where(last, H, 0.0), axis=0), h, D, W, False)
-            if STORE_CKPT:
-                tl.store(ckpt + (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d, h, mask=m_d)
+        A, H = tl.associative_scan(_fwd_gates(b_x, b_r, b_i, sp, m), 0, _linear_combine)
         H = H + A * h[None, :]
-        h = tl.sum(tl.where(o_t[:, None] == BT - 1, H, 0.0), axis=0)
-        if LOOKBACK and PUBLISH_STATE:  # the state after this chunk, for the chunks still looking back
-            _publish(status, i_b, i_c, n_c, o_d, m_d, tl.zeros_like(h), h, D)
+        h = _row(H, o_t, BT - 1)
         if HAS_Z:
             H = H * b_z * tl.sigmoid(b_z)
         tl.store(o + off, H.to(o.dtype.element_ty), mask=m)
@@ -202,7 +212,7 @@ def bdlru_bwd_kernel(
     PUBLISH_STATE: tl.constexpr,
 ):
     n_c = tl.cdiv(T, CT)
-    i_d, i_c, i_b = _program(status, n_c, D, BD, LOOKBACK, True)  # with LOOKBACK, one tile per chunk
+    i_d, i_c, i_b = _program(status, n_c, D, BD, LOOKBACK, True)
     x, r, i = _batch_start(x, r, i, i_b, sx_b, sr_b, si_b)
     if HAS_Z:
         z += i_b * sz_b
@@ -223,18 +233,30 @@ def bdlru_bwd_kernel(
     s = c_start + (n_t - 1) * BT  # tiles from the chunk's end
     m = ((s + o_t) < T)[:, None] & m_d[None, :]
     off = base + (s + o_t)[:, None] * D + o_d[None, :]  # (BT, BD) of do and the gradients, contiguous
+    if LOOKBACK:  # a first walk composes the chunk's map of q from r, z and do, then the look-back
+        acc_a, acc_h = tl.full([BD], 1.0, tl.float32), tl.zeros([BD], dtype=tl.float32)
+        for k in range(n_t):
+            p_m = ((s - k * BT + o_t) < T)[:, None] & m_d[None, :]
+            _, b_r, _, b_z = _load_tile(x, r, i, z, s - k * BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, p_m, HAS_Z)
+            a = tl.where(p_m, tl.exp(-sp[None, :] * tl.sigmoid(b_r)), 1.0)
+            g = tl.load(do + off - k * BT * D, mask=p_m, other=0.0).to(tl.float32)
+            if HAS_Z:
+                g = g * b_z * tl.sigmoid(b_z)
+            QA, Q = tl.associative_scan((a, a * g), 0, _linear_combine, reverse=True)
+            acc_a, acc_h = _linear_combine(acc_a, acc_h, _row(QA, o_t, 0), _row(Q, o_t, 0))
+        q = _carry_in(status, i_b, i_c, n_c, o_d, m_d, acc_a, acc_h, q, D, W, True)
+        if PUBLISH_STATE:  # q at this chunk's start, for the chunks still looking back
+            _publish(status, i_b, i_c, n_c, o_d, m_d, tl.zeros_like(q), acc_h + acc_a * q, D)
     o_ck = (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d  # the state before the tile
     b_x, b_r, b_i, b_z = _load_tile(x, r, i, z, s + o_t, o_d, sx_t, sr_t, si_t, sz_t, m, HAS_Z)
     b_do = tl.load(do + off, mask=m, other=0.0).to(tl.float32)
     h = tl.load(ckpt + o_ck, mask=m_d, other=0.0)
     for _ in range(n_t):
-        if LOOKBACK:  # the chunk is this one tile
-            n_x, n_r, n_i, n_z, n_do, n_h, n_m = b_x, b_r, b_i, b_z, b_do, h, m
-        else:  # the previous tile's loads go out before this tile's maths: two tiles in flight per program
-            n_m = ((s - BT + o_t) >= c_start)[:, None] & m_d[None, :]
-            n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, s - BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
-            n_do = tl.load(do + off - BT * D, mask=n_m, other=0.0).to(tl.float32)
-            n_h = tl.load(ckpt + o_ck - D, mask=m_d & (s - BT + 0 * o_d >= c_start), other=0.0)
+        # the previous tile's loads go out before this tile's maths: two tiles in flight per program
+        n_m = ((s - BT + o_t) >= c_start)[:, None] & m_d[None, :]
+        n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, s - BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
+        n_do = tl.load(do + off - BT * D, mask=n_m, other=0.0).to(tl.float32)
+        n_h = tl.load(ckpt + o_ck - D, mask=m_d & (s - BT + 0 * o_d >= c_start), other=0.0)
         sr = tl.sigmoid(b_r)
         a = tl.where(m, tl.exp(-sp[None, :] * sr), 1.0)
         sq = tl.sqrt(1.0 - a * a + 1e-8)
@@ -251,14 +273,8 @@ def bdlru_bwd_kernel(
             g = b_do
         # dh_t = g_t + q_{t+1} and q_t = a_t dh_t: a reverse scan of (a, a g) whose exclusive part is q_{t+1}
         QA, Q, QAp, Qp = tl.associative_scan((a, a * g, one, zero), 0, _linear_combine_excl, reverse=True)
-        if LOOKBACK:
-            first = o_t[:, None] == 0
-            q = _carry_in(status, i_b, i_c, n_c, o_d, m_d, tl.sum(tl.where(first, QA, 0.0), axis=0),
-                          tl.sum(tl.where(first, Q, 0.0), axis=0), q, D, W, True)
         dh = g + Qp + QAp * q[None, :]
-        q = tl.sum(tl.where(o_t[:, None] == 0, Q + QA * q[None, :], 0.0), axis=0)
-        if LOOKBACK and PUBLISH_STATE:  # q at this chunk's start, for the chunks still looking back
-            _publish(status, i_b, i_c, n_c, o_d, m_d, tl.zeros_like(q), q, D)
+        q = _row(Q + QA * q[None, :], o_t, 0)
         db = dh * b_x
         # total derivative through a, including b = sqrt(1 - a^2 + eps) * sigmoid(i)
         dA = dh * h_prev - db * si * a / sq
@@ -301,43 +317,45 @@ def _config(B, T, D, dtype):
 LOOKBACK_WINDOW = 16  # predecessors read at once; the walk back rarely needs a second window
 
 
-def _grid(B, T, D, BT, BD, lookback, device):
-    """(grid, CT, W, status): one program per (channel block, batch) walking all of T, or with lookback one
-    per (channel block, chunk of BT rows, batch), plus the zeroed maps and start counter they share."""
-    if not lookback:
+def _grid(B, T, D, BT, BD, chunk, device):
+    """(grid, CT, W, status): one program per (channel block, batch) walking all of T, or, given a chunk
+    length, one per (channel block, chunk, batch) with the zeroed maps and start counter they share."""
+    if chunk is None:
         return (triton.cdiv(D, BD), 1, B), T, 1, None
-    n_c = triton.cdiv(T, BT)
+    if chunk % BT:
+        raise ValueError(f"chunk length {chunk} is not a multiple of the tile's {BT} rows")
+    n_c = triton.cdiv(T, chunk)
     status = torch.zeros(B * n_c * D + 1, dtype=torch.int64, device=device)
-    return (triton.cdiv(D, BD) * n_c * B,), BT, min(LOOKBACK_WINDOW, triton.next_power_of_2(n_c)), status
+    return (triton.cdiv(D, BD) * n_c * B,), chunk, min(LOOKBACK_WINDOW, triton.next_power_of_2(n_c)), status
 
 
-def bdlru_fwd(x, r, i, lam, z, h0, store_ckpt, store_ht, BT, BD, num_warps, lookback=False):
+def bdlru_fwd(x, r, i, lam, z, h0, store_ckpt, store_ht, BT, BD, num_warps, chunk=None):
     """out (B, T, D), the state before every BT-row tile (B, cdiv(T, BT), D) and h_T (B, D)."""
     B, T, D = x.shape
     o = _empty(x.shape, dtype=x.dtype, device=x.device)
     ckpt = _empty(B, triton.cdiv(T, BT), D, dtype=torch.float32, device=x.device) if store_ckpt else None
     ht = _empty(B, D, dtype=torch.float32, device=x.device) if store_ht else None
-    grid, CT, W, status = _grid(B, T, D, BT, BD, lookback, x.device)
+    grid, CT, W, status = _grid(B, T, D, BT, BD, chunk, x.device)
     bdlru_fwd_kernel[grid](
         x, r, i, lam, z, h0, o, ckpt, ht, status, *_strides(x, r, i, z), T, CT, D=D, BT=BT, BD=BD, W=W,
-        HAS_Z=z is not None, HAS_H0=h0 is not None, STORE_CKPT=store_ckpt, STORE_HT=store_ht, LOOKBACK=lookback,
+        HAS_Z=z is not None, HAS_H0=h0 is not None, STORE_CKPT=store_ckpt, STORE_HT=store_ht, LOOKBACK=chunk is not None,
         PUBLISH_STATE=PUBLISH_STATES, num_warps=num_warps,
     )
     return o, ckpt, ht
 
 
-def bdlru_bwd(x, r, i, lam, z, ckpt, do, dht, store_dq0, BT, BD, num_warps, lookback=False):
+def bdlru_bwd(x, r, i, lam, z, ckpt, do, dht, store_dq0, BT, BD, num_warps, chunk=None):
     """dx, dr, di, dlam, dz and dL/dh0 from the tile checkpoints and dL/dh_T (or None)."""
     B, T, D = x.shape
     dx, dr, di = (_empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(3))
     dz = _empty(x.shape, dtype=x.dtype, device=x.device) if z is not None else None
-    grid, CT, W, status = _grid(B, T, D, BT, BD, lookback, x.device)
+    grid, CT, W, status = _grid(B, T, D, BT, BD, chunk, x.device)
     dlam = _empty(B * triton.cdiv(T, CT), D, dtype=torch.float32, device=x.device)  # per-program partial sums
     dq0 = _empty(B, D, dtype=torch.float32, device=x.device) if store_dq0 else None
     bdlru_bwd_kernel[grid](
         x, r, i, lam, z, ckpt, do, dht, dx, dr, di, dz, dlam, dq0, status, *_strides(x, r, i, z), T, CT,
         D=D, BT=BT, BD=BD, W=W, HAS_Z=z is not None, HAS_DHT=dht is not None, STORE_DQ0=store_dq0,
-        LOOKBACK=lookback, PUBLISH_STATE=PUBLISH_STATES, num_warps=num_warps,
+        LOOKBACK=chunk is not None, PUBLISH_STATE=PUBLISH_STATES, num_warps=num_warps,
     )
     return dx, dr, di, dlam.sum(0), dz, dq0
 
@@ -359,18 +377,20 @@ def _strides(x, r, i, z):
 
 
 class BDLRUFunction(torch.autograd.Function):
-    """Autograd of both launchers: config = (BT, (BD, num_warps) forward, (BD, num_warps) backward); with
-    lookback a program per BT-row chunk (`chunk.py`), else one per channel block walking all of T."""
+    """Autograd of both launchers: config = (BT, (BD, num_warps) forward, (BD, num_warps) backward); given
+    chunk lengths (rows forward and backward, multiples of BT) a program per chunk (`chunk.py`), else one per
+    channel block walking all of T."""
 
     @staticmethod
-    def forward(ctx, x, r, i, lam, z, h0, return_state, config, lookback):
+    def forward(ctx, x, r, i, lam, z, h0, return_state, config, chunk):
         x, r, i, z, lam, h0 = _kernel_inputs(x, r, i, lam, z, h0)
         BT, fwd, bwd = config
         needs_grad = any(ctx.needs_input_grad[:6])
-        o, ckpt, ht = bdlru_fwd(x, r, i, lam, z, h0, needs_grad, return_state, BT, *fwd, lookback=lookback)
+        o, ckpt, ht = bdlru_fwd(x, r, i, lam, z, h0, needs_grad, return_state, BT, *fwd,
+                                 chunk=chunk and chunk[0])
         if needs_grad:
             ctx.save_for_backward(x, r, i, lam, z, ckpt)
-            ctx.config, ctx.lookback = (BT, *bwd), lookback
+            ctx.config, ctx.chunk = (BT, *bwd), chunk and chunk[1]
             ctx.h0_dtype = h0.dtype if h0 is not None else None
         return (o, ht) if return_state else o
 
@@ -379,7 +399,7 @@ class BDLRUFunction(torch.autograd.Function):
         x, r, i, lam, z, ckpt = ctx.saved_tensors
         do, dht = _contiguous(do, dht)
         dx, dr, di, dlam, dz, dh0 = bdlru_bwd(x, r, i, lam, z, ckpt, do, dht, ctx.h0_dtype is not None, *ctx.config,
-                                              lookback=ctx.lookback)
+                                              chunk=ctx.chunk)
         dh0 = dh0.to(ctx.h0_dtype) if dh0 is not None else None
         return dx, dr, di, dlam.to(lam.dtype), dz, dh0, None, None, None
 
@@ -397,4 +417,4 @@ def fused_recurrent_bdlru(x, r, i, lam, z=None, h0=None, return_state=False):
     """
     check_inputs(x, r, i, lam, z, h0)
     check_device(x, "fused_recurrent_bdlru")
-    return BDLRUFunction.apply(x, r, i, lam, z, h0, return_state, _config(*x.shape, x.dtype), False)
+    return BDLRUFunction.apply(x, r, i, lam, z, h0, return_state, _config(*x.shape, x.dtype), None)

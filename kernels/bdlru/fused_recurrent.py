@@ -40,6 +40,12 @@ def _linear_combine_excl(a1, h1, ap1, hp1, a2, h2, ap2, hp2):
 
 
 @triton.jit
+def _row(v, o_t, at):
+    # row `at` of a (rows, BD) block, as (BD,)
+    return tl.sum(tl.where(o_t[:, None] == at, v, 0.0), axis=0)
+
+
+@triton.jit
 def _softplus(v):
     return tl.maximum(v, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v)))
 
@@ -128,23 +134,24 @@ def _carry_in(status, i_b, i_c, n_c, o_d, m_d, a, h, h_init,
             v = tl.where(v >= 0, tl.atomic_add(ptr, 0, mask=m & (v >= 0), sem="acquire"), v)
         pa, ph = _unpack(v)
         A, H = tl.associative_scan((pa, ph), 0, _linear_combine, reverse=REVERSE)
-        end = o_w[:, None] == (0 if REVERSE else W - 1)  # the window's whole map
-        acc_a, acc_h = _linear_combine(tl.sum(tl.where(end, A, 0.0), axis=0), tl.sum(tl.where(end, H, 0.0), axis=0),
-                                       acc_a, acc_h)
+        end = 0 if REVERSE else W - 1  # the window's whole map
+        acc_a, acc_h = _linear_combine(_row(A, o_w, end), _row(H, o_w, end), acc_a, acc_h)
         k += W
     return tl.where(first, h_init, acc_h)
 
 
 @triton.jit
-def _fwd_gates(b_x, b_r, b_i, sp, m):
-    # padded rows get a = 1, b*x = 0, so a tile's last row carries the state past them
-    a = tl.where(m, tl.exp(-sp[None, :] * tl.sigmoid(b_r)), 1.0)
-    return a, tl.sqrt(1.0 - a * a + 1e-8) * tl.sigmoid(b_i) * b_x
+def _decay(b_r, sp, m):
+    """(a, sigmoid(r)); padded rows get a = 1, so they pass the state (or q) through unchanged."""
+    sr = tl.sigmoid(b_r)
+    return tl.where(m, tl.exp(-sp[None, :] * sr), 1.0), sr
 
 
 @triton.jit
-def _row(v, o_t, at):
-    return tl.sum(tl.where(o_t[:, None] == at, v, 0.0), axis=0)
+def _fwd_gates(b_x, b_r, b_i, sp, m):
+    # padded rows get b*x = 0 as well, so a tile's last row carries the state past them
+    a, _ = _decay(b_r, sp, m)
+    return a, tl.sqrt(1.0 - a * a + 1e-8) * tl.sigmoid(b_i) * b_x
 
 
 @triton.jit(do_not_specialize=["T", "CT"])
@@ -238,7 +245,7 @@ def bdlru_bwd_kernel(
         for k in range(n_t):
             p_m = ((s - k * BT + o_t) < T)[:, None] & m_d[None, :]
             _, b_r, _, b_z = _load_tile(x, r, i, z, s - k * BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, p_m, HAS_Z)
-            a = tl.where(p_m, tl.exp(-sp[None, :] * tl.sigmoid(b_r)), 1.0)
+            a, _ = _decay(b_r, sp, p_m)
             g = tl.load(do + off - k * BT * D, mask=p_m, other=0.0).to(tl.float32)
             if HAS_Z:
                 g = g * b_z * tl.sigmoid(b_z)
@@ -257,8 +264,7 @@ def bdlru_bwd_kernel(
         n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, s - BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
         n_do = tl.load(do + off - BT * D, mask=n_m, other=0.0).to(tl.float32)
         n_h = tl.load(ckpt + o_ck - D, mask=m_d & (s - BT + 0 * o_d >= c_start), other=0.0)
-        sr = tl.sigmoid(b_r)
-        a = tl.where(m, tl.exp(-sp[None, :] * sr), 1.0)
+        a, sr = _decay(b_r, sp, m)
         sq = tl.sqrt(1.0 - a * a + 1e-8)
         si = tl.sigmoid(b_i)
         one, zero = tl.full([BT, BD], 1.0, tl.float32), tl.zeros([BT, BD], dtype=tl.float32)

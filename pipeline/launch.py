@@ -52,11 +52,18 @@ def fit_on_processes(nproc: int, data_dir: Path, run_dir: Path, model: str = "re
     return result
 
 
+def cli_option(name: str, value) -> str:
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):  # typer's --flag / --no-flag pair
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag}={value}"
+
+
 def train_args(data_dir: Path, run_dir: Path, model: str, overrides: Optional[dict], train: TrainConfig) -> list[str]:
     """`recblr train ... --json` with the fields of `train` that differ from TrainConfig's defaults."""
     changed = {f.name: getattr(train, f.name) for f in dataclasses.fields(train)
                if getattr(train, f.name) != f.default}
-    options = [f"--{name.replace('_', '-')}={value}" for name, value in changed.items()]
+    options = [cli_option(name, value) for name, value in changed.items()]
     sets = [f"--set={key}={json.dumps(value)}" for key, value in (overrides or {}).items()]  # _parse_sets reads JSON
     return ["train", f"--data-dir={data_dir}", f"--run-dir={run_dir}", f"--model={model}", *options, *sets, "--json"]
 

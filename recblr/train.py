@@ -58,6 +58,7 @@ class TrainConfig:
     eval_batch_size: int = 4096
     precision: str = "fp32"  # "bf16": autocast for training and evaluation (the kernel then reads bf16)
     time_budget_s: Optional[float] = None  # after the first epoch, none starts that would end past this
+    compile: bool = False  # torch.compile the training forward: fewer, fused kernels for a compile at start
 
     def __post_init__(self):
         if self.regime not in ("prefix", "all"):
@@ -130,6 +131,16 @@ def train_epoch(net, opt, flat: np.ndarray, start: np.ndarray, stop: np.ndarray,
     return loss_sum / max(n, 1)
 
 
+def stepped(net: torch.nn.Module, cfg: TrainConfig, world: int = 1) -> torch.nn.Module:
+    """What training steps: `net` wrapped in DDP across ranks (it broadcasts rank 0's weights now and
+    all-reduces gradients in backward), and compiled when cfg.compile."""
+    if world > 1:
+        net = DistributedDataParallel(net, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith(
+            "cuda") else None)
+    # dynamic: one graph serves every window length a batch pads to, instead of a compile per length
+    return torch.compile(net, dynamic=True) if cfg.compile else net
+
+
 def fit(prepared_dir: Path, run_dir: Path, model: str = "recblr", *, overrides: Optional[dict] = None,
         train: Optional[TrainConfig] = None, resume: bool = False,
         on_epoch: Optional[Callable[[int, dict], None]] = None) -> Optional[dict]:
@@ -180,9 +191,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
         net.load_state_dict(blob["state_dict"])
         opt.load_state_dict(blob["optimizer"])
         state = {**blob["progress"], "out_of_time": False}  # a resumed run has a budget of its own
-    # DDP broadcasts rank 0's weights here and all-reduces gradients in backward; evaluation uses `net`
-    trained = DistributedDataParallel(net, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith(
-        "cuda") else None) if world > 1 else net
+    trained = stepped(net, cfg, world)  # evaluation uses `net`
 
     start, stop = training_windows(data.history, cfg.max_len, cfg.regime)
     if len(start) == 0:

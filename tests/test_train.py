@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from prepared_data import markov_sequences, write_prepared
 from recblr.data import Sequences, load_prepared, training_windows
 from recblr.models import build, load
-from recblr.train import TrainConfig, batch_loss, fit
+from recblr.train import TrainConfig, batch_loss, fit, stepped
 
 N_ITEMS = 24
 SMALL = {"d_model": 16, "dropout": 0.1}
@@ -202,3 +202,31 @@ def test_bf16_autocast_feeds_the_scan_bf16_and_learns_like_fp32(prepared, tmp_pa
     assert bf16["test"] == pytest.approx(fp32["test"], abs=0.03)
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp16")
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                      reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("model_name", ["recblr", "sasrec"])
+def test_compiled_training_step_equals_eager(model_name, device, monkeypatch):
+    """TrainConfig.compile changes how the step runs, not what it computes: same loss, same gradients
+    (on CUDA the compiled graph calls the BD-LRU Triton kernel)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    history = ragged(SEQS)
+    start, stop = training_windows(history, max_len=4, regime="all")
+    torch.manual_seed(0)
+    no_dropout = {"dropout": 0.0, **({"attn_dropout": 0.0} if model_name == "sasrec" else {})}
+    model = build(model_name, 16, d_model=8, **no_dropout).to(device)
+    losses, grads = [], []
+    for compile_ in (False, True):
+        cfg = TrainConfig(device=device, compile=compile_)
+        model.zero_grad()
+        loss = batch_loss(stepped(model, cfg), history.flat, start, stop, cfg)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(losses[1], losses[0])
+    for compiled, eager in zip(*grads, strict=True):
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)

@@ -92,16 +92,17 @@ def measure(prepared: Path, model: str, T: int, args) -> dict:
     """One (model, T): warm-up batches, then one timed epoch; runs in a worker process of its own."""
     from recblr.data import load_prepared, training_windows
     from recblr.models import build
-    from recblr.train import TrainConfig, train_epoch
+    from recblr.train import TrainConfig, stepped, train_epoch
 
     cuda = args.device.startswith("cuda")
     cfg = TrainConfig(batch_size=args.batch_size, max_len=T, regime="all", device=args.device,
-                      precision=args.precision, epochs=1)
+                      precision=args.precision, epochs=1, compile=args.compile)
     data = load_prepared(prepared)
     torch.manual_seed(0)
     name = "sasrec" if model.startswith("sasrec") else model
     net = build(name, data.n_items, **({"max_len": T} if name == "sasrec" else {})).to(args.device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net = stepped(net, cfg)
     start, stop = training_windows(data.history, T, "all")
     order = np.random.default_rng(0).permutation(len(start))
     attention = contextlib.nullcontext()
@@ -122,11 +123,30 @@ def measure(prepared: Path, model: str, T: int, args) -> dict:
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - began
+        if args.profile:
+            profile(net, opt, data.history.flat, start, stop, order, cfg, args, name=f"{model}_T{T}")
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tokens = int((stop - start).sum())
     return {"model": model, "T": T, "epoch_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
             "peak_mb": peak / 2**20, "peak_kind": "cuda_max_allocated" if cuda else "process_peak_rss",
             "windows": len(start), "loss": loss, "precision": args.precision, "device": args.device}
+
+
+def profile(net, opt, flat, start, stop, order, cfg, args, name: str) -> None:
+    """GPU kernels of `args.profile` training batches, by total device time, to profile_<model>_T<T>.txt."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from recblr.train import train_epoch
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg.device.startswith("cuda") else [])
+    with torch_profile(activities=activities) as prof:
+        train_epoch(net, opt, flat, start, stop, order[:args.profile * cfg.batch_size], cfg, desc=f"{name} profile")
+        if cfg.device.startswith("cuda"):
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if cfg.device.startswith("cuda") else "self_cpu_time_total"
+    path = args.json.with_name(f"profile_{name}.txt")
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
 
 
 def main() -> None:
@@ -141,6 +161,9 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--warmup", type=int, default=3, help="batches before the timed epoch")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per (model, length) before it is cut")
+    parser.add_argument("--compile", action="store_true", help="TrainConfig.compile: torch.compile every model's training forward")
+    parser.add_argument("--profile", type=int, default=0, metavar="BATCHES",
+                        help="after the timed epoch, profile this many batches to profile_<model>_T<T>.txt")
     parser.add_argument("--data", type=Path, default=Path("benchmarks/out/xlong_synth/prepared"))
     parser.add_argument("--json", type=Path, default=Path("benchmarks/out/training_cost.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # MODEL:T, run by the parent in a fresh process

@@ -6,17 +6,18 @@
 
 For each batch B and history length T: a RecBLR and a SASRec with the same D and layers (random weights,
 eval mode, float32, TF32 off) and B users with T past events each. Every timed method ends in the top-10
-over all items of each user, on the device:
+over all items of each user, on the device, ranked by the same `model.top_k` (`kernels.score_topk`: on CUDA
+the fused score + top-k, which never makes the (B, n_items + 1) scores):
   step     RecBLR.step for one new event from the cached state (the state from prefill over the T events)
   recblr   RecBLR forward over the T + 1 events, scores at the last position
   sasrec   SASRec forward over the T + 1 events (position table T + 1), scores at the last position
-  score    scoring and top-10 alone from a fixed hidden state: the part all three share
+  score    `top_k` alone from a fixed hidden state: the part all three share
   prefill  building the state from the T events (what a new or evicted user costs once)
   step_graph  (CUDA only) `recblr.serving.StepServer.step`, prefilled with the same T events: the step, its
               in-place state update and the top-10, captured once in a CUDA graph and replayed (each call
               advances the state by one more event; small batches are launch-bound)
 p50 / p99 of `--repeats` calls, each timed with perf_counter around the call and a device synchronize;
-updates/s = B / p50. The step's scores are checked against the RecBLR forward's in the same run.
+updates/s = B / p50. The step's scores and top-10 are checked against the RecBLR forward's in the same run.
 With --recommend-users, also the users/s of `pipeline.recommend.top_k` (the batch job's scoring loop).
 """
 import argparse
@@ -31,14 +32,14 @@ import torch
 from tqdm import tqdm
 
 from recblr.models import build
-from recblr.serving import StepServer, top_k
+from recblr.serving import StepServer
 
 OUT = Path(__file__).resolve().parent / "out" / "inference.json"
 TOP = 10
 
 
-def top10(scores: torch.Tensor) -> torch.Tensor:
-    return top_k(scores, TOP)[0]  # (B, 10): serving's ranking, padding never recommended
+def top10(model, hidden: torch.Tensor) -> torch.Tensor:
+    return model.top_k(hidden, TOP)[0]  # (B, 10): serving's ranking, padding never recommended
 
 
 def timed(fn, repeats: int, device: torch.device, warmup: int = 3) -> dict:
@@ -68,14 +69,14 @@ def one_shape(batch: int, length: int, args, device: torch.device) -> dict:
     state = recblr.prefill(past)
     hidden = torch.randn(batch, args.d_model, device=device)
 
-    step_scores, _ = recblr.step(new, state)
-    full_scores = recblr.scores(recblr(items)[:, -1])
-    agree = (top10(step_scores.clone()) == top10(full_scores.clone())).all(1).float().mean().item()
+    step_hidden, _ = recblr.step(new, state)  # (B, D)
+    full_hidden = recblr(items)[:, -1]  # (B, D)
+    agree = (top10(recblr, step_hidden) == top10(recblr, full_hidden)).all(1).float().mean().item()
     methods = {
-        "step": lambda: top10(recblr.step(new, state)[0]),
-        "recblr": lambda: top10(recblr.scores(recblr(items)[:, -1])),
-        "sasrec": lambda: top10(sasrec.scores(sasrec(items)[:, -1])),
-        "score": lambda: top10(recblr.scores(hidden)),
+        "step": lambda: top10(recblr, recblr.step(new, state)[0]),
+        "recblr": lambda: top10(recblr, recblr(items)[:, -1]),
+        "sasrec": lambda: top10(sasrec, sasrec(items)[:, -1]),
+        "score": lambda: top10(recblr, hidden),
         "prefill": lambda: recblr.prefill(past),
     }
     if device.type == "cuda":  # what serving runs: one new event per user, replayed from a CUDA graph
@@ -83,7 +84,8 @@ def one_shape(batch: int, length: int, args, device: torch.device) -> dict:
         server.prefill(range(batch), past)
         methods["step_graph"] = server.capture_error or (lambda: server.step(new))
     row = {"batch": batch, "length": length, "n_items": args.n_items, "d_model": args.d_model,
-           "layers": args.layers, "step_vs_forward_max_abs": (step_scores - full_scores).abs().max().item(),
+           "layers": args.layers,
+           "step_vs_forward_max_abs": (recblr.scores(step_hidden) - recblr.scores(full_hidden)).abs().max().item(),
            "step_vs_forward_top10_equal": agree}
     for name, fn in methods.items():
         if isinstance(fn, str):  # a capture that failed: say why, time the rest

@@ -28,8 +28,6 @@ class RecblrPyfunc(mlflow.pyfunc.PythonModel):
         self.k = int((context.model_config or {}).get("k", 10))
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        from recblr.serving import top_k
-
         k = min(int((params or {}).get("k") or self.k), len(self.item_ids) - 1)
         # Unknown items (not in the training vocabulary) carry no signal for the model: drop them.
         rows = [[self.item_idx[i] for i in map(str, h) if i in self.item_idx] for h in model_input["history"]]
@@ -41,7 +39,7 @@ class RecblrPyfunc(mlflow.pyfunc.PythonModel):
         with torch.no_grad():
             hidden = self.model(items)  # (B, T, D)
             last = hidden[torch.arange(len(rows)), lengths - 1]  # (B, D)
-            top, scores = top_k(self.model.scores(last), k)  # (B, K) each, padding never recommended
+            top, scores = self.model.top_k(last, k)  # (B, K) each, padding never recommended
         return pd.DataFrame({
             "item_ids": [list(self.item_ids[t]) for t in top.numpy()],
             "scores": [list(map(float, s)) for s in scores.numpy()],

@@ -7,8 +7,9 @@ user's input is the whole prepared sequence (history + valid item + test item), 
 items are matched to the model's vocabulary by raw id: a champion trained on yesterday's data scores
 today's users, items it never saw are left out of their inputs.
 
-Users are scored a chunk at a time (the chunk sized as in evaluation, so users x items never exceeds
-`SCORE_BUDGET` floats) and each chunk is one Parquet row group, so memory does not grow with the user count.
+Users are ranked a chunk at a time (the chunk sized as in evaluation, so users x items never exceeds
+`SCORE_BUDGET` floats where the scores are made) and each chunk is one Parquet row group, so memory does not
+grow with the user count.
 The file appears only when complete. mlflow is imported inside `recommend` alone: `top_k` runs wherever torch does.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from recblr.data import Sequences, load_prepared
-from recblr.evaluate import PRECISIONS, mask_seen, next_item_scores
+from recblr.evaluate import PRECISIONS, mask_seen, next_item_hidden, next_item_scores
 from recblr.models import resolve_device
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()),
@@ -37,18 +38,23 @@ def top_k(model: torch.nn.Module, seqs: Sequences, k: int, *, max_len: int, batc
           progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield (rows, items (B, k), scores (B, k)) per chunk of users, best first; item 0 (padding) never.
 
-    With exclude_history every item of a user's whole sequence scores -inf; a user with fewer than k
-    unseen items gets -inf in the tail, which callers drop. precision "bf16" runs the model under bf16
-    autocast; the scores are ranked in float32 either way (next_item_scores).
+    Ranked by `model.top_k` (on CUDA the fused score + top-k, no (B, n_items + 1) scores). With
+    exclude_history every item of a user's whole sequence scores -inf, a mask per user over the full scores,
+    so that path makes them and ranks with torch.topk; a user with fewer than k unseen items gets -inf in the
+    tail, which callers drop. precision "bf16" runs the model under bf16 autocast; the scores are ranked in
+    float32 either way (next_item_hidden).
     """
     n_scores = model.item_embedding.num_embeddings
     if not 1 <= k < n_scores:
         raise ValueError(f"k must be in 1..{n_scores - 1} (the model's item count), got {k}")
-    for rows, scores in next_item_scores(model, seqs, n_scores, max_len=max_len, batch_size=batch_size,
-                                         precision=precision, desc="recommend", progress=progress):
-        if exclude_history:
-            mask_seen(scores, seqs, rows)
-        values, items = scores.topk(k, dim=1)  # (B, k) each
+    chunking = dict(max_len=max_len, batch_size=batch_size, precision=precision, desc="recommend", progress=progress)
+    if exclude_history:
+        for rows, scores in next_item_scores(model, seqs, n_scores, **chunking):
+            values, items = mask_seen(scores, seqs, rows).topk(k, dim=1)  # (B, k) each
+            yield rows, items.cpu().numpy(), values.cpu().numpy()
+        return
+    for rows, hidden in next_item_hidden(model, seqs, n_scores, **chunking):
+        items, values = model.top_k(hidden, k)  # (B, k) each
         yield rows, items.cpu().numpy(), values.cpu().numpy()
 
 

@@ -1,4 +1,4 @@
-"""What every sequential recommender here shares: the tied item table, full-softmax scores and the init.
+"""What every sequential recommender here shares: the tied item table, full-softmax scores, top-k and the init.
 
 The training and evaluation code only touches this surface (see the protocol in `recblr.models`), so a new
 model is a config dataclass plus `forward(items) -> hidden`.
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+from kernels import score_topk
 
 
 class SequentialRecommender(nn.Module):
@@ -18,6 +20,17 @@ class SequentialRecommender(nn.Module):
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., n_items + 1) logits against the tied item table."""
         return hidden @ self.item_embedding.weight.T
+
+    @torch.no_grad()
+    def top_k(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden (B, D) -> (items (B, k), scores (B, k) float32), best first; item 0 (padding) never.
+
+        The one ranking of serving, the pyfunc, batch recommendation and the inference benchmark:
+        `kernels.score_topk` over the table without its padding row (a view, not a copy), which on CUDA never
+        makes the (B, n_items + 1) scores and which a CUDA graph can capture. A ranking: no gradient.
+        """
+        values, indices = score_topk(hidden, self.item_embedding.weight[1:], k)
+        return indices + 1, values
 
     def init_weights(self, module: nn.Module) -> None:
         """SASRec/RecBole init, used by the authors for RecBLR too: N(0, 0.02) weights, zero biases."""

@@ -37,16 +37,16 @@ def precision_context(device: str, precision: str):
 
 
 @torch.no_grad()
-def next_item_scores(model: nn.Module, seqs: Sequences, n_scores: int, *, max_len: int, batch_size: int = 4096,
+def next_item_hidden(model: nn.Module, seqs: Sequences, n_scores: int, *, max_len: int, batch_size: int = 4096,
                      precision: str = "fp32", desc: str = "score",
                      progress: bool = True) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """Yield (rows, scores (B, n_scores)) per chunk of users: every item scored as the one after each user's
-    last `max_len` items, in float32, padding at -inf. Chunks keep users x n_scores under SCORE_BUDGET.
-    precision "bf16" runs the model's forward under bf16 autocast ("fp32" leaves a caller's autocast as is)."""
+    """Yield (rows, hidden (B, D) float32) per chunk of users: the model's output after each user's last
+    `max_len` items, from which every item is scored. Chunks keep users x n_scores under SCORE_BUDGET, so a
+    chunk's scores fit wherever they are made. precision "bf16" runs the model's forward under bf16 autocast
+    ("fp32" leaves a caller's autocast as is)."""
     device = next(itertools.chain(model.parameters(), model.buffers())).device
     n_users = len(seqs.offsets) - 1
     rows_per_batch = max(1, min(batch_size, SCORE_BUDGET // n_scores))
-    padding = torch.arange(n_scores, device=device) == 0
     with tqdm(total=n_users, desc=desc, unit="user", unit_scale=True, leave=False, disable=not progress) as bar:
         for lo in range(0, n_users, rows_per_batch):
             rows = np.arange(lo, min(lo + rows_per_batch, n_users))
@@ -54,11 +54,22 @@ def next_item_scores(model: nn.Module, seqs: Sequences, n_scores: int, *, max_le
             with precision_context(device.type, precision):
                 hidden = model(gather(seqs.flat, start, stop).to(device))  # (B, T, D)
             last = torch.from_numpy(np.maximum(stop - start - 1, 0)).to(device)  # an empty input reads pad
-            with torch.autocast(device.type, enabled=False):  # bf16's 8-bit mantissa would tie near scores
-                scores = model.scores(hidden[torch.arange(len(rows), device=device), last].float())  # (B, N + 1)
-            scores = scores.masked_fill(padding, float("-inf"))  # a fresh tensor: scores may be a broadcast view
             bar.update(len(rows))
-            yield rows, scores
+            yield rows, hidden[torch.arange(len(rows), device=device), last].float()  # (B, D)
+
+
+@torch.no_grad()
+def next_item_scores(model: nn.Module, seqs: Sequences, n_scores: int, *, max_len: int, batch_size: int = 4096,
+                     precision: str = "fp32", desc: str = "score",
+                     progress: bool = True) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Yield (rows, scores (B, n_scores)) per chunk of users (`next_item_hidden`'s): every item scored as the one
+    after each user's last `max_len` items, in float32, padding at -inf."""
+    for rows, hidden in next_item_hidden(model, seqs, n_scores, max_len=max_len, batch_size=batch_size,
+                                         precision=precision, desc=desc, progress=progress):
+        with torch.autocast(hidden.device.type, enabled=False):  # bf16's 8-bit mantissa would tie near scores
+            scores = model.scores(hidden)  # (B, N + 1)
+        padding = torch.arange(n_scores, device=hidden.device) == 0
+        yield rows, scores.masked_fill(padding, float("-inf"))  # a fresh tensor: scores may be a broadcast view
 
 
 def mask_seen(scores: torch.Tensor, seqs: Sequences, rows: np.ndarray) -> torch.Tensor:

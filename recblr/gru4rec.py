@@ -54,6 +54,7 @@ class GRU4Rec(SequentialRecommender):
         return torch.zeros(self.config.n_layers, batch_size, self.config.d_hidden, device=device)
 
     def step(self, items: torch.Tensor, state: torch.Tensor):
-        """Advance every user by one event: items (B,) -> (scores (B, n_items + 1), new state)."""
+        """Advance every user by one event: items (B,) -> (hidden (B, D), new state), as `forward`'s last
+        position; rank with `top_k` (or `scores`)."""
         y, state = self.gru(self.drop(self.item_embedding(items[:, None])), state)  # (B, 1, H)
-        return self.scores(self.out(y[:, 0])), state
+        return self.out(y[:, 0]), state

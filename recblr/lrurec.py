@@ -134,10 +134,11 @@ class LRURec(SequentialRecommender):
         return torch.zeros(self.config.n_layers, batch_size, n, dtype=torch.complex64, device=device)
 
     def step(self, items: torch.Tensor, state: torch.Tensor):
-        """Advance every user by one event: items (B,) -> (scores (B, n_items + 1), new state)."""
+        """Advance every user by one event: items (B,) -> (hidden (B, D), new state), as `forward`'s last
+        position; rank with `top_k` (or `scores`)."""
         x = self.ln(self.drop(self.item_embedding(items)))  # (B, D)
         new_state = []
         for block, h in zip(self.blocks, state):
             x, h = block.step(x, h)
             new_state.append(h)
-        return self.scores(x), torch.stack(new_state)
+        return x, torch.stack(new_state)

@@ -154,10 +154,11 @@ class RecBLR(SequentialRecommender):
                 for _ in self.blocks]
 
     def step(self, items: torch.Tensor, state: list):
-        """Advance every user by one event: items (B,) -> (scores (B, n_items + 1), new state)."""
+        """Advance every user by one event: items (B,) -> (hidden (B, D), new state), as `forward`'s last
+        position; rank with `top_k` (or `scores`)."""
         x = self.ln(self.drop(self.item_embedding(items)))  # (B, D)
         new_state = []
         for block, layer_state in zip(self.blocks, state):
             x, layer_state = block.step(x, layer_state)
             new_state.append(layer_state)
-        return self.scores(x), new_state
+        return x, new_state

@@ -2,10 +2,11 @@
 
 `StepServer(model, batch_size, k)` keeps the cached state of `batch_size` users ("slots") in tensors that
 `model.allocate_state` makes once; `step(items)` advances every slot by one event and returns each slot's top-k
-next items. On CUDA the whole step (the model's step, the in-place state update, scoring and top-k) is captured
-once in a CUDA graph and replayed: for one user the eager step is ~50 small launches (1.15 ms on an H100), the
-replayed graph 0.146 ms (benchmarks/RESULTS.md, "Inference"). On a CPU, or when capture fails, the same `_step`
-runs eagerly: the graph only replays it.
+next items. On CUDA the whole step (the model's step, the in-place state update and `model.top_k`, the fused
+score + top-k kernel) is captured once in a CUDA graph and replayed: for one user the eager step is ~50 small
+launches (1.15 ms on an H100), the replayed graph 0.146 ms (benchmarks/RESULTS.md, "Inference", measured with
+the plain matmul + torch.topk ranking). On a CPU, or when capture fails, the same `_step` runs eagerly: the graph
+only replays it.
 
     server = StepServer(model, batch_size=64, k=10)   # RecBLR, GRU4Rec or LRURec, on the device it serves on
     server.prefill([0, 1], [[5, 9, 2], [7]])           # two users' past events (oldest first) into slots 0 and 1
@@ -23,17 +24,6 @@ import torch
 import torch.nn as nn
 
 
-def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores (B, n_items + 1) -> (items (B, k), scores (B, k)), best first; item 0 (padding) never.
-
-    The one place serving ranks, so a fused score + top-k kernel can replace it. Overwrites column 0 of
-    `scores` (a temporary of the step) rather than slicing it off, which would copy all B x n_items scores.
-    """
-    scores[:, 0] = float("-inf")
-    values, items = scores.topk(k, dim=1)  # (B, k) each
-    return items, values
-
-
 def leaves(state) -> list[torch.Tensor]:
     """The tensors of a state as `allocate_state` returns it (a tensor, or lists / tuples of them), in order."""
     if isinstance(state, torch.Tensor):
@@ -44,10 +34,11 @@ def leaves(state) -> list[torch.Tensor]:
 class StepServer:
     """The cached state of `batch_size` users of a recurrent `model`, stepped together.
 
-    model: anything with `allocate_state(batch_size, device)` and `step(items (B,), state) -> (scores, state)`
-    (RecBLR, GRU4Rec, LRURec); it is put in eval mode and served on the device of its parameters. Its weights
-    are read in place, so `load_state_dict` updates a captured graph too. `cuda_graph=False` steps eagerly on
-    CUDA as well. `capture_error` says why capture failed (also warned once), None otherwise.
+    model: a recurrent `SequentialRecommender`, with `allocate_state(batch_size, device)` and `step(items (B,),
+    state) -> (hidden, state)` (RecBLR, GRU4Rec, LRURec), ranked by its `top_k`; it is put in eval mode and
+    served on the device of its parameters. Its weights are read in place, so `load_state_dict` updates a
+    captured graph too. `cuda_graph=False` steps eagerly on CUDA as well. `capture_error` says why capture
+    failed (also warned once), None otherwise.
     """
 
     @torch.inference_mode()
@@ -83,8 +74,8 @@ class StepServer:
 
     def _step(self) -> None:
         """The whole step on the static buffers: what runs eagerly and what the graph captures."""
-        scores, new_state = self.model.step(self.items, self.state)  # (B, n_items + 1)
-        items, values = top_k(scores, self.k)  # (B, k) each
+        hidden, new_state = self.model.step(self.items, self.state)  # (B, D)
+        items, values = self.model.top_k(hidden, self.k)  # (B, k) each
         for old, new in zip(self._batch_first(self.state), self._batch_first(new_state)):
             keep = self.active.view((-1,) + (1,) * (old.dim() - 1))  # broadcast over the slot's state
             old.copy_(torch.where(keep, new, old))

@@ -32,8 +32,8 @@ def test_prefill_equals_stepping_every_event(overrides, length):
             torch.testing.assert_close(window, window_ref, atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(h, h_ref, atol=1e-6, rtol=1e-5)
         # and serving goes on from it: the next step equals the full forward at that position
-        scores, _ = model.step(items[:, length], filled)
-        torch.testing.assert_close(scores, model.scores(model(items)[:, -1]), atol=1e-5, rtol=1e-5)
+        hidden, _ = model.step(items[:, length], filled)  # (3, D)
+        torch.testing.assert_close(hidden, model(items)[:, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_benchmark_runs_and_checks_step_against_forward(tmp_path):

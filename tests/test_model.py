@@ -55,11 +55,11 @@ def test_step_equals_forward_at_every_position(overrides):
     model = small(**overrides)
     x = items(batch=4, length=11)  # not a power of two
     with torch.no_grad():
-        full = model.scores(model(x))  # (B, T, N + 1)
+        full = model(x)  # (B, T, D)
         state = model.allocate_state(4, "cpu")
         for t in range(x.shape[1]):
-            scores, state = model.step(x[:, t], state)
-            torch.testing.assert_close(scores, full[:, t], atol=1e-5, rtol=1e-5)
+            hidden, state = model.step(x[:, t], state)  # (B, D)
+            torch.testing.assert_close(hidden, full[:, t], atol=1e-5, rtol=1e-5)
 
 
 def test_lambda_init_spans_the_papers_decay_range():

@@ -62,11 +62,11 @@ def test_causal_position_t_ignores_later_items(name, t):
 def test_step_matches_full_forward(name):
     model = small(name)
     items = random_items(3, 11)
-    full = model.scores(model(items))  # (B, T, N + 1)
+    full = model(items)  # (B, T, D)
     state = model.allocate_state(3, "cpu")
     for t in range(items.shape[1]):
-        scores, state = model.step(items[:, t], state)
-        torch.testing.assert_close(scores, full[:, t], atol=1e-5, rtol=1e-4)
+        hidden, state = model.step(items[:, t], state)  # (B, D)
+        torch.testing.assert_close(hidden, full[:, t], atol=1e-5, rtol=1e-4)
 
 
 def sequential_scan(b, lam):

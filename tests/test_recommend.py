@@ -13,10 +13,12 @@ import torch
 from prepared_data import markov_sequences, write_prepared
 from typer.testing import CliRunner
 
+import recblr.base
+from kernels import fused_score_topk
 from pipeline import tracking
 from pipeline.cli import app
 from pipeline.errors import PipelineError
-from pipeline.recommend import recommend, to_vocabulary
+from pipeline.recommend import recommend, to_vocabulary, top_k
 from recblr import models
 from recblr.data import Sequences
 from recblr.train import TrainConfig, fit
@@ -94,6 +96,21 @@ def test_exclude_history_drops_every_seen_item(registered, tmp_path):
         assert not set(mine["item_id"]) & {f"i{i}" for i in seq}
         assert mine["item_id"].tolist() == ids[u]
         np.testing.assert_allclose(mine["score"].to_numpy(), scores[u], rtol=1e-5, atol=1e-6)
+
+
+def test_chunks_ranked_by_the_triton_kernel_equal_the_reference_ranking(registered, monkeypatch):
+    # CPU tensors take the reference ranking; here the kernel ranks, as on CUDA, through the interpreter
+    model = models.load(registered["model_path"])
+    lengths = [len(seq) for seq in registered["seqs"]]
+    seqs = Sequences(np.concatenate(registered["seqs"]), np.concatenate([[0], np.cumsum(lengths)]))
+    want = list(top_k(model, seqs, 5, max_len=MAX_LEN, batch_size=4, progress=False))  # 4 chunks
+    monkeypatch.setattr(recblr.base, "score_topk", fused_score_topk)
+    got = list(top_k(model, seqs, 5, max_len=MAX_LEN, batch_size=4, progress=False))
+    assert len(got) == len(want) == 4
+    for (rows, items, scores), (want_rows, want_items, want_scores) in zip(got, want):
+        np.testing.assert_array_equal(rows, want_rows)
+        np.testing.assert_array_equal(items, want_items)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_serves_the_fp32_ranking_within_autocast_rounding(registered, tmp_path):

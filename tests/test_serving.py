@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import recblr.base
+from kernels import fused_score_topk
 from recblr.models import build
-from recblr.serving import StepServer, leaves, top_k
+from recblr.serving import StepServer, leaves
 
 N_ITEMS, K = 40, 5
 # RecBLR with and without its conv window, and the peers that step (they prefill by stepping)
@@ -68,12 +70,26 @@ def test_prefill_then_steps_equal_the_full_forward(name, overrides):
         assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
 
 
+def test_steps_ranked_by_the_triton_kernel_equal_the_full_forward(monkeypatch):
+    # CPU tensors take the reference ranking; here the kernel ranks, as on CUDA, through the interpreter
+    monkeypatch.setattr(recblr.base, "score_topk", fused_score_topk)
+    model = small("recblr")
+    serve_and_check(StepServer(model, batch_size=len(LENGTHS) + 1, k=K), model)
+
+
 def test_top_k_never_returns_padding():
-    scores = torch.randn(3, N_ITEMS + 1, generator=torch.Generator().manual_seed(0))
-    scores[:, 0] = 100.0  # padding would rank first
-    items, values = top_k(scores.clone(), K)
+    model = small("recblr")
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(16, generator=g)
+    hidden = base + 0.1 * torch.randn(3, 16, generator=g)  # (3, D)
+    with torch.no_grad():
+        model.item_embedding.weight[0] = 100 * base  # padding would rank first
+        scores = model.scores(hidden)  # (3, N + 1)
+    assert (scores[:, 0] > scores[:, 1:].max(dim=1).values).all()
+    items, values = model.top_k(hidden, K)
     order = scores[:, 1:].argsort(dim=1, descending=True)[:, :K] + 1  # (3, K)
-    assert torch.equal(items, order) and torch.equal(values, scores.gather(1, order))
+    assert torch.equal(items, order)
+    torch.testing.assert_close(values, scores.gather(1, order))
     server = StepServer(small("recblr"), batch_size=2, k=N_ITEMS)  # every item: all but padding
     server.prefill([0, 1], [[1, 2], [3]])
     top, _ = server.step([4, 5])

@@ -139,7 +139,7 @@ def train(
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 (default) or bf16 (autocast, training and evaluation)."),
     eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="Users per scoring chunk in evaluation (default 4096)."),
     time_budget_s: Optional[float] = typer.Option(None, "--time-budget-s", help="Start no epoch that would end past this many seconds; the best epoch so far is the result."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training forward (default off): faster epochs after a compile of about a minute; for long runs on a GPU."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training forward (default off): faster epochs after a compile of about 40 s; for long runs on a GPU."),
     set_: list[str] = typer.Option([], "--set", help="Model config override FIELD=VALUE, repeatable (e.g. dropout=0.5)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.pt."),
     as_json: bool = AsJson,

@@ -213,7 +213,8 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch
 def test_compiled_training_step_equals_eager(model_name, device, monkeypatch):
     """TrainConfig.compile changes how the step runs, not what it computes: same loss, same gradients
     (on CUDA the compiled graph calls the BD-LRU Triton kernel)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    if device == "cuda":  # TF32 would round eager and compiled matmuls apart
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     history = ragged(SEQS)
     start, stop = training_windows(history, max_len=4, regime="all")
     torch.manual_seed(0)

@@ -1,14 +1,19 @@
 """The chunked linear + cross-entropy against F.cross_entropy on explicit logits: values, gradients, bf16
-autocast, what it keeps for the backward and the largest block it allocates."""
+autocast, what it keeps for the backward and the largest block it allocates, and its wiring into training."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
 import recblr.loss
+import recblr.train
+from recblr.data import Sequences, training_windows
 from recblr.loss import linear_cross_entropy
+from recblr.models import MODELS, build
+from recblr.train import TrainConfig, batch_loss
 
 V, D = 37, 5  # a vocabulary that is not a power of two
 
@@ -143,3 +148,23 @@ def test_bad_inputs_name_the_problem(change, match):
 def test_bad_settings_name_the_problem(kwargs, match):
     with pytest.raises(ValueError, match=match):
         linear_cross_entropy(*inputs(10), **kwargs)
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_batch_loss_gradients_equal_the_plain_path_for_every_model(model_name, monkeypatch):
+    """Training's loss on the tied table gives every parameter the gradient of scores() + F.cross_entropy."""
+    history = Sequences(np.array([5, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]), np.array([0, 1, 3, 9, 12]))
+    start, stop = training_windows(history, max_len=4, regime="all")
+    torch.manual_seed(0)
+    model = build(model_name, 16, **({} if model_name == "pop" else {"d_model": 8}))
+    cfg = TrainConfig(device="cpu", label_smoothing=0.1)
+    grads = []
+    for loss_fn in (linear_cross_entropy, reference):
+        monkeypatch.setattr(recblr.train, "linear_cross_entropy", loss_fn)
+        torch.manual_seed(1)  # the same dropout masks
+        model.zero_grad(set_to_none=True)
+        batch_loss(model, history.flat, start, stop, cfg).backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)

@@ -36,26 +36,25 @@ def _chunked(hidden, table, targets, label_smoothing: float, chunk_size: int, dt
     grad_table = torch.zeros(table.shape, dtype=acc, device=table.device) if grad_table_needed else None  # (V, D)
     for lo in range(0, n, chunk_size):
         rows, target = hidden[lo:lo + chunk_size].to(dtype), targets[lo:lo + chunk_size, None]  # (c, D), (c, 1)
-        logits = (rows @ weights.T).to(acc)  # (c, V)
-        loss -= (1 - label_smoothing) * logits.gather(1, target).sum()
+        block = (rows @ weights.T).to(acc)  # (c, V): the chunk's logits
+        loss -= (1 - label_smoothing) * block.gather(1, target).sum()
         if label_smoothing:
-            loss -= label_smoothing * logits.mean(1).sum()
-        # log-sum-exp in place: the chunk's (c, V) block is the only one of its size, then the softmax
-        top = logits.amax(1, keepdim=True)  # (c, 1)
-        probs = logits.sub_(top).exp_()  # (c, V), unnormalised
-        total = probs.sum(1, keepdim=True)  # (c, 1)
+            loss -= label_smoothing * block.mean(1).sum()
+        # log-sum-exp, then the softmax, in place: no second (c, V) block (but a bf16 copy under autocast)
+        top = block.amax(1, keepdim=True)  # (c, 1)
+        total = block.sub_(top).exp_().sum(1, keepdim=True)  # (c, 1)
         loss += (top + total.log()).sum()
-        if not (grad_hidden_needed or grad_table_needed):
-            continue
-        grad = probs.div_(total)  # (c, V): dloss/dlogits = softmax - (1 - eps) onehot - eps / V
-        grad.scatter_add_(1, target, torch.full_like(target, label_smoothing - 1, dtype=acc))
-        if label_smoothing:
-            grad.sub_(label_smoothing / V)
-        grad = grad.to(dtype)  # the matmuls' dtype, as the plain path's backward under autocast
-        if grad_hidden_needed:
-            grad_hidden[lo:lo + chunk_size] = grad @ weights  # (c, D)
-        if grad_table_needed:
-            grad_table += grad.T @ rows  # (V, D), summed over chunks in `acc`
+        if grad_hidden_needed or grad_table_needed:
+            block.div_(total)  # dloss/dlogits = softmax - (1 - eps) onehot - eps / V
+            block.scatter_add_(1, target, torch.full_like(target, label_smoothing - 1, dtype=acc))
+            if label_smoothing:
+                block.sub_(label_smoothing / V)
+            block = block.to(dtype)  # the matmuls' dtype, as the plain path's backward under autocast
+            if grad_hidden_needed:
+                grad_hidden[lo:lo + chunk_size] = block @ weights  # (c, D)
+            if grad_table_needed:
+                grad_table += block.T @ rows  # (V, D), summed over chunks in `acc`
+        del block  # freed before the next chunk's is made, not after: one block alive at a time
     return loss, grad_hidden, None if grad_table is None else grad_table.to(table.dtype)
 
 

@@ -14,7 +14,8 @@ target, eps spread evenly over all V classes, padding included; no ignore_index)
 Precision is the plain path's under bf16 autocast (scores matmul in bf16, `.float()` on the logits): the
 matmuls take their inputs in the autocast dtype, softmax and sums run in float32 (float64 for float64 inputs),
 and the gradients come back in the dtypes of hidden and table. The casts are explicit and autocast is off
-inside, so what runs in which dtype does not depend on autocast's op lists.
+inside, so what runs in which dtype does not depend on autocast's op lists (torch.amp.custom_fwd would do the
+same but for one device type fixed at decoration; the backward only scales, so it needs no autocast state).
 """
 from __future__ import annotations
 

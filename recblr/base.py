@@ -18,7 +18,10 @@ class SequentialRecommender(nn.Module):
     item_embedding: nn.Embedding  # (n_items + 1, D), row 0 is padding and stays zero
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., D) -> (..., n_items + 1) logits against the tied item table."""
+        """(..., D) -> (..., n_items + 1) logits against the tied item table.
+
+        Training's loss computes these same logits itself, a chunk at a time (recblr.loss), so a model
+        that scored otherwise would need it to follow."""
         return hidden @ self.item_embedding.weight.T
 
     @torch.no_grad()

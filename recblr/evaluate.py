@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from recblr.data import Prepared, Sequences, gather
 
-SCORE_BUDGET = 1 << 26  # floats in one (users, items) score block: 256 MiB in float32
+SCORE_BUDGET = 1 << 26  # floats in one (rows, items) score block, here and in recblr.loss: 256 MiB in float32
 PRECISIONS = ("fp32", "bf16")
 
 

@@ -2,7 +2,8 @@
 
 Protocol (what train.py and evaluate.py rely on; see `recblr.base.SequentialRecommender`):
 - a frozen config dataclass with `n_items`; `dataclasses.asdict(config)` is what gets logged and saved;
-- `model.item_embedding`: nn.Embedding(n_items + 1, D, padding_idx=0), also the output table;
+- `model.item_embedding`: nn.Embedding(n_items + 1, D, padding_idx=0), also the output table (training's loss,
+  `recblr.loss.linear_cross_entropy`, reads its weight: scores are hidden @ weight.T for every model);
 - `model(items (B, T) right-padded with 0) -> hidden (B, T, D)`, causal;
 - `model.scores(hidden (..., D)) -> (..., n_items + 1)`, and `model.top_k(hidden (B, D), k) -> (items, scores)`,
   the k best items without the padding row and without making those scores (what serving and recommend use);

@@ -1,5 +1,7 @@
 """Training: full-softmax cross-entropy over every item, Adam, early stopping on validation NDCG@10.
 
+The loss (recblr.loss) never holds the (positions, items) logits: it walks them a chunk of rows at a time.
+
 Two regimes over the same windows (recblr.data.training_windows): the paper's "prefix" (every prefix of a
 training sequence is a sample, loss at its last position) and "all" (one window per user, loss at every
 position). An epoch's shuffle and dropout depend only on (seed, epoch) and each epoch ends with a checkpoint,
@@ -24,12 +26,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from recblr.data import gather, load_prepared, training_windows
 from recblr.evaluate import PRECISIONS, evaluate, precision_context
+from recblr.loss import linear_cross_entropy
 from recblr.models import build, load, resolve_device, save
 
 # fields a resumed run may change: they alter neither the model nor what an epoch computes
@@ -87,10 +89,11 @@ def batch_loss(net, flat: np.ndarray, start: np.ndarray, stop: np.ndarray, cfg: 
         last = torch.from_numpy(stop - start - 1).to(cfg.device)  # (B,)
         targets = torch.where(torch.arange(targets.shape[1], device=cfg.device) == last[:, None], targets, 0)
     scored = targets != 0
-    model = getattr(net, "module", net)  # scores() lives on the model inside a DDP wrapper
+    model = getattr(net, "module", net)  # the item table lives on the model inside a DDP wrapper
     with precision_context(cfg.device, cfg.precision):
-        logits = model.scores(net(items)[scored]).float()  # (n, n_items + 1): only positions with a loss
-    loss = F.cross_entropy(logits, targets[scored], label_smoothing=cfg.label_smoothing, reduction="sum")
+        hidden = net(items)[scored]  # (n, D): only positions with a loss
+        # model.scores' logits, a chunk of rows at a time: the (n, n_items + 1) matrix is never held
+        loss = linear_cross_entropy(hidden, model.item_embedding.weight, targets[scored], cfg.label_smoothing)
     return loss / (n_targets if n_targets is not None else max(int(scored.sum()), 1))
 
 

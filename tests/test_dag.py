@@ -39,10 +39,12 @@ def workdir(tmp_path_factory):
 def test_schedule_params_and_task_order(dag):
     assert dag.timetable.expression == "0 3 * * *" and dag.catchup is False
     params = dag.params.dump()
-    for name in ("source", "format", "model", "epochs", "max_len", "nproc_per_node", "time_budget_s", "tracking_uri"):
+    for name in ("source", "format", "model", "epochs", "max_len", "nproc_per_node", "time_budget_s", "compile",
+                 "tracking_uri"):
         assert name in params
     assert params["model"] == "recblr" and params["source"] is None and params["format"] == "csv"
     assert params["nproc_per_node"] == 1  # one process: the task trains in its own process
+    assert params["compile"] is False  # a compile costs more than a small nightly run saves
     tasks = {t.task_id: t for t in dag.tasks}
     assert sorted(tasks) == sorted(ORDER)
     for before, after in zip(ORDER, ORDER[1:]):
@@ -69,11 +71,14 @@ def test_params_reject_a_wrong_type(dag):
     for wrong in (0, -1, "soon"):
         with pytest.raises(ParamValidationError):
             params["time_budget_s"] = wrong
+    with pytest.raises(ParamValidationError):
+        params["compile"] = "yes"
 
 
 def run(dag, workdir, day: int, **conf):
     # dag.test() in one process keeps the last run's params: spell out every param a test changes
     conf = {**TINY, "source": None, "model": "recblr", "overrides": {}, "nproc_per_node": 1, "time_budget_s": None,
+            "compile": False,
             "data_dir": str(workdir / "data" / "toy"),
             "tracking_uri": f"sqlite:///{workdir / 'data' / 'mlflow' / 'mlflow.db'}", **conf}
     return dag.test(logical_date=datetime(2026, 1, day, 3, tzinfo=timezone.utc), run_conf=conf)

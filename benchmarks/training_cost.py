@@ -161,7 +161,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--warmup", type=int, default=3, help="batches before the timed epoch")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per (model, length) before it is cut")
-    parser.add_argument("--compile", action="store_true", help="TrainConfig.compile: torch.compile every model's training forward")
+    parser.add_argument("--compile", action="store_true",
+                        help="TrainConfig.compile: torch.compile every model's training forward")
     parser.add_argument("--profile", type=int, default=0, metavar="BATCHES",
                         help="after the timed epoch, profile this many batches to profile_<model>_T<T>.txt")
     parser.add_argument("--data", type=Path, default=Path("benchmarks/out/xlong_synth/prepared"))

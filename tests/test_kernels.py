@@ -75,6 +75,14 @@ def test_fused_recurrent_many_tiles_and_channel_blocks(variant, monkeypatch):
     assert_close(fused_recurrent_bdlru, inputs, upstream, state, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("fn", [fused_recurrent_bdlru, chunk_bdlru], ids=["fused_recurrent", "chunk"])
+def test_launchers_refuse_cpu_tensors_outside_the_interpreter(fn, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    inputs, _, _ = make_inputs(1, 5, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=f"{fn.__name__} needs CUDA tensors.*use kernels.bdlru"):
+        fn(**inputs)
+
+
 def small_chunks(monkeypatch, rows=(4, 4)):
     """4-row tiles in chunks of `rows` (forward, backward); 16-channel blocks forward, 8 backward (D=20: two
     and three)."""

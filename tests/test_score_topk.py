@@ -146,3 +146,10 @@ def test_fused_gpu_replays_in_a_cuda_graph():
     hidden.copy_(torch.randn_like(hidden))
     graph.replay()
     assert_top_k(values, indices, hidden, table, 10)
+
+
+def test_fused_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    hidden, table = make_inputs(2, 10, 8, torch.float32)
+    with pytest.raises(ValueError, match="fused_score_topk needs CUDA tensors.*use kernels.score_topk"):
+        fused_score_topk(hidden, table, 3)

@@ -14,6 +14,7 @@ import triton
 from kernels.bdlru import fused_recurrent
 from kernels.bdlru.fused_recurrent import _fit
 from kernels.bdlru.naive import check_inputs
+from kernels.device import check_device
 
 # (BT, (BD, num_warps) forward, (BD, num_warps) backward) and the chunk lengths in rows, forward and
 # backward, each a multiple of BT: the best of each direction in `benchmarks/bdlru_kernel.py --sweep --shapes
@@ -36,5 +37,5 @@ def chunk_bdlru(x, r, i, lam, z=None, h0=None, return_state=False):
     the input dtype, and with return_state the final state h_T (B, D) in float32.
     """
     check_inputs(x, r, i, lam, z, h0)
-    fused_recurrent.check_device(x, "chunk_bdlru")
+    check_device(x, "chunk_bdlru", "kernels.bdlru")
     return fused_recurrent.BDLRUFunction.apply(x, r, i, lam, z, h0, return_state, *_chunk_config(*x.shape))

@@ -12,13 +12,13 @@ The backward re-reads x, r and i (it needs them for the gates anyway) and rebuil
 that checkpoint. Both h_{t-1} and the reverse carry dh_{t+1} are exclusive scans; scanning the pair
 (all elements, all but the last) gets them without shifted loads.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.bdlru.naive import check_inputs
+from kernels.device import check_device
 
 # Tests set this to fill every output with NaN before the launch, so an element the kernel skips fails.
 POISON_OUTPUTS = False
@@ -410,11 +410,6 @@ class BDLRUFunction(torch.autograd.Function):
         return dx, dr, di, dlam.to(lam.dtype), dz, dh0, None, None, None
 
 
-def check_device(x, name):
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"{name} needs CUDA tensors (or TRITON_INTERPRET=1); use kernels.bdlru")
-
-
 def fused_recurrent_bdlru(x, r, i, lam, z=None, h0=None, return_state=False):
     """BD-LRU on CUDA tensors, one Triton pass each way; same contract as `kernels.bdlru`.
 
@@ -422,5 +417,5 @@ def fused_recurrent_bdlru(x, r, i, lam, z=None, h0=None, return_state=False):
     the input dtype, and with return_state the final state h_T (B, D) in float32.
     """
     check_inputs(x, r, i, lam, z, h0)
-    check_device(x, "fused_recurrent_bdlru")
+    check_device(x, "fused_recurrent_bdlru", "kernels.bdlru")
     return BDLRUFunction.apply(x, r, i, lam, z, h0, return_state, _config(*x.shape, x.dtype), None)

@@ -30,12 +30,11 @@ merge rounds that already keep them busy.
 Ties: inside a program the lower item index wins (the first occurrence in a tile; a later item must beat the
 k-th best, not equal it); between programs torch.topk's order decides. Scores that are NaN are never chosen.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kernels.device import check_device, interpreting
 from kernels.score_topk.naive import check_inputs
 
 # Tests set this to fill the candidate buffers with NaN (values) and -1 (indices) before the launch, so a slot
@@ -122,15 +121,6 @@ def _empty(shape, dtype, device):
     return t.fill_(float("nan") if dtype.is_floating_point else -1) if POISON_OUTPUTS else t
 
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def check_device(x, name):
-    if not x.is_cuda and not _interpreting():
-        raise ValueError(f"{name} needs CUDA tensors (or TRITON_INTERPRET=1); use kernels.score_topk")
-
-
 def fused_score_topk(hidden, table, k):
     """`kernels.score_topk` on CUDA tensors, always through the kernel: k up to MAX_K, D up to MAX_D.
 
@@ -139,7 +129,7 @@ def fused_score_topk(hidden, table, k):
     the host, so a CUDA graph can capture it.
     """
     check_inputs(hidden, table, k)
-    check_device(hidden, "fused_score_topk")
+    check_device(hidden, "fused_score_topk", "kernels.score_topk")
     (B, D), N = hidden.shape, table.shape[0]
     if k > MAX_K or D > MAX_D:
         raise ValueError(f"fused_score_topk takes k <= {MAX_K} and D <= {MAX_D}, got k={k}, D={D}; "
@@ -151,7 +141,7 @@ def fused_score_topk(hidden, table, k):
     cand_v = _empty((B, n_ranges, k), torch.float32, hidden.device)
     cand_i = _empty((B, n_ranges, k), torch.int32, hidden.device)
     # the interpreter multiplies bfloat16 as the raw bits it stores them in (uint16), so it dots in float32
-    dot_fp32 = torch.float32 in (hidden.dtype, table.dtype) or _interpreting()
+    dot_fp32 = torch.float32 in (hidden.dtype, table.dtype) or interpreting()
     score_topk_kernel[(n_blocks, n_ranges)](
         hidden, table, cand_v, cand_i, B, N, D, items, *hidden.stride(), *table.stride(), K=k, KP=KP, BB=BB, BN=BN,
         BD=BD, DOT_FP32=dot_fp32, PRECISION=FP32_PRECISION,

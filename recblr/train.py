@@ -55,7 +55,6 @@ class TrainConfig:
     max_len: int = 50  # the paper: 50 for Beauty/Sports/Steam, 100 Gowalla, 200 ML-1M
     regime: str = "all"  # "all" (loss at every position) or "prefix" (the paper's)
     patience: int = 10  # epochs without a better validation NDCG@10 before stopping
-    halve_lr_after: int = 0  # halve lr after each run of this many epochs without a better one (0: never)
     seed: int = 42
     device: str = "auto"  # "auto": cuda when available
     eval_batch_size: int = 4096
@@ -181,8 +180,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
         net.fit_counts(data.item_counts())
     net = net.to(cfg.device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = {"epoch": 0, "history": [], "best_ndcg": -1.0, "best_epoch": 0, "stale": 0, "out_of_time": False,
-             "lr": cfg.lr}
+    state = {"epoch": 0, "history": [], "best_ndcg": -1.0, "best_epoch": 0, "stale": 0, "out_of_time": False}
     if resume:
         if not checkpoint_path.is_file():
             raise FileNotFoundError(f"{checkpoint_path}: nothing to resume; train without --resume first")
@@ -195,7 +193,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
             raise ValueError(f"{checkpoint_path}: saved with other settings {theirs}, now {mine}")
         net.load_state_dict(blob["state_dict"])
         opt.load_state_dict(blob["optimizer"])
-        state = {"lr": cfg.lr, **blob["progress"], "out_of_time": False}  # a resumed run has a budget of its own
+        state = {**blob["progress"], "out_of_time": False}  # a resumed run has a budget of its own
     trained = stepped(net, cfg, world)  # evaluation uses `net`
 
     start, stop = training_windows(data.history, cfg.max_len, cfg.regime)
@@ -205,8 +203,6 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
         if state["stale"] >= cfg.patience or state["out_of_time"]:
             break
         torch.manual_seed((cfg.seed + epoch) * world + rank)  # one process: seed + epoch, as before DDP
-        for group in opt.param_groups:  # from the state every rank shares, so a resumed run keeps its decay
-            group["lr"] = state["lr"]
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(start))
         epoch_began = time.time()
         loss = train_epoch(trained, opt, data.history.flat, start, stop, order, cfg, rank=rank, world=world,
@@ -215,7 +211,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
         if rank == 0:
             with precision_context(cfg.device, cfg.precision):
                 valid = evaluate(net, data, "valid", max_len=cfg.max_len, batch_size=cfg.eval_batch_size)
-            record = {"epoch": epoch, "loss": loss, "lr": state["lr"], "seconds": time.time() - epoch_began,
+            record = {"epoch": epoch, "loss": loss, "seconds": time.time() - epoch_began,
                       "train_seconds": train_seconds, **{f"val_{k}": v for k, v in valid.items()}}
             state["history"].append(record)
             state["epoch"] = epoch
@@ -224,8 +220,6 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
                 save(net, model_path, train=dataclasses.asdict(cfg), epoch=epoch)
             else:
                 state["stale"] += 1
-                if cfg.halve_lr_after and state["stale"] % cfg.halve_lr_after == 0:
-                    state["lr"] /= 2
             tmp = checkpoint_path.with_suffix(".pt.tmp")
             torch.save({"model": model, "config": dataclasses.asdict(net.config), "train": dataclasses.asdict(cfg),
                         "state_dict": net.state_dict(), "optimizer": opt.state_dict(), "progress": state}, tmp)

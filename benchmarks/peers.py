@@ -46,7 +46,7 @@ def worker(prepared: Path, model: str, out: Path, args) -> None:
 def recipe(args) -> dict:
     """The TrainConfig fields given on the command line; the others keep TrainConfig's defaults."""
     given = {"regime": args.regime, "batch_size": args.batch_size, "label_smoothing": args.label_smoothing,
-             "lr": args.lr, "patience": args.patience, "ema_decay": args.ema_decay}
+             "lr": args.lr, "patience": args.patience}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -91,7 +91,6 @@ def main() -> None:
     parser.add_argument("--label-smoothing", type=float, help="default: TrainConfig's")
     parser.add_argument("--lr", type=float, help="default: TrainConfig's")
     parser.add_argument("--patience", type=int, help="default: TrainConfig's")
-    parser.add_argument("--ema-decay", type=float, help="default: TrainConfig's")
     parser.add_argument("--deadline", type=float, default=480.0, help="each run's time budget, seconds")
     parser.add_argument("--worker", nargs=2, metavar=("PREPARED", "MODEL"), help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # a worker's one seed

@@ -26,7 +26,6 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -56,7 +55,6 @@ class TrainConfig:
     max_len: int = 50  # the paper: 50 for Beauty/Sports/Steam, 100 Gowalla, 200 ML-1M
     regime: str = "all"  # "all" (loss at every position) or "prefix" (the paper's)
     patience: int = 10  # epochs without a better validation NDCG@10 before stopping
-    ema_decay: float = 0.0  # > 0: validate, keep and test an exponential moving average of the weights
     seed: int = 42
     device: str = "auto"  # "auto": cuda when available
     eval_batch_size: int = 4096
@@ -114,7 +112,7 @@ def shard(batch: np.ndarray, start: np.ndarray, stop: np.ndarray, cfg: TrainConf
 
 
 def train_epoch(net, opt, flat: np.ndarray, start: np.ndarray, stop: np.ndarray, order: np.ndarray,
-                cfg: TrainConfig, *, rank: int = 0, world: int = 1, desc: str = "train", ema=None) -> float:
+                cfg: TrainConfig, *, rank: int = 0, world: int = 1, desc: str = "train") -> float:
     """One pass over `order` (indices into start/stop) in global batches of cfg.batch_size; the mean loss."""
     net.train()
     began, loss_sum, n = time.time(), 0.0, 0
@@ -126,8 +124,6 @@ def train_epoch(net, opt, flat: np.ndarray, start: np.ndarray, stop: np.ndarray,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if ema is not None:
-            ema.update_parameters(getattr(net, "module", net))
         loss_sum += loss.item()
         speed = (lo + len(batch)) / (time.time() - began)
         bar.set_postfix(loss=f"{loss_sum / n:.4f}", seq_s=f"{speed:.0f}")
@@ -184,7 +180,6 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
         net.fit_counts(data.item_counts())
     net = net.to(cfg.device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
     state = {"epoch": 0, "history": [], "best_ndcg": -1.0, "best_epoch": 0, "stale": 0, "out_of_time": False}
     if resume:
         if not checkpoint_path.is_file():
@@ -198,11 +193,8 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
             raise ValueError(f"{checkpoint_path}: saved with other settings {theirs}, now {mine}")
         net.load_state_dict(blob["state_dict"])
         opt.load_state_dict(blob["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(blob["ema"])
         state = {**blob["progress"], "out_of_time": False}  # a resumed run has a budget of its own
-    trained = stepped(net, cfg, world)
-    kept = ema.module if ema is not None else net  # what is validated, saved and tested
+    trained = stepped(net, cfg, world)  # evaluation uses `net`
 
     start, stop = training_windows(data.history, cfg.max_len, cfg.regime)
     if len(start) == 0:
@@ -214,24 +206,23 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(start))
         epoch_began = time.time()
         loss = train_epoch(trained, opt, data.history.flat, start, stop, order, cfg, rank=rank, world=world,
-                           desc=f"epoch {epoch}/{cfg.epochs}", ema=ema)
+                           desc=f"epoch {epoch}/{cfg.epochs}")
         train_seconds = time.time() - epoch_began
         if rank == 0:
             with precision_context(cfg.device, cfg.precision):
-                valid = evaluate(kept, data, "valid", max_len=cfg.max_len, batch_size=cfg.eval_batch_size)
+                valid = evaluate(net, data, "valid", max_len=cfg.max_len, batch_size=cfg.eval_batch_size)
             record = {"epoch": epoch, "loss": loss, "seconds": time.time() - epoch_began,
                       "train_seconds": train_seconds, **{f"val_{k}": v for k, v in valid.items()}}
             state["history"].append(record)
             state["epoch"] = epoch
             if valid["ndcg_at_10"] > state["best_ndcg"]:
                 state.update(best_ndcg=valid["ndcg_at_10"], best_epoch=epoch, stale=0)
-                save(kept, model_path, train=dataclasses.asdict(cfg), epoch=epoch)
+                save(net, model_path, train=dataclasses.asdict(cfg), epoch=epoch)
             else:
                 state["stale"] += 1
             tmp = checkpoint_path.with_suffix(".pt.tmp")
             torch.save({"model": model, "config": dataclasses.asdict(net.config), "train": dataclasses.asdict(cfg),
-                        "state_dict": net.state_dict(), "optimizer": opt.state_dict(), "progress": state,
-                        **({"ema": ema.state_dict()} if ema is not None else {})}, tmp)
+                        "state_dict": net.state_dict(), "optimizer": opt.state_dict(), "progress": state}, tmp)
             tmp.replace(checkpoint_path)  # atomic: a kill mid-write keeps the previous epoch's checkpoint
             tqdm.write(f"epoch {epoch}: loss {loss:.4f} valid ndcg@10 {valid['ndcg_at_10']:.4f} "
                        f"hr@10 {valid['hr_at_10']:.4f} ({train_seconds:.1f} s train, {record['seconds']:.1f} s)",

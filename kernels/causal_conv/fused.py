@@ -45,11 +45,11 @@ def _tap(w, o_c, j, C: tl.constexpr, K: tl.constexpr):
 @triton.jit
 def _pre(x, w, bias, rows, o_c, s_t, T, C: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr):
     # (BT, BC) pre-activation at rows: bias + sum_j w[:, j] * x[rows - (K-1) + j]
-    acc = tl.zeros([rows.shape[0], o_c.shape[0]], dtype=tl.float32)
+    acc = _tap(w, o_c, 0, C, K)[None, :] * _x_rows(x, rows - (K - 1), o_c, s_t, T, C)
+    for j in tl.static_range(1, K):
+        acc += _tap(w, o_c, j, C, K)[None, :] * _x_rows(x, rows - (K - 1) + j, o_c, s_t, T, C)
     if HAS_BIAS:
         acc += tl.load(bias + o_c, mask=o_c < C, other=0.0).to(tl.float32)[None, :]
-    for j in tl.static_range(K):
-        acc += _tap(w, o_c, j, C, K)[None, :] * _x_rows(x, rows - (K - 1) + j, o_c, s_t, T, C)
     return acc
 
 
@@ -90,19 +90,20 @@ def causal_conv_silu_bwd_kernel(
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     rows = i_t * BT + tl.arange(0, BT)
-    g = _grad_pre(x, w, bias, dy, rows, o_c, sx_t, T, C, K, HAS_BIAS)  # (BT, BC) at the tile's rows
-    b_dx = _tap(w, o_c, K - 1, C, K)[None, :] * g
-    for s in tl.static_range(1, K):  # g at the rows s after, which reach x[t] through tap K-1-s
-        b_dx += _tap(w, o_c, K - 1 - s, C, K)[None, :] * _grad_pre(x, w, bias, dy, rows + s, o_c, sx_t, T, C, K,
-                                                                   HAS_BIAS)
+    b_x = _x_rows(x, rows, o_c, sx_t, T, C)  # (BT, BC) the tile's own rows
+    b_dx = tl.zeros_like(b_x)
+    # the program's (K+1, C) slice of parts: its share of dweight[:, j] (rows j < K) and of dbias (row K)
+    parts += ((i_b * tl.num_programs(1) + i_t) * (K + 1)) * C + o_c
+    for s in tl.static_range(K):
+        # g s rows after the tile's reaches x[t] through tap K-1-s: dx[t] gets w[:, K-1-s] g[t+s], and
+        # dweight[:, K-1-s] = sum_t g[t+s] x[t], which pairs every g with every x once as t runs over all tiles
+        g = _grad_pre(x, w, bias, dy, rows + s, o_c, sx_t, T, C, K, HAS_BIAS)  # (BT, BC)
+        b_dx += _tap(w, o_c, K - 1 - s, C, K)[None, :] * g
+        tl.store(parts + (K - 1 - s) * C, tl.sum(b_x * g, axis=0), mask=m_c)
+        if s == 0:
+            tl.store(parts + K * C, tl.sum(g, axis=0), mask=m_c)
     m = (rows < T)[:, None] & m_c[None, :]
     tl.store(dx + rows[:, None] * C + o_c[None, :], b_dx.to(dx.dtype.element_ty), mask=m)
-    # this tile's share of dweight[:, j] = sum_t g[t] x[t - (K-1) + j] and of dbias = sum_t g[t]: rows K+1 of
-    # the program's (K+1, C) slice of parts
-    parts += ((i_b * tl.num_programs(1) + i_t) * (K + 1)) * C + o_c
-    for j in tl.static_range(K):
-        tl.store(parts + j * C, tl.sum(g * _x_rows(x, rows - (K - 1) + j, o_c, sx_t, T, C), axis=0), mask=m_c)
-    tl.store(parts + K * C, tl.sum(g, axis=0), mask=m_c)
 
 
 # (BT rows, BC channels, num_warps) per direction. A (32, 128) float32 tile is 32 registers a thread at 4 warps;

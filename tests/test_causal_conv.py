@@ -68,16 +68,26 @@ def test_fused_matches_reference(T, C, K, dtype):
 
 
 def small_tiles(monkeypatch):
-    """Forward 8-row tiles of 16 channels, backward 4 rows of 32: T=19 makes 3 and 5 tiles (the last of 3 rows),
-    C=48 three and two channel blocks (the last half empty)."""
-    monkeypatch.setattr(fused, "TILES", {"fwd": (8, 16, 1), "bwd": (4, 32, 2)})
+    """Forward 8-row tiles of 16 channels, backward 8 rows of 32: at T=19 three forward tiles (the last of 3
+    rows) and four backward programs, each owning 8-(K-1) rows (K=4: 5, 5, 5, 4); C=48 makes three and two
+    channel blocks (the last half empty)."""
+    monkeypatch.setattr(fused, "TILES", {"fwd": (8, 16, 1), "bwd": (8, 32, 2)})
 
 
 @pytest.mark.parametrize("K", [3, 4], ids=lambda k: f"K{k}")
 def test_fused_many_tiles_and_channel_blocks(K, monkeypatch):
-    # the shifted rows, the recomputed g after a tile and the partial sums all cross tile boundaries
+    # the shifted rows, the g a backward program recomputes for its successor and the partial sums all cross
+    # program boundaries
     small_tiles(monkeypatch)
     inputs, upstream = make_inputs(2, 19, 48, K, torch.float32, seed=K)
+    assert_close(fused_causal_conv_silu, inputs, upstream, TOL[torch.float32])
+
+
+def test_backward_tile_grows_to_cover_the_taps(monkeypatch):
+    # 2 rows asked for, K=4 taps: the backward takes 4-row tiles owning one row each, 7 programs a sequence
+    monkeypatch.setattr(fused, "TILES", {"fwd": (2, 16, 1), "bwd": (2, 16, 1)})
+    assert fused._fit(fused.TILES["bwd"], 7, 20, K=4) == (4, 16, 1)
+    inputs, upstream = make_inputs(2, 7, 20, 4, torch.float32, seed=8)
     assert_close(fused_causal_conv_silu, inputs, upstream, TOL[torch.float32])
 
 

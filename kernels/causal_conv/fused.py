@@ -13,9 +13,17 @@ them into cache.
 
 The backward recomputes the pre-activation rather than saving it: saving would write and read another
 (B, T, C), while recomputing reads x, which dweight needs anyway. With g = dy * silu'(pre),
-dx[t] = sum_j w[:, j] * g[t + (K-1) - j], so a tile needs g at its rows and the K-1 after; the program
-recomputes those itself instead of a second launch handing them over. dweight and dbias are each program's
-sums over its rows, written to a float32 buffer and summed by torch: deterministic, without atomics.
+
+    dx[t] = sum_s w[:, K-1-s] * g[t+s]    dweight[:, K-1-s] = sum_t g[t+s] * x[t]    dbias = sum_t g[t]
+
+so dx at a row needs g at the K-1 rows after it. A backward program computes g once on its BT rows and owns
+the first BT-(K-1) of them: the last K-1 are the next program's first, recomputed here rather than handed over
+by a second launch. The shifted g[t+s] are tl.gather on the tile in registers (through shared memory).
+Recomputing g at K shifted sets of rows instead (commit 98212ca) costs, per element, K sigmoids and K*K+K+1
+tile loads, against one sigmoid and K+2 loads here; at (32, 64) fp32 tiles ptxas (sm_90) counts 162 registers
+and 2376 instructions for that kernel, 128 and 1664 for this one. No GPU timing of either yet. dweight and
+dbias are each program's sums over its own rows, written to a float32 buffer and summed by torch:
+deterministic, without atomics.
 """
 import torch
 import triton
@@ -83,39 +91,45 @@ def causal_conv_silu_bwd_kernel(
     x, w, bias, dy, dx, parts, sx_b, sx_t, T,
     C: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
+    OT: tl.constexpr = BT - (K - 1)  # rows the program owns; BT >= K
     i_c, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     x += i_b * sx_b
     dy += i_b * T * C  # dy and dx are contiguous (B, T, C)
     dx += i_b * T * C
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
-    rows = i_t * BT + tl.arange(0, BT)
-    b_x = _x_rows(x, rows, o_c, sx_t, T, C)  # (BT, BC) the tile's own rows
+    o_t = tl.arange(0, BT)
+    rows = i_t * OT + o_t
+    b_x = _x_rows(x, rows, o_c, sx_t, T, C)  # (BT, BC)
+    g = _grad_pre(x, w, bias, dy, rows, o_c, sx_t, T, C, K, HAS_BIAS)  # (BT, BC)
+    own = ((o_t < OT) & (rows < T))[:, None] & m_c[None, :]
     b_dx = tl.zeros_like(b_x)
     # the program's (K+1, C) slice of parts: its share of dweight[:, j] (rows j < K) and of dbias (row K)
     parts += ((i_b * tl.num_programs(1) + i_t) * (K + 1)) * C + o_c
     for s in tl.static_range(K):
-        # g s rows after the tile's reaches x[t] through tap K-1-s: dx[t] gets w[:, K-1-s] g[t+s], and
-        # dweight[:, K-1-s] = sum_t g[t+s] x[t], which pairs every g with every x once as t runs over all tiles
-        g = _grad_pre(x, w, bias, dy, rows + s, o_c, sx_t, T, C, K, HAS_BIAS)  # (BT, BC)
-        b_dx += _tap(w, o_c, K - 1 - s, C, K)[None, :] * g
-        tl.store(parts + (K - 1 - s) * C, tl.sum(b_x * g, axis=0), mask=m_c)
         if s == 0:
-            tl.store(parts + K * C, tl.sum(g, axis=0), mask=m_c)
-    m = (rows < T)[:, None] & m_c[None, :]
-    tl.store(dx + rows[:, None] * C + o_c[None, :], b_dx.to(dx.dtype.element_ty), mask=m)
+            g_s = g
+        else:  # g[t+s] for every owned row t; the clamp only feeds rows the program does not own
+            g_s = tl.gather(g, tl.broadcast_to(tl.minimum(o_t + s, BT - 1)[:, None], (BT, BC)), axis=0)
+        b_dx += _tap(w, o_c, K - 1 - s, C, K)[None, :] * g_s
+        tl.store(parts + (K - 1 - s) * C, tl.sum(tl.where(own, b_x * g_s, 0.0), axis=0), mask=m_c)
+    tl.store(parts + K * C, tl.sum(tl.where(own, g, 0.0), axis=0), mask=m_c)
+    tl.store(dx + rows[:, None] * C + o_c[None, :], b_dx.to(dx.dtype.element_ty), mask=own)
 
 
-# (BT rows, BC channels, num_warps) per direction. A (32, 128) float32 tile is 32 registers a thread at 4 warps;
-# the backward keeps g, dx and a recomputed pre-activation live at once, so it takes half the channels. Starting
-# points until `benchmarks/causal_conv_kernel.py --sweep` has run on a GPU.
-TILES = {"fwd": (32, 128, 4), "bwd": (32, 64, 4)}
+# (BT rows, BC channels, num_warps) per direction: 16 elements of a tile per thread, where ptxas (sm_90) has
+# the forward at 56 registers and the backward at 128 without spills; at 32 per thread the backward spills.
+# The backward's programs overlap by K-1 rows, so a longer BT wastes less. Starting points until
+# `benchmarks/causal_conv_kernel.py --sweep` has run on a GPU.
+TILES = {"fwd": (32, 128, 8), "bwd": (32, 64, 4)}
 
 
-def _fit(tile, T, C):
-    """(BT, BC, num_warps) no larger than T and C need (each rounded up to a power of two)."""
+def _fit(tile, T, C, K=1):
+    """(BT, BC, num_warps) no larger than T (and the backward's K-1 overlapping rows) and C need, each rounded up
+    to a power of two, with BT >= K so that a backward program owns a row."""
     BT, BC, num_warps = tile
-    return min(BT, triton.next_power_of_2(T)), min(BC, triton.next_power_of_2(C)), num_warps
+    BT = max(min(BT, triton.next_power_of_2(T + K - 1)), triton.next_power_of_2(K))
+    return BT, min(BC, triton.next_power_of_2(C)), num_warps
 
 
 def causal_conv_silu_fwd(x, weight, bias, BT, BC, num_warps):
@@ -130,11 +144,14 @@ def causal_conv_silu_fwd(x, weight, bias, BT, BC, num_warps):
 
 
 def causal_conv_silu_bwd(x, weight, bias, dy, BT, BC, num_warps):
-    """dx (B, T, C) in x's dtype, dweight (C, K) and dbias (C,) in float32, from a contiguous dy (B, T, C)."""
+    """dx (B, T, C) in x's dtype, dweight (C, K) and dbias (C,) in float32, from a contiguous dy (B, T, C).
+    BT >= K: a program owns BT-(K-1) rows."""
     B, T, C = x.shape
     K = weight.shape[1]
+    if BT < K:
+        raise ValueError(f"the backward's BT={BT} rows must cover the K={K} taps")
     dx = empty(x.shape, x.dtype, x.device, POISON_OUTPUTS)
-    grid = (triton.cdiv(C, BC), triton.cdiv(T, BT), B)
+    grid = (triton.cdiv(C, BC), triton.cdiv(T, BT - (K - 1)), B)
     parts = empty((B * grid[1], K + 1, C), torch.float32, x.device, POISON_OUTPUTS)  # per (sequence, T block)
     causal_conv_silu_bwd_kernel[grid](
         x, weight, bias, dy, dx, parts, x.stride(0), x.stride(1), T, C=C, K=K, BT=BT, BC=BC,
@@ -159,7 +176,8 @@ class CausalConvSiLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias = ctx.saved_tensors
-        dx, dweight, dbias = causal_conv_silu_bwd(x, weight, bias, dy.contiguous(), *_fit(TILES["bwd"], *x.shape[1:]))
+        tile = _fit(TILES["bwd"], *x.shape[1:], K=weight.shape[1])
+        dx, dweight, dbias = causal_conv_silu_bwd(x, weight, bias, dy.contiguous(), *tile)
         return dx, dweight.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else None
 
 

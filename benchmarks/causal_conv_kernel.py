@@ -70,7 +70,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, default=Path("benchmarks/out/causal_conv_kernel.json"))
     p.add_argument("--sweep", action="store_true", help="also time each launcher at each tile configuration")
-    p.add_argument("--skip-compile", action="store_true", help="leave out the compiled composition (compiles per shape)")
+    p.add_argument("--skip-compile", action="store_true",
+                   help="leave out the compiled composition (compiles per shape)")
     p.add_argument("--shapes", default=",".join(f"{B}x{T}x{C}_{dt}" for B, T, C, dt in SHAPES),
                    help="comma-separated BxTxC_dtype (default: all four)")
     args = p.parse_args()

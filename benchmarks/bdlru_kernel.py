@@ -12,6 +12,7 @@ kernels and says how long the host takes to issue a call, to tell launch-bound s
 """
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,16 @@ CHUNK_SWEEP = [(bt, ct, bd, w) for bt in (16, 32) for ct in (bt, 4 * bt, 256, 51
 
 def bench(fn, graph=False):
     """Median ms per call. graph=True replays the calls from a CUDA graph: the GPU's time alone, without
-    the host's (Python, autograd and launch overhead, which bounds small shapes in eager mode)."""
+    the host's (Python, autograd and launch overhead, which bounds small shapes in eager mode). Without CUDA
+    (a script smoke-tested on the CPU under TRITON_INTERPRET=1) the wall clock of three calls after one."""
+    if not torch.cuda.is_available():
+        fn()
+        times = []
+        for _ in range(3):
+            began = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - began) * 1e3)
+        return statistics.median(times)
     if graph:
         return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
@@ -125,7 +135,8 @@ def time_method(fn, inputs, do, graph=False):
 
 
 def copy_ms(nbytes, graph=False):
-    src = torch.randn(nbytes // 8, device="cuda")  # float32: the copy reads and writes nbytes / 2 each
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # see bench
+    src = torch.randn(nbytes // 8, device=device)  # float32: the copy reads and writes nbytes / 2 each
     dst = torch.empty_like(src)
     return bench(lambda: dst.copy_(src), graph)
 

@@ -1,5 +1,8 @@
-"""Where a Triton launcher may run: CUDA tensors, or CPU tensors under the interpreter (the tests)."""
+"""What the Triton launchers share: where they may run (CUDA tensors, or CPU tensors under the interpreter, as
+in the tests) and how they allocate outputs."""
 import os
+
+import torch
 
 
 def interpreting() -> bool:
@@ -10,3 +13,10 @@ def check_device(x, name: str, public: str) -> None:
     """ValueError unless x can go to a Triton kernel; `public` names the function that also takes CPU tensors."""
     if not x.is_cuda and not interpreting():
         raise ValueError(f"{name} needs CUDA tensors (or TRITON_INTERPRET=1); use {public}")
+
+
+def empty(shape, dtype, device, poison: bool) -> torch.Tensor:
+    """torch.empty; with poison (a launcher module's POISON_OUTPUTS, which tests set) filled with NaN, -1 for
+    integers, so an element the kernel never writes surfaces in the result."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    return t.fill_(float("nan") if dtype.is_floating_point else -1) if poison else t

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import bdlru
+from kernels import bdlru, causal_conv_silu
 from recblr.base import SequentialRecommender
 
 
@@ -53,7 +53,8 @@ class GatedRecurrentLayer(nn.Module):
         super().__init__()
         d, e = cfg.d_model, cfg.expand * cfg.d_model
         self.in_proj = nn.Linear(d, 2 * e, bias=False)
-        # padding k-1 on both sides, then keep the first T outputs: each sees only itself and the past
+        # depthwise over time, causal: forward passes its weight and bias to the fused kernel, step applies them
+        # to its window; a Conv1d module keeps the checkpoints' parameter names and shapes
         self.conv = nn.Conv1d(e, e, cfg.d_conv, groups=e, padding=cfg.d_conv - 1) if cfg.use_conv else None
         self.gates = nn.Linear(e, 2 * e)
         self.lam = nn.Parameter(init_lambda(e, cfg.lambda_init))  # (E*D,)
@@ -62,11 +63,11 @@ class GatedRecurrentLayer(nn.Module):
     def forward(self, u: torch.Tensor, return_state: bool = False):
         """u (B, T, D) -> (B, T, D); with return_state also the state `step` continues from."""
         T = u.shape[1]
-        x_in, z = self.in_proj(u).chunk(2, dim=-1)  # (B, T, E*D) each
-        x = x_in
-        if self.conv is not None:
-            x = self.conv(x.transpose(1, 2))[..., :T].transpose(1, 2)  # (B, T, E*D)
-        x = F.silu(x)
+        x_in, z = self.in_proj(u).chunk(2, dim=-1)  # (B, T, E*D) each, row stride 2*E*D
+        if self.conv is not None:  # x_in is read in place; x comes back contiguous for the gates
+            x = causal_conv_silu(x_in, self.conv.weight[:, 0], self.conv.bias)  # (B, T, E*D)
+        else:
+            x = F.silu(x_in)
         r, i = self.gates(x).chunk(2, dim=-1)  # (B, T, E*D) each
         if not return_state:
             return self.out_proj(bdlru(x, r, i, self.lam, z=z))  # (B, T, D)

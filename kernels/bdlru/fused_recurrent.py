@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels.bdlru.naive import check_inputs
-from kernels.device import check_device
+from kernels.device import check_device, empty
 
 # Tests set this to fill every output with NaN before the launch, so an element the kernel skips fails.
 POISON_OUTPUTS = False
@@ -296,11 +296,6 @@ def bdlru_bwd_kernel(
             tl.store(dq0 + i_b * D + o_d, q, mask=m_d)
 
 
-def _empty(*args, **kwargs):
-    t = torch.empty(*args, **kwargs)
-    return t.fill_(float("nan")) if POISON_OUTPUTS else t
-
-
 # (BT, (BD, num_warps) forward, (BD, num_warps) backward) from `benchmarks/bdlru_kernel.py --sweep` on an
 # H100, the best fwd + bwd sum at (2048, 200, 128) that also holds at (512, 1024, 128); BT is the checkpoint
 # interval, so both directions share it. bf16 halves the bytes but not the maths, so its backward prefers
@@ -338,9 +333,9 @@ def _grid(B, T, D, BT, BD, chunk, device):
 def bdlru_fwd(x, r, i, lam, z, h0, store_ckpt, store_ht, BT, BD, num_warps, chunk=None):
     """out (B, T, D), the state before every BT-row tile (B, cdiv(T, BT), D) and h_T (B, D)."""
     B, T, D = x.shape
-    o = _empty(x.shape, dtype=x.dtype, device=x.device)
-    ckpt = _empty(B, triton.cdiv(T, BT), D, dtype=torch.float32, device=x.device) if store_ckpt else None
-    ht = _empty(B, D, dtype=torch.float32, device=x.device) if store_ht else None
+    o = empty(x.shape, x.dtype, x.device, POISON_OUTPUTS)
+    ckpt = empty((B, triton.cdiv(T, BT), D), torch.float32, x.device, POISON_OUTPUTS) if store_ckpt else None
+    ht = empty((B, D), torch.float32, x.device, POISON_OUTPUTS) if store_ht else None
     grid, CT, W, status = _grid(B, T, D, BT, BD, chunk, x.device)
     bdlru_fwd_kernel[grid](
         x, r, i, lam, z, h0, o, ckpt, ht, status, *_strides(x, r, i, z), T, CT, D=D, BT=BT, BD=BD, W=W,
@@ -353,11 +348,11 @@ def bdlru_fwd(x, r, i, lam, z, h0, store_ckpt, store_ht, BT, BD, num_warps, chun
 def bdlru_bwd(x, r, i, lam, z, ckpt, do, dht, store_dq0, BT, BD, num_warps, chunk=None):
     """dx, dr, di, dlam, dz and dL/dh0 from the tile checkpoints and dL/dh_T (or None)."""
     B, T, D = x.shape
-    dx, dr, di = (_empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(3))
-    dz = _empty(x.shape, dtype=x.dtype, device=x.device) if z is not None else None
+    dx, dr, di = (empty(x.shape, x.dtype, x.device, POISON_OUTPUTS) for _ in range(3))
+    dz = empty(x.shape, x.dtype, x.device, POISON_OUTPUTS) if z is not None else None
     grid, CT, W, status = _grid(B, T, D, BT, BD, chunk, x.device)
-    dlam = _empty(B * triton.cdiv(T, CT), D, dtype=torch.float32, device=x.device)  # per-program partial sums
-    dq0 = _empty(B, D, dtype=torch.float32, device=x.device) if store_dq0 else None
+    dlam = empty((B * triton.cdiv(T, CT), D), torch.float32, x.device, POISON_OUTPUTS)  # per-program partial sums
+    dq0 = empty((B, D), torch.float32, x.device, POISON_OUTPUTS) if store_dq0 else None
     bdlru_bwd_kernel[grid](
         x, r, i, lam, z, ckpt, do, dht, dx, dr, di, dz, dlam, dq0, status, *_strides(x, r, i, z), T, CT,
         D=D, BT=BT, BD=BD, W=W, HAS_Z=z is not None, HAS_DHT=dht is not None, STORE_DQ0=store_dq0,

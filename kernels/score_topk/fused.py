@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.device import check_device, interpreting
+from kernels.device import check_device, empty, interpreting
 from kernels.score_topk.naive import check_inputs
 
 # Tests set this to fill the candidate buffers with NaN (values) and -1 (indices) before the launch, so a slot
@@ -116,11 +116,6 @@ def _ranges(N, n_blocks, BN, n_sm):
     return triton.cdiv(N, per_range), per_range
 
 
-def _empty(shape, dtype, device):
-    t = torch.empty(shape, dtype=dtype, device=device)
-    return t.fill_(float("nan") if dtype.is_floating_point else -1) if POISON_OUTPUTS else t
-
-
 def fused_score_topk(hidden, table, k):
     """`kernels.score_topk` on CUDA tensors, always through the kernel: k up to MAX_K, D up to MAX_D.
 
@@ -138,8 +133,8 @@ def fused_score_topk(hidden, table, k):
     n_blocks = triton.cdiv(B, BB)
     n_sm = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else 1
     n_ranges, items = _ranges(N, max(n_blocks, 1), BN, n_sm)
-    cand_v = _empty((B, n_ranges, k), torch.float32, hidden.device)
-    cand_i = _empty((B, n_ranges, k), torch.int32, hidden.device)
+    cand_v = empty((B, n_ranges, k), torch.float32, hidden.device, POISON_OUTPUTS)
+    cand_i = empty((B, n_ranges, k), torch.int32, hidden.device, POISON_OUTPUTS)
     # the interpreter multiplies bfloat16 as the raw bits it stores them in (uint16), so it dots in float32
     dot_fp32 = torch.float32 in (hidden.dtype, table.dtype) or interpreting()
     score_topk_kernel[(n_blocks, n_ranges)](

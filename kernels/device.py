@@ -1,5 +1,5 @@
-"""What the Triton launchers share: where they may run (CUDA tensors, or CPU tensors under the interpreter, as
-in the tests) and how they allocate outputs."""
+"""What the kernels share: the inputs they take, where they may run (CUDA tensors, or CPU tensors under the
+interpreter, as in the tests) and how they allocate outputs."""
 import os
 
 import torch
@@ -13,6 +13,17 @@ def check_device(x, name: str, public: str) -> None:
     """ValueError unless x can go to a Triton kernel; `public` names the function that also takes CPU tensors."""
     if not x.is_cuda and not interpreting():
         raise ValueError(f"{name} needs CUDA tensors (or TRITON_INTERPRET=1); use {public}")
+
+
+def check_float_inputs(**tensors) -> None:
+    """ValueError unless every tensor given (None skipped) is float32 or bfloat16 and on the first one's device."""
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named:
+        if t.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"{name} must be float32 or bfloat16, got {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
 
 
 def empty(shape, dtype, device, poison: bool) -> torch.Tensor:

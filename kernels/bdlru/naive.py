@@ -2,6 +2,8 @@
 import torch
 import torch.nn.functional as F
 
+from kernels.device import check_float_inputs
+
 
 def check_inputs(x, r, i, lam, z=None, h0=None):
     """Raise ValueError unless the shapes, dtypes and devices fit one BD-LRU call."""
@@ -15,13 +17,7 @@ def check_inputs(x, r, i, lam, z=None, h0=None):
         raise ValueError(f"lam must be ({D},), got {tuple(lam.shape)}")
     if h0 is not None and h0.shape != (B, D):
         raise ValueError(f"h0 must be ({B}, {D}), got {tuple(h0.shape)}")
-    for name, t in (("x", x), ("r", r), ("i", i), ("lam", lam), ("z", z), ("h0", h0)):
-        if t is None:
-            continue
-        if t.dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"{name} must be float32 or bfloat16, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_float_inputs(x=x, r=r, i=i, lam=lam, z=z, h0=h0)
 
 
 def bdlru_gates(r: torch.Tensor, i: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,8 @@
 import torch
 import torch.nn.functional as F
 
+from kernels.device import check_float_inputs
+
 
 def check_inputs(x, weight, bias=None):
     """Raise ValueError unless x (B, T, C), weight (C, K) and bias (C,) or None fit one call."""
@@ -12,13 +14,7 @@ def check_inputs(x, weight, bias=None):
         raise ValueError(f"weight must be ({C}, K) with K >= 1, got shape {tuple(weight.shape)}")
     if bias is not None and bias.shape != (C,):
         raise ValueError(f"bias must be ({C},), got shape {tuple(bias.shape)}")
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"{name} must be float32 or bfloat16, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_float_inputs(x=x, weight=weight, bias=bias)
 
 
 def causal_conv_silu_reference(x, weight, bias=None):

@@ -1,6 +1,8 @@
 """Plain-PyTorch score + top-k: the ground truth the fused kernel is tested against, and the CPU path."""
 import torch
 
+from kernels.device import check_float_inputs
+
 
 def check_inputs(hidden, table, k):
     """Raise ValueError unless hidden (B, D), table (N, D) and k fit one score + top-k call."""
@@ -11,11 +13,7 @@ def check_inputs(hidden, table, k):
         raise ValueError(f"hidden has D={hidden.shape[1]} but table has D={table.shape[1]}")
     if not 1 <= k <= table.shape[0]:
         raise ValueError(f"k must be in 1..{table.shape[0]} (the table's rows), got {k}")
-    for name, t in (("hidden", hidden), ("table", table)):
-        if t.dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"{name} must be float32 or bfloat16, got {t.dtype}")
-    if table.device != hidden.device:
-        raise ValueError(f"table is on {table.device} but hidden is on {hidden.device}")
+    check_float_inputs(hidden=hidden, table=table)
 
 
 def score_topk_reference(hidden, table, k):

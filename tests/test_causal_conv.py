@@ -62,7 +62,8 @@ def assert_close(fn, inputs, upstream, tol):
 @pytest.mark.parametrize("C", [5, 48], ids=lambda c: f"C{c}")
 @pytest.mark.parametrize("T", [1, 3, 37], ids=lambda t: f"T{t}")
 def test_fused_matches_reference(T, C, K, dtype):
-    # T=1 and 3 are shorter than the window; T=37 spans two 32-row tiles, the second of 5 rows
+    # T=1 and 3 are shorter than the window; T=37 spans three forward tiles of 16 rows (the last of 5) and two
+    # backward programs of 32 rows (owning 29 and 8)
     inputs, upstream = make_inputs(2, T, C, K, dtype, seed=T * C + K)
     assert_close(fused_causal_conv_silu, inputs, upstream, TOL[dtype])
 

@@ -54,8 +54,8 @@ class GatedRecurrentLayer(nn.Module):
         d, e = cfg.d_model, cfg.expand * cfg.d_model
         self.in_proj = nn.Linear(d, 2 * e, bias=False)
         # depthwise over time, causal: forward passes its weight and bias to the fused kernel, step applies them
-        # to its window; a Conv1d module keeps the checkpoints' parameter names and shapes
-        self.conv = nn.Conv1d(e, e, cfg.d_conv, groups=e, padding=cfg.d_conv - 1) if cfg.use_conv else None
+        # to its window; the module is never called, it keeps Conv1d's init and the checkpoints' parameter names
+        self.conv = nn.Conv1d(e, e, cfg.d_conv, groups=e) if cfg.use_conv else None
         self.gates = nn.Linear(e, 2 * e)
         self.lam = nn.Parameter(init_lambda(e, cfg.lambda_init))  # (E*D,)
         self.out_proj = nn.Linear(e, d, bias=False)

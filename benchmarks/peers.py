@@ -46,7 +46,7 @@ def worker(prepared: Path, model: str, out: Path, args) -> None:
 def recipe(args) -> dict:
     """The TrainConfig fields given on the command line; the others keep TrainConfig's defaults."""
     given = {"regime": args.regime, "batch_size": args.batch_size, "label_smoothing": args.label_smoothing,
-             "lr": args.lr, "patience": args.patience}
+             "lr": args.lr, "weight_decay": args.weight_decay, "patience": args.patience}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="default: TrainConfig's")
     parser.add_argument("--label-smoothing", type=float, help="default: TrainConfig's")
     parser.add_argument("--lr", type=float, help="default: TrainConfig's")
+    parser.add_argument("--weight-decay", type=float, help="default: TrainConfig's")
     parser.add_argument("--patience", type=int, help="default: TrainConfig's")
     parser.add_argument("--deadline", type=float, default=480.0, help="each run's time budget, seconds")
     parser.add_argument("--worker", nargs=2, metavar=("PREPARED", "MODEL"), help=argparse.SUPPRESS)

@@ -92,7 +92,7 @@ def measure(prepared: Path, model: str, T: int, args) -> dict:
     """One (model, T): warm-up batches, then one timed epoch; runs in a worker process of its own."""
     from recblr.data import load_prepared, training_windows
     from recblr.models import build
-    from recblr.train import TrainConfig, stepped, train_epoch
+    from recblr.train import TrainConfig, optimizer, stepped, train_epoch
 
     cuda = args.device.startswith("cuda")
     cfg = TrainConfig(batch_size=args.batch_size, max_len=T, regime="all", device=args.device,
@@ -101,7 +101,7 @@ def measure(prepared: Path, model: str, T: int, args) -> dict:
     torch.manual_seed(0)
     name = "sasrec" if model.startswith("sasrec") else model
     net = build(name, data.n_items, **({"max_len": T} if name == "sasrec" else {})).to(args.device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt = optimizer(net, cfg)
     net = stepped(net, cfg)
     start, stop = training_windows(data.history, T, "all")
     order = np.random.default_rng(0).permutation(len(start))

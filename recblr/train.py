@@ -50,7 +50,7 @@ class TrainConfig:
     epochs: Optional[int] = None  # None: 300 on a GPU (early stopping ends it first), 4 on a CPU
     batch_size: int = 256  # user windows ("all") or samples ("prefix") per step, summed over DDP ranks
     lr: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled decay of the matrices and the item table (the paper: none)
     label_smoothing: float = 0.1
     max_len: int = 50  # the paper: 50 for Beauty/Sports/Steam, 100 Gowalla, 200 ML-1M
     regime: str = "all"  # "all" (loss at every position) or "prefix" (the paper's)
@@ -167,6 +167,15 @@ def fit(prepared_dir: Path, run_dir: Path, model: str = "recblr", *, overrides: 
             dist.destroy_process_group()
 
 
+def optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, decaying only tensors of two or more dimensions (as nanoGPT): biases, LayerNorm and the
+    per-channel decay rates Lambda keep their scale. With weight_decay 0 it is the paper's Adam."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
 def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, world):
     began = time.time()
     run_dir, data = Path(run_dir), load_prepared(prepared_dir)
@@ -179,7 +188,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
     if hasattr(net, "fit_counts"):  # the popularity baseline reads its table from the training histories
         net.fit_counts(data.item_counts())
     net = net.to(cfg.device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = optimizer(net, cfg)
     state = {"epoch": 0, "history": [], "best_ndcg": -1.0, "best_epoch": 0, "stale": 0, "out_of_time": False}
     if resume:
         if not checkpoint_path.is_file():

@@ -128,7 +128,7 @@ def train(
     model: str = typer.Option("recblr", "--model", help="Registry name: recblr, sasrec, gru4rec, lrurec, pop."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epoch cap (default 300 on a GPU, 4 on a CPU)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 256 (the paper: 2048 prefixes)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default 1e-3)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default 2e-3; the paper: 1e-3)."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW decay of weight matrices and the item table (default 0, as the paper)."),
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Default 0.1 (the paper: 0)."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Most recent items a model reads (default 50)."),

@@ -96,7 +96,7 @@ def measure(prepared: Path, model: str, T: int, args) -> dict:
 
     cuda = args.device.startswith("cuda")
     cfg = TrainConfig(batch_size=args.batch_size, max_len=T, regime="all", device=args.device,
-                      precision=args.precision, epochs=1, compile=args.compile)
+                      precision=args.precision, epochs=1, compile=args.compile, recompute=args.recompute)
     data = load_prepared(prepared)
     torch.manual_seed(0)
     name = "sasrec" if model.startswith("sasrec") else model
@@ -163,6 +163,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per (model, length) before it is cut")
     parser.add_argument("--compile", action="store_true",
                         help="TrainConfig.compile: torch.compile every model's training forward")
+    parser.add_argument("--recompute", action="store_true",
+                        help="TrainConfig.recompute: every model re-runs its blocks in the backward")
     parser.add_argument("--profile", type=int, default=0, metavar="BATCHES",
                         help="after the timed epoch, profile this many batches to profile_<model>_T<T>.txt")
     parser.add_argument("--data", type=Path, default=Path("benchmarks/out/xlong_synth/prepared"))

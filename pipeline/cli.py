@@ -77,6 +77,7 @@ def compare(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epoch cap per model (default: train's)."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Most recent items a model reads."),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout for every model that has one."),
+    recompute: Optional[bool] = typer.Option(None, "--recompute/--no-recompute", help="Keep only each block's input and re-run the block in the backward (default off): less GPU memory for long sequences, at about a quarter more time."),
     set_: list[str] = typer.Option([], "--set", help="MODEL.FIELD=VALUE config override, repeatable."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
     as_json: bool = AsJson,
@@ -140,6 +141,7 @@ def train(
     eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="Users per scoring chunk in evaluation (default 4096)."),
     time_budget_s: Optional[float] = typer.Option(None, "--time-budget-s", help="Start no epoch that would end past this many seconds; the best epoch so far is the result."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training forward (default off): faster epochs after a compile of about 40 s; for long runs on a GPU."),
+    recompute: Optional[bool] = typer.Option(None, "--recompute/--no-recompute", help="Keep only each block's input and re-run the block in the backward (default off): less GPU memory for long sequences, at about a quarter more time."),
     set_: list[str] = typer.Option([], "--set", help="Model config override FIELD=VALUE, repeatable (e.g. dropout=0.5)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.pt."),
     as_json: bool = AsJson,
@@ -155,7 +157,7 @@ def train(
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
              "label_smoothing": label_smoothing, "max_len": max_len, "regime": regime, "patience": patience,
              "seed": seed, "device": device, "precision": precision, "eval_batch_size": eval_batch_size,
-             "time_budget_s": time_budget_s, "compile": compile}
+             "time_budget_s": time_budget_s, "compile": compile, "recompute": recompute}
     try:
         cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})  # TrainConfig owns the defaults
         result = fit(data_dir / "prepared", run_dir or data_dir / "runs" / model, model,
@@ -238,6 +240,7 @@ def run_all(
     model: str = typer.Option("recblr", "--model", help="Registry name: recblr, sasrec, gru4rec, lrurec, pop."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epoch cap (default 300 on a GPU, 4 on a CPU)."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Most recent items a model reads."),
+    recompute: Optional[bool] = typer.Option(None, "--recompute/--no-recompute", help="Keep only each block's input and re-run the block in the backward (default off): less GPU memory for long sequences, at about a quarter more time."),
     set_: list[str] = typer.Option([], "--set", help="Model config override FIELD=VALUE, repeatable."),
     nproc_per_node: str = typer.Option("1", "--nproc-per-node", help="Training processes (DDP under torchrun), one per GPU; auto: every visible GPU."),
     time_budget_s: Optional[float] = typer.Option(None, "--time-budget-s", help="Training's time budget: no epoch starts that would end past it."),

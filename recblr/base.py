@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from kernels import score_topk
 
@@ -16,6 +17,19 @@ class SequentialRecommender(nn.Module):
 
     config: object
     item_embedding: nn.Embedding  # (n_items + 1, D), row 0 is padding and stays zero
+    supports_recompute = False  # True where forward runs its blocks through `run_blocks`
+    recompute = False  # set for training by TrainConfig.recompute (recblr.train.stepped)
+
+    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) through each block in turn. Under `recompute`, while training with gradients, a block
+        keeps only its input and runs its forward again in the backward, with the same dropout masks: the
+        activations of one block are held at a time instead of all of them, for one more forward a block."""
+        for block in blocks:
+            if self.recompute and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., n_items + 1) logits against the tied item table.

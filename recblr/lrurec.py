@@ -106,6 +106,8 @@ class Block(nn.Module):
 
 
 class LRURec(SequentialRecommender):
+    supports_recompute = True
+
     def __init__(self, config: LRURecConfig):
         super().__init__()
         self.config = config
@@ -124,9 +126,7 @@ class LRURec(SequentialRecommender):
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """items (B, T) right-padded with 0 -> hidden (B, T, D); position t sees items[:, :t+1] only."""
         x = self.ln(self.drop(self.item_embedding(items)))  # (B, T, D)
-        for block in self.blocks:
-            x = block(x)
-        return x
+        return self.run_blocks(self.blocks, x)
 
     def allocate_state(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The LRU states (n_layers, B, N) complex, zero before the first event."""

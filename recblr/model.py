@@ -121,6 +121,8 @@ class Block(nn.Module):
 
 
 class RecBLR(SequentialRecommender):
+    supports_recompute = True
+
     def __init__(self, config: RecBLRConfig):
         super().__init__()
         self.config = config
@@ -133,9 +135,7 @@ class RecBLR(SequentialRecommender):
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """items (B, T) right-padded with 0 -> hidden (B, T, D); position t sees items[:, :t+1] only."""
         x = self.ln(self.drop(self.item_embedding(items)))  # (B, T, D)
-        for block in self.blocks:
-            x = block(x)
-        return x
+        return self.run_blocks(self.blocks, x)
 
     def prefill(self, items: torch.Tensor) -> list:
         """The state after every event of items (B, T), no padding: equal to `step` over each column,

@@ -69,6 +69,8 @@ class Layer(nn.Module):
 
 
 class SASRec(SequentialRecommender):
+    supports_recompute = True
+
     def __init__(self, config: SASRecConfig):
         super().__init__()
         self.config = config
@@ -87,6 +89,4 @@ class SASRec(SequentialRecommender):
                              f"truncate to the most recent {self.config.max_len} items or raise max_len")
         pos = torch.arange(T, device=items.device)  # (T,)
         x = self.drop(self.ln(self.item_embedding(items) + self.position_embedding(pos)))  # (B, T, D)
-        for layer in self.layers:
-            x = layer(x)
-        return x
+        return self.run_blocks(self.layers, x)

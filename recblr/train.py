@@ -35,7 +35,7 @@ from recblr.loss import linear_cross_entropy
 from recblr.models import build, load, resolve_device, save
 
 # fields a resumed run may change: they alter neither the model nor what an epoch computes
-RESUMABLE_CHANGES = {"epochs", "device", "eval_batch_size", "time_budget_s"}
+RESUMABLE_CHANGES = {"epochs", "device", "eval_batch_size", "time_budget_s", "recompute"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16": autocast for training and evaluation (the kernel then reads bf16)
     time_budget_s: Optional[float] = None  # after the first epoch, none starts that would end past this
     compile: bool = False  # torch.compile the training forward: fewer, fused kernels for a compile at start
+    recompute: bool = False  # keep each block's input only and re-run the block in the backward: less memory
 
     def __post_init__(self):
         if self.regime not in ("prefix", "all"):
@@ -137,7 +138,12 @@ def train_epoch(net, opt, flat: np.ndarray, start: np.ndarray, stop: np.ndarray,
 
 def stepped(net: torch.nn.Module, cfg: TrainConfig, world: int = 1) -> torch.nn.Module:
     """What training steps: `net` wrapped in DDP across ranks (it broadcasts rank 0's weights now and
-    all-reduces gradients in backward), and compiled when cfg.compile."""
+    all-reduces gradients in backward), and compiled when cfg.compile; `net` recomputes its blocks in the
+    backward when cfg.recompute."""
+    if cfg.recompute and not net.supports_recompute:
+        raise ValueError(f"TrainConfig: recompute needs a model made of blocks (recblr, sasrec, lrurec), "
+                         f"not {type(net).__name__}")
+    net.recompute = cfg.recompute
     if world > 1:
         net = DistributedDataParallel(net, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith(
             "cuda") else None)

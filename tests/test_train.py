@@ -231,3 +231,35 @@ def test_compiled_training_step_equals_eager(model_name, device, monkeypatch):
     torch.testing.assert_close(losses[1], losses[0])
     for compiled, eager in zip(*grads, strict=True):
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("model_name", ["recblr", "sasrec", "lrurec"])
+def test_recompute_changes_memory_not_results(model_name, device):
+    """TrainConfig.recompute re-runs each block in the backward instead of keeping its activations: the loss
+    and every gradient stay the same, dropout included (the recomputed forward draws the same masks)."""
+    history = ragged(SEQS)
+    start, stop = training_windows(history, max_len=4, regime="all")
+    model = build(model_name, 16, d_model=8, dropout=0.3).to(device)
+    # the embedding's CUDA backward adds rows with atomics, in no fixed order
+    exact = {"rtol": 0, "atol": 0} if device == "cpu" else {"rtol": 1e-5, "atol": 1e-7}
+    runs = []
+    for recompute in (False, True):
+        cfg = TrainConfig(device=device, recompute=recompute)
+        model.zero_grad()
+        torch.manual_seed(1)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = batch_loss(stepped(model, cfg), history.flat, start, stop, cfg)
+        loss.backward()
+        runs.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], sum(saved)))
+    (loss_kept, grads_kept, saved_kept), (loss_re, grads_re, saved_re) = runs
+    assert model.recompute and saved_re < saved_kept / 2
+    torch.testing.assert_close(loss_re, loss_kept, **exact)
+    for recomputed, kept in zip(grads_re, grads_kept, strict=True):
+        torch.testing.assert_close(recomputed, kept, **exact)
+
+
+def test_recompute_refused_without_blocks():
+    with pytest.raises(ValueError, match="recompute needs a model made of blocks"):
+        stepped(build("gru4rec", 16), TrainConfig(device="cpu", recompute=True))

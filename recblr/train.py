@@ -1,4 +1,5 @@
-"""Training: full-softmax cross-entropy over every item, Adam, early stopping on validation NDCG@10.
+"""Training: full-softmax cross-entropy over every item, AdamW (Adam when undecayed), early stopping on validation
+NDCG@10.
 
 The loss (recblr.loss) never holds the (positions, items) logits: it walks them a chunk of rows at a time.
 

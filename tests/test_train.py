@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from prepared_data import markov_sequences, write_prepared
 from recblr.data import Sequences, load_prepared, training_windows
 from recblr.models import build, load
-from recblr.train import TrainConfig, batch_loss, fit, stepped
+from recblr.train import TrainConfig, batch_loss, fit, optimizer, stepped
 
 N_ITEMS = 24
 SMALL = {"d_model": 16, "dropout": 0.1}
@@ -263,3 +263,19 @@ def test_recompute_changes_memory_not_results(model_name, device):
 def test_recompute_refused_without_blocks():
     with pytest.raises(ValueError, match="recompute needs a model made of blocks"):
         stepped(build("gru4rec", 16), TrainConfig(device="cpu", recompute=True))
+
+
+def test_weight_decay_shrinks_matrices_only():
+    """weight_decay is AdamW's decoupled decay: with zero gradients a step scales every matrix and the item
+    table by (1 - lr * wd) and leaves biases, LayerNorm and Lambda as they were; 0 leaves everything."""
+    for wd in (0.0, 0.5):
+        model = build("recblr", 16, d_model=8)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        opt = optimizer(model, TrainConfig(lr=0.1, weight_decay=wd))
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for name, p in model.named_parameters():
+            scale = 1 - 0.1 * wd if p.dim() >= 2 else 1.0
+            torch.testing.assert_close(p.detach(), before[name] * scale, msg=name)
+    assert any(name.endswith(".lam") for name, _ in model.named_parameters())  # Lambda is among the undecayed

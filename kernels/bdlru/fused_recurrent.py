@@ -191,12 +191,10 @@ def bdlru_fwd_kernel(
     m = (t < c_end)[:, None] & m_d[None, :]
     off = base + t[:, None] * D + o_d[None, :]  # (BT, BD) of the output, which is contiguous
     b_x, b_r, b_i, b_z = _load_tile(x, r, i, z, t, o_d, sx_t, sr_t, si_t, sz_t, m, HAS_Z)
-    n_m = ((t + BT) < c_end)[:, None] & m_d[None, :]
-    n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, t + BT, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
     for s in range(i_c * CT, c_end, BT):
-        # the loads of the tile after next go out before this tile's maths: three tiles in flight per program
-        nn_m = ((s + 2 * BT + o_t) < c_end)[:, None] & m_d[None, :]
-        nn_x, nn_r, nn_i, nn_z = _load_tile(x, r, i, z, s + 2 * BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, nn_m, HAS_Z)
+        # the next tile's loads go out before this tile's maths: two tiles in flight per program
+        n_m = ((s + BT + o_t) < c_end)[:, None] & m_d[None, :]
+        n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, s + BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
         if STORE_CKPT:  # (B, cdiv(T, BT), D): the state before this tile
             tl.store(ckpt + (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d, h, mask=m_d)
         A, H = tl.associative_scan(_fwd_gates(b_x, b_r, b_i, sp, m), 0, _linear_combine)
@@ -206,7 +204,6 @@ def bdlru_fwd_kernel(
             H = H * b_z * tl.sigmoid(b_z)
         tl.store(o + off, H.to(o.dtype.element_ty), mask=m)
         b_x, b_r, b_i, b_z, m, off = n_x, n_r, n_i, n_z, n_m, off + BT * D
-        n_x, n_r, n_i, n_z, n_m = nn_x, nn_r, nn_i, nn_z, nn_m
     if STORE_HT:
         if i_c == n_c - 1:
             tl.store(ht + i_b * D + o_d, h, mask=m_d)

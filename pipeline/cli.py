@@ -243,6 +243,7 @@ def run_all(
     nproc_per_node: str = typer.Option("1", "--nproc-per-node", help="Training processes (DDP under torchrun), one per GPU; auto: every visible GPU."),
     time_budget_s: Optional[float] = typer.Option(None, "--time-budget-s", help="Training's time budget: no epoch starts that would end past it."),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the training forward, as `recblr train --compile`."),
+    recompute: bool = typer.Option(False, "--recompute/--no-recompute", help="Less GPU memory for some more time, as `recblr train --recompute`."),
     min_count: int = typer.Option(5, "--min-count", help="k of the k-core filter."),
     max_quarantined: float = typer.Option(0.05, "--max-quarantined", help="Largest share of rejected rows."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
@@ -257,6 +258,7 @@ def run_all(
                        epochs=epochs, max_len=max_len, overrides=_parse_sets(set_), min_count=min_count,
                        max_quarantined=max_quarantined, tracking_uri=tracking_uri, model_name=model_name,
                        nproc_per_node=nproc_per_node, time_budget_s=time_budget_s, compile=compile,
+                       recompute=recompute,
                        synthetic={k: v for k, v in {"n_users": users, "mean_events": events_per_user}.items() if v})
     gate = out["register"]
     emit({"run_key": out["run_key"], "tracking_uri": out["tracking_uri"], "rows_kept": out["ingest"]["rows_kept"],

@@ -40,11 +40,12 @@ def test_schedule_params_and_task_order(dag):
     assert dag.timetable.expression == "0 3 * * *" and dag.catchup is False
     params = dag.params.dump()
     for name in ("source", "format", "model", "epochs", "max_len", "nproc_per_node", "time_budget_s", "compile",
-                 "tracking_uri"):
+                 "recompute", "tracking_uri"):
         assert name in params
     assert params["model"] == "recblr" and params["source"] is None and params["format"] == "csv"
     assert params["nproc_per_node"] == 1  # one process: the task trains in its own process
     assert params["compile"] is False  # a compile costs more than a small nightly run saves
+    assert params["recompute"] is False  # it costs time, and a small nightly run has the memory
     tasks = {t.task_id: t for t in dag.tasks}
     assert sorted(tasks) == sorted(ORDER)
     for before, after in zip(ORDER, ORDER[1:]):
@@ -71,14 +72,15 @@ def test_params_reject_a_wrong_type(dag):
     for wrong in (0, -1, "soon"):
         with pytest.raises(ParamValidationError):
             params["time_budget_s"] = wrong
-    with pytest.raises(ParamValidationError):
-        params["compile"] = "yes"
+    for flag in ("compile", "recompute"):
+        with pytest.raises(ParamValidationError):
+            params[flag] = "yes"
 
 
 def run(dag, workdir, day: int, **conf):
     # dag.test() in one process keeps the last run's params: spell out every param a test changes
     conf = {**TINY, "source": None, "model": "recblr", "overrides": {}, "nproc_per_node": 1, "time_budget_s": None,
-            "compile": False,
+            "compile": False, "recompute": False,
             "data_dir": str(workdir / "data" / "toy"),
             "tracking_uri": f"sqlite:///{workdir / 'data' / 'mlflow' / 'mlflow.db'}", **conf}
     return dag.test(logical_date=datetime(2026, 1, day, 3, tzinfo=timezone.utc), run_conf=conf)
@@ -102,7 +104,7 @@ def test_dag_runs_end_to_end_and_gate_keeps_a_worse_candidate(dag, workdir, monk
     # the second night trains as on a 2-GPU worker: two gloo ranks under torchrun, in a slot too short
     # for its second epoch
     second = run(dag, workdir, 2, overrides={"d_model": 16, "n_layers": 1}, nproc_per_node=2, epochs=2,
-                 time_budget_s=1e-3)
+                 time_budget_s=1e-3, recompute=True)
     assert second.state == "success", {ti.task_id: ti.state for ti in second.get_task_instances()}
     assert launched == [1, 2]
     client = MlflowClient(f"sqlite:///{workdir / 'data' / 'mlflow' / 'mlflow.db'}")
@@ -114,6 +116,7 @@ def test_dag_runs_end_to_end_and_gate_keeps_a_worse_candidate(dag, workdir, monk
     assert gate.metrics["gate_candidate_test_ndcg_at_10"] < gate.metrics["gate_champion_test_ndcg_at_10"]
     assert gate.params["model"] == "recblr" and gate.params["config.d_model"] == "16"
     assert gate.tags["recblr.stopped"] == "time budget" and gate.params["train.time_budget_s"] == "0.001"
+    assert gate.params["train.recompute"] == "True"
     assert {"val_ndcg_at_10", "loss", "test_ndcg_at_10"} <= set(gate.metrics)
     artifacts = {a.path for a in client.list_artifacts(challenger.run_id)}
     assert {"plots", "metrics", "item_map"} <= artifacts

@@ -279,3 +279,19 @@ def test_weight_decay_shrinks_matrices_only():
             scale = 1 - 0.1 * wd if p.dim() >= 2 else 1.0
             torch.testing.assert_close(p.detach(), before[name] * scale, msg=name)
     assert any(name.endswith(".lam") for name, _ in model.named_parameters())  # Lambda is among the undecayed
+
+
+def test_undecayed_optimizer_is_adam():
+    """weight_decay 0 (the default) steps exactly as the paper's Adam over the same gradients."""
+    torch.manual_seed(0)
+    ours, adams = build("recblr", 16, d_model=8), build("recblr", 16, d_model=8)
+    adams.load_state_dict(ours.state_dict())
+    opts = [optimizer(ours, TrainConfig(lr=0.01)), torch.optim.Adam(adams.parameters(), lr=0.01)]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in ours.parameters()]
+        for model, opt in zip((ours, adams), opts):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(ours.parameters(), adams.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

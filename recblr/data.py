@@ -92,6 +92,34 @@ def gather(flat: np.ndarray, start: np.ndarray, stop: np.ndarray) -> torch.Tenso
     return torch.from_numpy(items.astype(np.int64))
 
 
+def training_batch(flat: np.ndarray, start: np.ndarray, stop: np.ndarray,
+                   regime: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """A batch of training windows as the loss reads it: (items (B, T) right-padded, positions (n,), targets (n,)).
+
+    positions index the flattened (B * T) inputs where a loss is taken, row by row: every real position for
+    "all", the last of each window for "prefix"; targets are the items that follow them. Made on the host from
+    the windows' lengths, so the step never asks the GPU which positions are padding (a sync per batch).
+    """
+    items = gather(flat, start, stop)
+    lengths, width = stop - start, items.shape[1]
+    if regime == "prefix":
+        return items, np.arange(len(start)) * width + lengths - 1, flat[stop]
+    if regime == "all":
+        row = np.repeat(np.arange(len(start)), lengths)
+        col = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return items, row * width + col, flat[start[row] + col + 1]
+    raise ValueError(f"regime must be 'prefix' or 'all', got {regime!r}")
+
+
+def to_device(values, device) -> torch.Tensor:
+    """A host array (numpy or CPU tensor) on `device`. To a GPU through pinned memory without waiting: a plain
+    copy from pageable memory synchronises the stream, which would stop the host queuing the next batch."""
+    values = torch.as_tensor(values)
+    if torch.device(device).type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def training_windows(history: Sequences, max_len: int, regime: str) -> tuple[np.ndarray, np.ndarray]:
     """(start, stop) of every training input in flat; the targets are the items one step later.
 

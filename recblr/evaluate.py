@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from recblr.data import Prepared, Sequences, gather
+from recblr.data import Prepared, Sequences, gather, to_device
 
 SCORE_BUDGET = 1 << 26  # floats in one (rows, items) score block, here and in recblr.loss: 256 MiB in float32
 PRECISIONS = ("fp32", "bf16")
@@ -52,8 +52,8 @@ def next_item_hidden(model: nn.Module, seqs: Sequences, n_scores: int, *, max_le
             rows = np.arange(lo, min(lo + rows_per_batch, n_users))
             start, stop = seqs.last(rows, max_len)
             with precision_context(device.type, precision):
-                hidden = model(gather(seqs.flat, start, stop).to(device))  # (B, T, D)
-            last = torch.from_numpy(np.maximum(stop - start - 1, 0)).to(device)  # an empty input reads pad
+                hidden = model(to_device(gather(seqs.flat, start, stop), device))  # (B, T, D)
+            last = to_device(np.maximum(stop - start - 1, 0), device)  # an empty input reads pad
             bar.update(len(rows))
             yield rows, hidden[torch.arange(len(rows), device=device), last].float()  # (B, D)
 
@@ -74,7 +74,7 @@ def next_item_scores(model: nn.Module, seqs: Sequences, n_scores: int, *, max_le
 
 def mask_seen(scores: torch.Tensor, seqs: Sequences, rows: np.ndarray) -> torch.Tensor:
     """Scores with every item of the users' whole sequences at -inf (in place)."""
-    seen = gather(seqs.flat, seqs.offsets[rows], seqs.offsets[rows + 1]).to(scores.device)  # (B, L), 0-padded
+    seen = to_device(gather(seqs.flat, seqs.offsets[rows], seqs.offsets[rows + 1]), scores.device)  # (B, L), 0-padded
     return scores.scatter_(1, seen, float("-inf"))
 
 

@@ -30,11 +30,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from recblr.data import gather, load_prepared, training_windows
+from recblr.data import load_prepared, to_device, training_batch, training_windows
 from recblr.evaluate import PRECISIONS, evaluate, precision_context
 from recblr.loss import linear_cross_entropy
 from recblr.models import build, load, resolve_device, save
 
+LOSS_SHOWN_EVERY_S = 1.0  # the progress bar's loss and speed; more often would stall the GPU queue for it
 # fields a resumed run may change: they alter neither the model nor what an epoch computes
 RESUMABLE_CHANGES = {"epochs", "device", "eval_batch_size", "time_budget_s", "recompute"}
 
@@ -85,19 +86,16 @@ class TrainConfig:
 
 def batch_loss(net, flat: np.ndarray, start: np.ndarray, stop: np.ndarray, cfg: TrainConfig,
                n_targets: Optional[float] = None) -> torch.Tensor:
-    """Cross-entropy summed over the batch's targets, divided by n_targets (default: their count, the mean)."""
-    items = gather(flat, start, stop).to(cfg.device)  # (B, T)
-    targets = gather(flat, start + 1, stop + 1).to(cfg.device)  # (B, T): the next item, 0 past the end
-    if cfg.regime == "prefix":
-        last = torch.from_numpy(stop - start - 1).to(cfg.device)  # (B,)
-        targets = torch.where(torch.arange(targets.shape[1], device=cfg.device) == last[:, None], targets, 0)
-    scored = targets != 0
+    """Cross-entropy summed over the batch's targets, divided by n_targets (default: their count, the mean).
+    Nothing here waits for the GPU, so the host makes the next batch while this one runs."""
+    items, positions, targets = training_batch(flat, start, stop, cfg.regime)
+    items, positions, targets = (to_device(v, cfg.device) for v in (items, positions, targets))
     model = getattr(net, "module", net)  # the item table lives on the model inside a DDP wrapper
     with precision_context(cfg.device, cfg.precision):
-        hidden = net(items)[scored]  # (n, D): only positions with a loss
+        hidden = net(items).flatten(0, 1)[positions]  # (n, D): only positions with a loss
         # model.scores' logits, a chunk of rows at a time: the (n, n_items + 1) matrix is never held
-        loss = linear_cross_entropy(hidden, model.item_embedding.weight, targets[scored], cfg.label_smoothing)
-    return loss / (n_targets if n_targets is not None else max(int(scored.sum()), 1))
+        loss = linear_cross_entropy(hidden, model.item_embedding.weight, targets, cfg.label_smoothing)
+    return loss / (n_targets if n_targets is not None else max(len(positions), 1))
 
 
 def shard(batch: np.ndarray, start: np.ndarray, stop: np.ndarray, cfg: TrainConfig, rank: int, world: int):
@@ -118,7 +116,8 @@ def train_epoch(net, opt, flat: np.ndarray, start: np.ndarray, stop: np.ndarray,
                 cfg: TrainConfig, *, rank: int = 0, world: int = 1, desc: str = "train") -> float:
     """One pass over `order` (indices into start/stop) in global batches of cfg.batch_size; the mean loss."""
     net.train()
-    began, loss_sum, n = time.time(), 0.0, 0
+    began, shown, n = time.time(), 0.0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=cfg.device)  # summed where it is made: no sync a step
     bar = tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch", disable=rank != 0)
     for n, lo in enumerate(bar, 1):
         batch = order[lo:lo + cfg.batch_size]
@@ -127,14 +126,14 @@ def train_epoch(net, opt, flat: np.ndarray, start: np.ndarray, stop: np.ndarray,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_sum += loss.item()
-        speed = (lo + len(batch)) / (time.time() - began)
-        bar.set_postfix(loss=f"{loss_sum / n:.4f}", seq_s=f"{speed:.0f}")
+        loss_sum += loss.detach()
+        if rank == 0 and time.time() - shown >= LOSS_SHOWN_EVERY_S:  # reading the loss waits for the GPU
+            shown = time.time()
+            bar.set_postfix(loss=f"{loss_sum.item() / n:.4f}", seq_s=f"{(lo + len(batch)) / (shown - began):.0f}")
     if world > 1:  # the batch mean is the mean of the ranks' losses (see shard)
-        total = torch.tensor([loss_sum], dtype=torch.float64, device=cfg.device)
-        dist.all_reduce(total)
-        loss_sum = total.item() / world
-    return loss_sum / max(n, 1)
+        dist.all_reduce(loss_sum)
+        loss_sum /= world
+    return loss_sum.item() / max(n, 1)
 
 
 def stepped(net: torch.nn.Module, cfg: TrainConfig, world: int = 1) -> torch.nn.Module:

@@ -295,3 +295,26 @@ def test_undecayed_optimizer_is_adam():
             opt.step()
     for a, b in zip(ours.parameters(), adams.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("regime", ["prefix", "all"])
+@pytest.mark.parametrize("model_name", ["recblr", "sasrec", "gru4rec", "lrurec"])
+def test_training_step_never_waits_for_the_gpu(model_name, regime):
+    """A step (batch, loss, backward, AdamW) only queues GPU work, so the host makes the next batch while the
+    GPU runs this one: any copy to pageable memory, .item() or boolean mask would sync and raise here."""
+    history = ragged(SEQS)
+    start, stop = training_windows(history, max_len=4, regime=regime)
+    cfg = TrainConfig(device="cuda", regime=regime)
+    model = build(model_name, 16, d_model=8).cuda()
+    opt = optimizer(model, cfg)
+    for mode in ("default", "error"):  # the first step compiles kernels and makes the optimizer's state
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode(mode)
+        try:
+            batch_loss(model, history.flat, start, stop, cfg).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels.bdlru.naive import check_inputs
-from kernels.device import check_device, empty
+from kernels.device import check_device, empty, interpreting
 
 # Tests set this to fill every output with NaN before the launch, so an element the kernel skips fails.
 POISON_OUTPUTS = False
@@ -141,17 +141,29 @@ def _carry_in(status, i_b, i_c, n_c, o_d, m_d, a, h, h_init,
 
 
 @triton.jit
-def _decay(b_r, sp, m):
+def _sigmoid(v, FAST: tl.constexpr):
+    """FAST: 0.5 tanh(v / 2) + 0.5, one special-function instruction instead of ex2 and rcp, where the bf16
+    kernels spend their time (maths, not bytes). tanh.approx's error, under 2^-10, is below the rounding
+    that bf16 inputs already carry (2^-8); float32 inputs keep the exact form."""
+    if FAST:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [0.5 * v], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        return 0.5 * t + 0.5
+    return tl.sigmoid(v)
+
+
+@triton.jit
+def _decay(b_r, sp, m, FAST: tl.constexpr):
     """(a, sigmoid(r)); padded rows get a = 1, so they pass the state (or q) through unchanged."""
-    sr = tl.sigmoid(b_r)
+    sr = _sigmoid(b_r, FAST)
     return tl.where(m, tl.exp(-sp[None, :] * sr), 1.0), sr
 
 
 @triton.jit
-def _fwd_gates(b_x, b_r, b_i, sp, m):
+def _fwd_gates(b_x, b_r, b_i, sp, m, FAST: tl.constexpr):
     # padded rows get b*x = 0 as well, so a tile's last row carries the state past them
-    a, _ = _decay(b_r, sp, m)
-    return a, tl.sqrt(1.0 - a * a + 1e-8) * tl.sigmoid(b_i) * b_x
+    a, _ = _decay(b_r, sp, m, FAST)
+    return a, tl.sqrt(1.0 - a * a + 1e-8) * _sigmoid(b_i, FAST) * b_x
 
 
 @triton.jit(do_not_specialize=["T", "CT"])
@@ -161,7 +173,7 @@ def bdlru_fwd_kernel(
     T, CT,
     D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, W: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, STORE_CKPT: tl.constexpr, STORE_HT: tl.constexpr,
-    LOOKBACK: tl.constexpr, PUBLISH_STATE: tl.constexpr,
+    LOOKBACK: tl.constexpr, PUBLISH_STATE: tl.constexpr, FAST: tl.constexpr,
 ):
     n_c = tl.cdiv(T, CT)
     i_d, i_c, i_b = _program(status, n_c, D, BD, LOOKBACK, False)
@@ -182,7 +194,7 @@ def bdlru_fwd_kernel(
         for s in range(i_c * CT, c_end, BT):
             m = ((s + o_t) < c_end)[:, None] & m_d[None, :]
             b_x, b_r, b_i, _ = _load_tile(x, r, i, z, s + o_t, o_d, sx_t, sr_t, si_t, sz_t, m, False)
-            A, H = tl.associative_scan(_fwd_gates(b_x, b_r, b_i, sp, m), 0, _linear_combine)
+            A, H = tl.associative_scan(_fwd_gates(b_x, b_r, b_i, sp, m, FAST), 0, _linear_combine)
             acc_a, acc_h = _linear_combine(acc_a, acc_h, _row(A, o_t, BT - 1), _row(H, o_t, BT - 1))
         h = _carry_in(status, i_b, i_c, n_c, o_d, m_d, acc_a, acc_h, h, D, W, False)
         if PUBLISH_STATE:  # the state after this chunk, for the chunks still looking back
@@ -197,11 +209,11 @@ def bdlru_fwd_kernel(
         n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, s + BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
         if STORE_CKPT:  # (B, cdiv(T, BT), D): the state before this tile
             tl.store(ckpt + (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d, h, mask=m_d)
-        A, H = tl.associative_scan(_fwd_gates(b_x, b_r, b_i, sp, m), 0, _linear_combine)
+        A, H = tl.associative_scan(_fwd_gates(b_x, b_r, b_i, sp, m, FAST), 0, _linear_combine)
         H = H + A * h[None, :]
         h = _row(H, o_t, BT - 1)
         if HAS_Z:
-            H = H * b_z * tl.sigmoid(b_z)
+            H = H * b_z * _sigmoid(b_z, FAST)
         tl.store(o + off, H.to(o.dtype.element_ty), mask=m)
         b_x, b_r, b_i, b_z, m, off = n_x, n_r, n_i, n_z, n_m, off + BT * D
     if STORE_HT:
@@ -216,7 +228,7 @@ def bdlru_bwd_kernel(
     T, CT,
     D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, W: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DQ0: tl.constexpr, LOOKBACK: tl.constexpr,
-    PUBLISH_STATE: tl.constexpr,
+    PUBLISH_STATE: tl.constexpr, FAST: tl.constexpr,
 ):
     n_c = tl.cdiv(T, CT)
     i_d, i_c, i_b = _program(status, n_c, D, BD, LOOKBACK, True)
@@ -245,10 +257,10 @@ def bdlru_bwd_kernel(
         for k in range(n_t):
             p_m = ((s - k * BT + o_t) < T)[:, None] & m_d[None, :]
             _, b_r, _, b_z = _load_tile(x, r, i, z, s - k * BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, p_m, HAS_Z)
-            a, _ = _decay(b_r, sp, p_m)
+            a, _ = _decay(b_r, sp, p_m, FAST)
             g = tl.load(do + off - k * BT * D, mask=p_m, other=0.0).to(tl.float32)
             if HAS_Z:
-                g = g * b_z * tl.sigmoid(b_z)
+                g = g * b_z * _sigmoid(b_z, FAST)
             QA, Q = tl.associative_scan((a, a * g), 0, _linear_combine, reverse=True)
             acc_a, acc_h = _linear_combine(acc_a, acc_h, _row(QA, o_t, 0), _row(Q, o_t, 0))
         q = _carry_in(status, i_b, i_c, n_c, o_d, m_d, acc_a, acc_h, q, D, W, True)
@@ -264,14 +276,15 @@ def bdlru_bwd_kernel(
         n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, s - BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
         n_do = tl.load(do + off - BT * D, mask=n_m, other=0.0).to(tl.float32)
         n_h = tl.load(ckpt + o_ck - D, mask=m_d & (s - BT + 0 * o_d >= c_start), other=0.0)
-        a, sr = _decay(b_r, sp, m)
-        sq = tl.sqrt(1.0 - a * a + 1e-8)
-        si = tl.sigmoid(b_i)
+        a, sr = _decay(b_r, sp, m, FAST)
+        inv_sq = tl.math.rsqrt(1.0 - a * a + 1e-8)  # one rsqrt for sqrt(1 - a^2) and the division by it
+        sq = (1.0 - a * a + 1e-8) * inv_sq
+        si = _sigmoid(b_i, FAST)
         one, zero = tl.full([BT, BD], 1.0, tl.float32), tl.zeros([BT, BD], dtype=tl.float32)
         A, H, Ap, Hp = tl.associative_scan((a, sq * si * b_x, one, zero), 0, _linear_combine_excl)
         h_prev = Hp + Ap * h[None, :]  # (BT, BD) h_{t-1}
         if HAS_Z:
-            sz = tl.sigmoid(b_z)
+            sz = _sigmoid(b_z, FAST)
             g = b_do * b_z * sz
             b_h = H + A * h[None, :]
             tl.store(dz + off, (b_do * b_h * sz * (1.0 + b_z * (1.0 - sz))).to(dz.dtype.element_ty), mask=m)
@@ -283,7 +296,7 @@ def bdlru_bwd_kernel(
         q = _row(Q + QA * q[None, :], o_t, 0)
         db = dh * b_x
         # total derivative through a, including b = sqrt(1 - a^2 + eps) * sigmoid(i)
-        dA = dh * h_prev - db * si * a / sq
+        dA = dh * h_prev - db * si * a * inv_sq
         tl.store(dx + off, (dh * sq * si).to(dx.dtype.element_ty), mask=m)
         tl.store(dr + off, (dA * (-sp[None, :] * a) * sr * (1.0 - sr)).to(dr.dtype.element_ty), mask=m)
         tl.store(di + off, (db * sq * si * (1.0 - si)).to(di.dtype.element_ty), mask=m)
@@ -298,9 +311,8 @@ def bdlru_bwd_kernel(
 
 # (BT, (BD, num_warps) forward, (BD, num_warps) backward) from `benchmarks/bdlru_kernel.py --sweep` on an
 # H100, the best fwd + bwd sum at (2048, 200, 128) that also holds at (512, 1024, 128); BT is the checkpoint
-# interval, so both directions share it. bf16 halves the bytes but not the maths, so its backward prefers
-# narrower blocks, more programs in flight.
-TILES = {torch.float32: (4, (64, 1), (64, 1)), torch.bfloat16: (2, (64, 1), (32, 1))}
+# interval, so both directions share it. bf16 halves the bytes but not the maths, so it takes shorter tiles.
+TILES = {torch.float32: (4, (64, 1), (64, 1)), torch.bfloat16: (2, (64, 1), (64, 1))}
 # too few sequences to fill the GPU: narrow channel blocks make more programs (`chunk.py` makes more still)
 TILES_FEW_PROGRAMS = (32, (8, 1), (8, 1))
 
@@ -330,6 +342,11 @@ def _grid(B, T, D, BT, BD, chunk, device):
     return (triton.cdiv(D, BD) * n_c * B,), chunk, min(LOOKBACK_WINDOW, triton.next_power_of_2(n_c)), status
 
 
+def _fast_gates(x):
+    # the interpreter runs no inline PTX
+    return x.dtype == torch.bfloat16 and not interpreting()
+
+
 def bdlru_fwd(x, r, i, lam, z, h0, store_ckpt, store_ht, BT, BD, num_warps, chunk=None):
     """out (B, T, D), the state before every BT-row tile (B, cdiv(T, BT), D) and h_T (B, D)."""
     B, T, D = x.shape
@@ -339,8 +356,8 @@ def bdlru_fwd(x, r, i, lam, z, h0, store_ckpt, store_ht, BT, BD, num_warps, chun
     grid, CT, W, status = _grid(B, T, D, BT, BD, chunk, x.device)
     bdlru_fwd_kernel[grid](
         x, r, i, lam, z, h0, o, ckpt, ht, status, *_strides(x, r, i, z), T, CT, D=D, BT=BT, BD=BD, W=W,
-        HAS_Z=z is not None, HAS_H0=h0 is not None, STORE_CKPT=store_ckpt, STORE_HT=store_ht, LOOKBACK=chunk is not None,
-        PUBLISH_STATE=PUBLISH_STATES, num_warps=num_warps,
+        HAS_Z=z is not None, HAS_H0=h0 is not None, STORE_CKPT=store_ckpt, STORE_HT=store_ht,
+        LOOKBACK=chunk is not None, PUBLISH_STATE=PUBLISH_STATES, FAST=_fast_gates(x), num_warps=num_warps,
     )
     return o, ckpt, ht
 
@@ -356,7 +373,7 @@ def bdlru_bwd(x, r, i, lam, z, ckpt, do, dht, store_dq0, BT, BD, num_warps, chun
     bdlru_bwd_kernel[grid](
         x, r, i, lam, z, ckpt, do, dht, dx, dr, di, dz, dlam, dq0, status, *_strides(x, r, i, z), T, CT,
         D=D, BT=BT, BD=BD, W=W, HAS_Z=z is not None, HAS_DHT=dht is not None, STORE_DQ0=store_dq0,
-        LOOKBACK=chunk is not None, PUBLISH_STATE=PUBLISH_STATES, num_warps=num_warps,
+        LOOKBACK=chunk is not None, PUBLISH_STATE=PUBLISH_STATES, FAST=_fast_gates(x), num_warps=num_warps,
     )
     return dx, dr, di, dlam.sum(0), dz, dq0
 

@@ -7,9 +7,9 @@ Data shaped like the paper's XLong sample: --users users with about --events-per
 800), from pipeline.synthetic.generate_events over a --items vocabulary kept small (1,000) so that the full
 softmax does not hide the sequence model's cost. Every (model, length) runs in its own process, so the peak
 memory is its own and an out-of-memory ends only that row: a few warm-up batches (kernel compilation), then
-one timed epoch of recblr.train.train_epoch, regime "all" (each user's history cut into windows of T),
-batch --batch-size windows (the paper's 512 for XLong). tokens/s counts real (non-padding) input positions.
-Peak memory: torch.cuda.max_memory_allocated of the timed epoch on a GPU, the process's peak RSS on a CPU.
+--epochs timed epochs of recblr.train.train_epoch (the row is their median), regime "all" (each user's
+history cut into windows of T), batch --batch-size windows (the paper's 512 for XLong). tokens/s counts real (non-padding) input positions.
+Peak memory: torch.cuda.max_memory_allocated of the timed epochs on a GPU, the process's peak RSS on a CPU.
 "sasrec-math" is SASRec with PyTorch's plain T x T attention, like RecBole's SASRec that the paper timed;
 "sasrec" uses scaled_dot_product_attention's fused (flash / memory-efficient) kernels.
 """
@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -89,7 +90,7 @@ def ensure_prepared(prepared_dir: Path, n_users: int, n_items: int, mean_events:
 
 
 def measure(prepared: Path, model: str, T: int, args) -> dict:
-    """One (model, T): warm-up batches, then one timed epoch; runs in a worker process of its own."""
+    """One (model, T): warm-up batches, then the timed epochs; runs in a worker process of its own."""
     from recblr.data import load_prepared, training_windows
     from recblr.models import build
     from recblr.train import TrainConfig, optimizer, stepped, train_epoch
@@ -118,17 +119,20 @@ def measure(prepared: Path, model: str, T: int, args) -> dict:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        began = time.perf_counter()
-        loss = train_epoch(net, opt, data.history.flat, start, stop, order, cfg, desc=f"{model} T={T}")
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - began
+        epochs_s = []
+        for epoch in range(args.epochs):
+            began = time.perf_counter()
+            loss = train_epoch(net, opt, data.history.flat, start, stop, order, cfg, desc=f"{model} T={T}")
+            if cuda:
+                torch.cuda.synchronize()
+            epochs_s.append(time.perf_counter() - began)
+        seconds = statistics.median(epochs_s)
         if args.profile:
             profile(net, opt, data.history.flat, start, stop, order, cfg, args, name=f"{model}_T{T}")
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tokens = int((stop - start).sum())
-    return {"model": model, "T": T, "epoch_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
-            "peak_mb": peak / 2**20, "peak_kind": "cuda_max_allocated" if cuda else "process_peak_rss",
+    return {"model": model, "T": T, "epoch_s": seconds, "epochs_s": epochs_s, "tokens": tokens,
+            "tokens_per_s": tokens / seconds, "peak_mb": peak / 2**20, "peak_kind": "cuda_max_allocated" if cuda else "process_peak_rss",
             "windows": len(start), "loss": loss, "precision": args.precision, "device": args.device}
 
 
@@ -159,14 +163,15 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1000, help="vocabulary: small, so the softmax does not dominate")
     parser.add_argument("--batch-size", type=int, default=512, help="windows per step (the paper's XLong batch)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--warmup", type=int, default=3, help="batches before the timed epoch")
+    parser.add_argument("--warmup", type=int, default=3, help="batches before the timed epochs")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs; the row is their median")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per (model, length) before it is cut")
     parser.add_argument("--compile", action="store_true",
                         help="TrainConfig.compile: torch.compile every model's training forward")
     parser.add_argument("--recompute", action="store_true",
                         help="TrainConfig.recompute: every model re-runs its blocks in the backward")
     parser.add_argument("--profile", type=int, default=0, metavar="BATCHES",
-                        help="after the timed epoch, profile this many batches to profile_<model>_T<T>.txt")
+                        help="after the timed epochs, profile this many batches to profile_<model>_T<T>.txt")
     parser.add_argument("--data", type=Path, default=Path("benchmarks/out/xlong_synth/prepared"))
     parser.add_argument("--json", type=Path, default=Path("benchmarks/out/training_cost.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # MODEL:T, run by the parent in a fresh process

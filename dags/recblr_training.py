@@ -33,6 +33,8 @@ DATA_DIR = Path(os.environ.get("RECBLR_DATA_DIR", Path(__file__).resolve().paren
 PREPARED = Asset(name="recblr_prepared", uri=f"file://{DATA_DIR.resolve()}/runs")
 IO_RETRIES = {"retries": int(os.environ.get("RECBLR_RETRIES", "2")),
               "retry_delay": timedelta(seconds=int(os.environ.get("RECBLR_RETRY_DELAY_S", "300")))}
+# the params that are TrainConfig fields, handed to training as they are: a new knob is a Param and its name here
+TRAIN_PARAMS = ("epochs", "max_len", "time_budget_s", "compile", "recompute")
 
 
 def _fail_fast(step):
@@ -123,8 +125,8 @@ def recblr_training():
     @_fail_fast
     def train(prepared: dict) -> dict:
         data_dir, key, p, uri = _run()
-        return run.train_step(data_dir, key, uri, p["model"], p["epochs"], p["max_len"], p["overrides"],
-                              p["nproc_per_node"], p["time_budget_s"], p["compile"], p["recompute"])
+        return run.train_step(data_dir, key, uri, p["model"], {k: p[k] for k in TRAIN_PARAMS}, p["overrides"],
+                              p["nproc_per_node"])
 
     @task(**IO_RETRIES)
     @_fail_fast

@@ -254,11 +254,12 @@ def run_all(
     """The whole pipeline without Airflow: ingest, validate, prepare, train, evaluate, register and promote."""
     from pipeline.run import run_pipeline
 
+    train = {"epochs": epochs, "max_len": max_len, "time_budget_s": time_budget_s, "compile": compile,
+             "recompute": recompute}
     out = run_pipeline(data_dir, run_key=run_key, source=str(source) if source else None, fmt=fmt, model=model,
-                       epochs=epochs, max_len=max_len, overrides=_parse_sets(set_), min_count=min_count,
+                       train=train, overrides=_parse_sets(set_), min_count=min_count,
                        max_quarantined=max_quarantined, tracking_uri=tracking_uri, model_name=model_name,
-                       nproc_per_node=nproc_per_node, time_budget_s=time_budget_s, compile=compile,
-                       recompute=recompute,
+                       nproc_per_node=nproc_per_node,
                        synthetic={k: v for k, v in {"n_users": users, "mean_events": events_per_user}.items() if v})
     gate = out["register"]
     emit({"run_key": out["run_key"], "tracking_uri": out["tracking_uri"], "rows_kept": out["ingest"]["rows_kept"],

@@ -112,31 +112,33 @@ def prepare_step(data_dir: Path, run_key: str, min_count: int = 5) -> dict:
     return {**summary, "output": str(prepared), "digest": dataset_digest(prepared)}
 
 
-def _train_config(epochs: int | None, max_len: int | None, time_budget_s: float | None, compile: bool = False,
-                  recompute: bool = False):
-    """The TrainConfig of the pipeline's training params (None: TrainConfig's default); bad values raise
-    PipelineError."""
+def _train_config(train: dict | None):
+    """recblr.train.TrainConfig from TrainConfig field names to values (a None value: TrainConfig's default);
+    an unknown field or a bad value raises PipelineError."""
+    import dataclasses
+
     from recblr.train import TrainConfig
 
-    given = {"epochs": epochs, "max_len": max_len, "time_budget_s": time_budget_s, "compile": compile,
-             "recompute": recompute}
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = sorted(set(train or {}) - set(fields))
+    if unknown:  # checked before the None values are dropped, so a misspelt knob fails even when unset
+        raise PipelineError(f"TrainConfig has no field {', '.join(map(repr, unknown))}; its fields: "
+                            f"{', '.join(fields)}")
     try:
-        return TrainConfig(**{k: v for k, v in given.items() if v is not None})
+        return TrainConfig(**{k: v for k, v in (train or {}).items() if v is not None})
     except ValueError as err:
         raise PipelineError(str(err)) from err
 
 
-def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "recblr", epochs: int | None = None,
-               max_len: int | None = None, overrides: dict | None = None, nproc_per_node: int | str = 1,
-               time_budget_s: float | None = None, compile: bool = False, recompute: bool = False) -> dict:
+def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "recblr", train: dict | None = None,
+               overrides: dict | None = None, nproc_per_node: int | str = 1) -> dict:
     """Train on the run's prepared data, logging to a fresh MLflow run; the weights land in <partition>/model.
 
+    train: TrainConfig fields by name, None for its default (see recblr.train.TrainConfig for what each
+    means). The pipeline's callers pass epochs, max_len, time_budget_s, compile and recompute: the DAG's
+    TRAIN_PARAMS and `recblr run`'s options of the same names.
+    overrides: model config fields by name.
     nproc_per_node: DDP ranks, one per GPU ("auto": every visible GPU); 1 trains in this process.
-    time_budget_s: after the first epoch, no epoch starts that would end past it; the best epoch so far is
-    the result, so a nightly slot ends with a model instead of a killed task.
-    compile: torch.compile the training forward (TrainConfig.compile), for long runs on a GPU.
-    recompute: re-run each block in the backward instead of keeping its activations (TrainConfig.recompute),
-    for sequences too long for the worker's GPU memory.
     """
     import mlflow
 
@@ -145,11 +147,11 @@ def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "re
 
     part = partition(data_dir, run_key)
     nproc = resolve_nproc(nproc_per_node)
-    train = _train_config(epochs, max_len, time_budget_s, compile, recompute)
+    config = _train_config(train)
     work = _fresh(part / ".model.tmp")
     run_id = tracking.start_training_run(tracking_uri, Path(data_dir).name, run_key, part / "prepared")
     try:
-        result = fit_on_processes(nproc, part, work, model, overrides=overrides or None, train=train,
+        result = fit_on_processes(nproc, part, work, model, overrides=overrides or None, train=config,
                                   on_epoch=tracking.log_epoch)
         tracking.log_training(result, part / "prepared")
     except (ValueError, FileNotFoundError) as err:  # unknown model or config field, unusable data
@@ -197,25 +199,28 @@ def register_step(data_dir: Path, run_key: str, tracking_uri: str, run_id: str, 
 
 
 def run_pipeline(data_dir: Path, *, run_key: str | None = None, source: str | None = None, fmt: str = "csv",
-                 model: str = "recblr", epochs: int | None = None, max_len: int | None = None,
-                 overrides: dict | None = None, min_count: int = 5, max_quarantined: float = 0.05,
-                 tracking_uri: str | None = None, model_name: str = "recblr", synthetic: dict | None = None,
-                 format_options: dict | None = None, nproc_per_node: int | str = 1,
-                 time_budget_s: float | None = None, compile: bool = False, recompute: bool = False) -> dict:
-    """All steps in order, training on nproc_per_node DDP ranks: what the DAG does, without Airflow."""
+                 model: str = "recblr", train: dict | None = None, overrides: dict | None = None,
+                 min_count: int = 5, max_quarantined: float = 0.05, tracking_uri: str | None = None,
+                 model_name: str = "recblr", synthetic: dict | None = None, format_options: dict | None = None,
+                 nproc_per_node: int | str = 1) -> dict:
+    """All steps in order, training on nproc_per_node DDP ranks: what the DAG does, without Airflow.
+
+    train: TrainConfig fields by name, as for train_step (`recblr run` passes epochs, max_len, time_budget_s,
+    compile and recompute; recblr.train.TrainConfig says what they mean).
+    """
     from pipeline.launch import resolve_nproc
     from pipeline.tracking import resolve_tracking_uri
 
-    resolve_nproc(nproc_per_node)  # bad values fail now, not after ingest and prepare
-    _train_config(epochs, max_len, time_budget_s, compile, recompute)
+    # bad values fail now, not after ingest and prepare
+    resolve_nproc(nproc_per_node)
+    _train_config(train)
     run_key = run_key or date.today().isoformat()
     tracking_uri = resolve_tracking_uri(data_dir, tracking_uri)
     out = {"run_key": run_key, "tracking_uri": tracking_uri}
     out["ingest"] = ingest_step(data_dir, run_key, source, fmt, synthetic, **(format_options or {}))
     out["validate"] = validate_step(data_dir, run_key, max_quarantined)
     out["prepare"] = prepare_step(data_dir, run_key, min_count)
-    out["train"] = trained = train_step(data_dir, run_key, tracking_uri, model, epochs, max_len, overrides,
-                                        nproc_per_node, time_budget_s, compile, recompute)
+    out["train"] = trained = train_step(data_dir, run_key, tracking_uri, model, train, overrides, nproc_per_node)
     out["evaluate"] = evaluate_step(data_dir, run_key, tracking_uri, trained["run_id"], trained["model_path"])
     out["register"] = register_step(data_dir, run_key, tracking_uri, trained["run_id"], trained["model_path"],
                                     model_name)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -56,6 +57,19 @@ def test_schedule_params_and_task_order(dag):
     assert [a.name for a in tasks["prepare"].outlets] == ["recblr_prepared"]
 
 
+def test_train_params_are_every_param_named_as_a_train_config_field(dag):
+    import importlib.util
+
+    from recblr.train import TrainConfig
+
+    spec = importlib.util.spec_from_file_location("recblr_training_dag", REPO / "dags" / "recblr_training.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert len(set(module.TRAIN_PARAMS)) == len(module.TRAIN_PARAMS)
+    assert set(module.TRAIN_PARAMS) == fields & set(dag.params)
+
+
 def test_params_reject_a_wrong_type(dag):
     from airflow.sdk.exceptions import ParamValidationError
 
@@ -90,11 +104,12 @@ def test_dag_runs_end_to_end_and_gate_keeps_a_worse_candidate(dag, workdir, monk
     from mlflow import MlflowClient
 
     from pipeline import launch
+    from recblr.train import TrainConfig
 
     real_fit_on_processes, launched = launch.fit_on_processes, []
 
     def fit_on_processes(nproc, *args, **kwargs):
-        launched.append(nproc)
+        launched.append((nproc, kwargs["train"]))
         return real_fit_on_processes(nproc, *args, **kwargs)
 
     monkeypatch.setattr(launch, "fit_on_processes", fit_on_processes)
@@ -106,7 +121,9 @@ def test_dag_runs_end_to_end_and_gate_keeps_a_worse_candidate(dag, workdir, monk
     second = run(dag, workdir, 2, overrides={"d_model": 16, "n_layers": 1}, nproc_per_node=2, epochs=2,
                  time_budget_s=1e-3, recompute=True)
     assert second.state == "success", {ti.task_id: ti.state for ti in second.get_task_instances()}
-    assert launched == [1, 2]
+    assert [nproc for nproc, _ in launched] == [1, 2]
+    # every knob of the trigger's conf reaches the TrainConfig that training runs with
+    assert launched[1][1] == TrainConfig(epochs=2, max_len=TINY["max_len"], time_budget_s=1e-3, recompute=True)
     client = MlflowClient(f"sqlite:///{workdir / 'data' / 'mlflow' / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("recblr", "champion")
     challenger = client.get_model_version_by_alias("recblr", "challenger")

@@ -151,14 +151,16 @@ def train(
     rank 0 prints. `recblr run --nproc-per-node N` launches it that way.
     """
     from pipeline.errors import PipelineError
-    from recblr.train import TrainConfig, fit
+    from pipeline.run import _train_config
+    from recblr.train import fit
 
-    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-             "label_smoothing": label_smoothing, "max_len": max_len, "regime": regime, "patience": patience,
-             "seed": seed, "device": device, "precision": precision, "eval_batch_size": eval_batch_size,
-             "time_budget_s": time_budget_s, "compile": compile, "recompute": recompute}
+    # the pipeline builds its TrainConfig the same way: None leaves a field to TrainConfig's default
+    cfg = _train_config({"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                         "label_smoothing": label_smoothing, "max_len": max_len, "regime": regime,
+                         "patience": patience, "seed": seed, "device": device, "precision": precision,
+                         "eval_batch_size": eval_batch_size, "time_budget_s": time_budget_s, "compile": compile,
+                         "recompute": recompute})
     try:
-        cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})  # TrainConfig owns the defaults
         result = fit(data_dir / "prepared", run_dir or data_dir / "runs" / model, model,
                      overrides=_parse_sets(set_), train=cfg, resume=resume)
     except (FileNotFoundError, ValueError) as err:

@@ -151,15 +151,15 @@ def train(
     rank 0 prints. `recblr run --nproc-per-node N` launches it that way.
     """
     from pipeline.errors import PipelineError
-    from pipeline.run import _train_config
+    from pipeline.run import train_config
     from recblr.train import fit
 
     # the pipeline builds its TrainConfig the same way: None leaves a field to TrainConfig's default
-    cfg = _train_config({"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                         "label_smoothing": label_smoothing, "max_len": max_len, "regime": regime,
-                         "patience": patience, "seed": seed, "device": device, "precision": precision,
-                         "eval_batch_size": eval_batch_size, "time_budget_s": time_budget_s, "compile": compile,
-                         "recompute": recompute})
+    cfg = train_config({"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                        "label_smoothing": label_smoothing, "max_len": max_len, "regime": regime,
+                        "patience": patience, "seed": seed, "device": device, "precision": precision,
+                        "eval_batch_size": eval_batch_size, "time_budget_s": time_budget_s, "compile": compile,
+                        "recompute": recompute})
     try:
         result = fit(data_dir / "prepared", run_dir or data_dir / "runs" / model, model,
                      overrides=_parse_sets(set_), train=cfg, resume=resume)

@@ -112,7 +112,7 @@ def prepare_step(data_dir: Path, run_key: str, min_count: int = 5) -> dict:
     return {**summary, "output": str(prepared), "digest": dataset_digest(prepared)}
 
 
-def _train_config(train: dict | None):
+def train_config(train: dict | None):
     """recblr.train.TrainConfig from TrainConfig field names to values (a None value: TrainConfig's default);
     an unknown field or a bad value raises PipelineError."""
     import dataclasses
@@ -147,7 +147,7 @@ def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "re
 
     part = partition(data_dir, run_key)
     nproc = resolve_nproc(nproc_per_node)
-    config = _train_config(train)
+    config = train_config(train)
     work = _fresh(part / ".model.tmp")
     run_id = tracking.start_training_run(tracking_uri, Path(data_dir).name, run_key, part / "prepared")
     try:
@@ -213,7 +213,7 @@ def run_pipeline(data_dir: Path, *, run_key: str | None = None, source: str | No
 
     # bad values fail now, not after ingest and prepare
     resolve_nproc(nproc_per_node)
-    _train_config(train)
+    train_config(train)
     run_key = run_key or date.today().isoformat()
     tracking_uri = resolve_tracking_uri(data_dir, tracking_uri)
     out = {"run_key": run_key, "tracking_uri": tracking_uri}

@@ -6,15 +6,15 @@ import dataclasses
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.run import _train_config, run_pipeline
+from pipeline.run import run_pipeline, train_config
 from recblr.train import TrainConfig
 
 
 def test_a_train_mapping_builds_train_config_with_none_as_its_default():
-    assert _train_config(None) == _train_config({}) == TrainConfig()
-    assert _train_config({"epochs": None, "max_len": 20, "recompute": True}) == TrainConfig(max_len=20, recompute=True)
+    assert train_config(None) == train_config({}) == TrainConfig()
+    assert train_config({"epochs": None, "max_len": 20, "recompute": True}) == TrainConfig(max_len=20, recompute=True)
     with pytest.raises(PipelineError, match="max_len"):
-        _train_config({"max_len": 0})
+        train_config({"max_len": 0})
 
 
 @pytest.mark.parametrize("value", [3, None])  # a misspelt knob fails even when left unset

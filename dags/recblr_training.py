@@ -93,7 +93,7 @@ def _run():
                                      "faster epochs on a GPU (benchmarks/RESULTS.md); for long runs."),
         "recompute": Param(False, type="boolean",
                            description="Re-run each block in the backward instead of keeping its activations: "
-                                       "0.57x the GPU memory for 1.13x the time at length 1000 on an H100."),
+                                       "0.57x the GPU memory for 1.3x the time at length 1000 on an H100."),
         "tracking_uri": Param(None, type=["null", "string"],
                               description="null = $MLFLOW_TRACKING_URI, else SQLite under the data root."),
         "model_name": Param("recblr", type="string", description="Registered model name."),

@@ -140,7 +140,7 @@ def train(
     eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="Users per scoring chunk in evaluation (default 4096)."),
     time_budget_s: Optional[float] = typer.Option(None, "--time-budget-s", help="Start no epoch that would end past this many seconds; the best epoch so far is the result."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training forward (default off): faster epochs after a compile of about 40 s; for long runs on a GPU."),
-    recompute: Optional[bool] = typer.Option(None, "--recompute/--no-recompute", help="Keep only each block's input and re-run the block in the backward (default off): 0.57x the GPU memory for 1.13x the time at T=1000 on an H100; for long sequences."),
+    recompute: Optional[bool] = typer.Option(None, "--recompute/--no-recompute", help="Keep only each block's input and re-run the block in the backward (default off): 0.57x the GPU memory for 1.3x the time at T=1000 on an H100; for long sequences."),
     set_: list[str] = typer.Option([], "--set", help="Model config override FIELD=VALUE, repeatable (e.g. dropout=0.5)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.pt."),
     as_json: bool = AsJson,

@@ -114,8 +114,8 @@ def training_batch(flat: np.ndarray, start: np.ndarray, stop: np.ndarray,
 def to_device(values, device) -> torch.Tensor:
     """A host array (numpy or CPU tensor) on `device`, without waiting for the GPU. From pageable memory a
     non-blocking copy returns once the driver has staged the bytes, so the host goes on to the next batch; a
-    blocking copy would first wait for the GPU's queue to drain. (Pinning each batch instead measured slower
-    than either: benchmarks/RESULTS.md, "a step that does not wait".)"""
+    blocking copy would first wait for the GPU's queue to drain. Pinning each batch bought nothing measurable
+    (benchmarks/RESULTS.md, "a step that does not wait for the GPU")."""
     return torch.as_tensor(values).to(device, non_blocking=True)
 
 

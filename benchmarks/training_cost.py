@@ -8,7 +8,8 @@ Data shaped like the paper's XLong sample: --users users with about --events-per
 softmax does not hide the sequence model's cost. Every (model, length) runs in its own process, so the peak
 memory is its own and an out-of-memory ends only that row: a few warm-up batches (kernel compilation), then
 --epochs timed epochs of recblr.train.train_epoch (the row is their median), regime "all" (each user's
-history cut into windows of T), batch --batch-size windows (the paper's 512 for XLong). tokens/s counts real (non-padding) input positions.
+history cut into windows of T), batch --batch-size windows (the paper's 512 for XLong). tokens/s counts real
+(non-padding) input positions.
 Peak memory: torch.cuda.max_memory_allocated of the timed epochs on a GPU, the process's peak RSS on a CPU.
 "sasrec-math" is SASRec with PyTorch's plain T x T attention, like RecBole's SASRec that the paper timed;
 "sasrec" uses scaled_dot_product_attention's fused (flash / memory-efficient) kernels.
@@ -120,7 +121,7 @@ def measure(prepared: Path, model: str, T: int, args) -> dict:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         epochs_s = []
-        for epoch in range(args.epochs):
+        for _ in range(args.epochs):
             began = time.perf_counter()
             loss = train_epoch(net, opt, data.history.flat, start, stop, order, cfg, desc=f"{model} T={T}")
             if cuda:
@@ -132,8 +133,9 @@ def measure(prepared: Path, model: str, T: int, args) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tokens = int((stop - start).sum())
     return {"model": model, "T": T, "epoch_s": seconds, "epochs_s": epochs_s, "tokens": tokens,
-            "tokens_per_s": tokens / seconds, "peak_mb": peak / 2**20, "peak_kind": "cuda_max_allocated" if cuda else "process_peak_rss",
-            "windows": len(start), "loss": loss, "precision": args.precision, "device": args.device}
+            "tokens_per_s": tokens / seconds, "peak_mb": peak / 2**20,
+            "peak_kind": "cuda_max_allocated" if cuda else "process_peak_rss", "windows": len(start), "loss": loss,
+            "precision": args.precision, "device": args.device}
 
 
 def profile(net, opt, flat, start, stop, order, cfg, args, name: str) -> None:

@@ -142,9 +142,9 @@ def _carry_in(status, i_b, i_c, n_c, o_d, m_d, a, h, h_init,
 
 @triton.jit
 def _sigmoid(v, FAST: tl.constexpr):
-    """FAST: 0.5 tanh(v / 2) + 0.5, one special-function instruction instead of ex2 and rcp, where the bf16
-    kernels spend their time (maths, not bytes). tanh.approx's error, under 2^-10, is below the rounding
-    that bf16 inputs already carry (2^-8); float32 inputs keep the exact form."""
+    """FAST: 0.5 tanh(v / 2) + 0.5, one special-function instruction instead of ex2 and rcp: the bf16 backward
+    is bound by such maths, not by its bytes (benchmarks/RESULTS.md, session 8). tanh.approx's error, under
+    2^-10, is below the rounding that bf16 inputs already carry (2^-8); float32 inputs keep the exact form."""
     if FAST:
         t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [0.5 * v], dtype=tl.float32,
                                       is_pure=True, pack=1)

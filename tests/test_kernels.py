@@ -102,13 +102,20 @@ def test_chunk_matches_reference_fp32(variant, rows, monkeypatch):
 
 @pytest.mark.parametrize("fn", [fused_recurrent_bdlru, chunk_bdlru], ids=["fused_recurrent", "chunk"])
 def test_inference_forward_saves_nothing_and_matches(fn, monkeypatch):
-    # without autograd the forward stores no checkpoints (serving's path): only the output and state
+    # without autograd the forward stores no checkpoints (serving's path): only the output and state, even
+    # for inputs that require grad, whose ctx.needs_input_grad is set under no_grad too
     small_chunks(monkeypatch, rows=(8, 12))
+    stored = []
+    launch = fused_recurrent.bdlru_fwd
+    monkeypatch.setattr(fused_recurrent, "bdlru_fwd", lambda *a, **k: stored.append(a[6]) or launch(*a, **k))
     inputs, _, _ = make_inputs(2, 37, 20, torch.float32, "cpu", **VARIANTS["z+h0+state"], seed=7)
+    assert inputs["x"].requires_grad
     with torch.no_grad():
         out, ht = fn(**inputs, return_state=True)
         ref_out, ref_ht = bdlru_reference(**inputs, return_state=True)
     assert rel_err(out, ref_out) < TOL[torch.float32] and rel_err(ht, ref_ht) < TOL[torch.float32]
+    fn(**inputs)  # recorded for a backward: the checkpoints are stored
+    assert stored == [False, True]
 
 
 @pytest.mark.parametrize("rows", [(4, 4), (8, 8)], ids=["one_tile", "two_tiles"])

@@ -9,6 +9,7 @@ first walk's reads of x, r, i (backward: r, z, do) come back from L2 in the seco
 B * (T / CHUNK) * D int64 of traffic. The backward does the same in reverse time on q = a_t dL/dh_t, from
 the forward's per-tile states.
 """
+import torch
 import triton
 
 from kernels.bdlru import fused_recurrent
@@ -38,4 +39,5 @@ def chunk_bdlru(x, r, i, lam, z=None, h0=None, return_state=False):
     """
     check_inputs(x, r, i, lam, z, h0)
     check_device(x, "chunk_bdlru", "kernels.bdlru")
-    return fused_recurrent.BDLRUFunction.apply(x, r, i, lam, z, h0, return_state, *_chunk_config(*x.shape))
+    return fused_recurrent.BDLRUFunction.apply(x, r, i, lam, z, h0, return_state, *_chunk_config(*x.shape),
+                                               torch.is_grad_enabled())

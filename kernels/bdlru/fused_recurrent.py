@@ -397,13 +397,15 @@ def _strides(x, r, i, z):
 class BDLRUFunction(torch.autograd.Function):
     """Autograd of both launchers: config = (BT, (BD, num_warps) forward, (BD, num_warps) backward); given
     chunk lengths (rows forward and backward, multiples of BT) a program per chunk (`chunk.py`), else one per
-    channel block walking all of T."""
+    channel block walking all of T. recording: grad mode at the call, since ctx.needs_input_grad follows
+    requires_grad alone: under no_grad, inputs that require grad would have the forward write a checkpoint
+    nothing reads."""
 
     @staticmethod
-    def forward(ctx, x, r, i, lam, z, h0, return_state, config, chunk):
+    def forward(ctx, x, r, i, lam, z, h0, return_state, config, chunk, recording):
         x, r, i, z, lam, h0 = _kernel_inputs(x, r, i, lam, z, h0)
         BT, fwd, bwd = config
-        needs_grad = any(ctx.needs_input_grad[:6])
+        needs_grad = recording and any(ctx.needs_input_grad[:6])
         o, ckpt, ht = bdlru_fwd(x, r, i, lam, z, h0, needs_grad, return_state, BT, *fwd,
                                  chunk=chunk and chunk[0])
         if needs_grad:
@@ -419,7 +421,7 @@ class BDLRUFunction(torch.autograd.Function):
         dx, dr, di, dlam, dz, dh0 = bdlru_bwd(x, r, i, lam, z, ckpt, do, dht, ctx.h0_dtype is not None, *ctx.config,
                                               chunk=ctx.chunk)
         dh0 = dh0.to(ctx.h0_dtype) if dh0 is not None else None
-        return dx, dr, di, dlam.to(lam.dtype), dz, dh0, None, None, None
+        return dx, dr, di, dlam.to(lam.dtype), dz, dh0, None, None, None, None
 
 
 def fused_recurrent_bdlru(x, r, i, lam, z=None, h0=None, return_state=False):
@@ -430,4 +432,5 @@ def fused_recurrent_bdlru(x, r, i, lam, z=None, h0=None, return_state=False):
     """
     check_inputs(x, r, i, lam, z, h0)
     check_device(x, "fused_recurrent_bdlru", "kernels.bdlru")
-    return BDLRUFunction.apply(x, r, i, lam, z, h0, return_state, _config(*x.shape, x.dtype), None)
+    return BDLRUFunction.apply(x, r, i, lam, z, h0, return_state, _config(*x.shape, x.dtype), None,
+                               torch.is_grad_enabled())

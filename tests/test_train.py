@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from prepared_data import markov_sequences, write_prepared
-from recblr.data import Sequences, load_prepared, training_windows
+from recblr.data import Sequences, gather, load_prepared, training_windows
+from recblr.loss import linear_cross_entropy
 from recblr.models import build, load
 from recblr.train import TrainConfig, batch_loss, fit, optimizer, stepped
 
@@ -65,6 +66,27 @@ def test_batch_loss_equals_per_sample_cross_entropy(regime):
     n = len(start) if regime == "prefix" else int((stop - start).sum())
     want = torch.stack(losses).sum() / n
     torch.testing.assert_close(batch_loss(model, history.flat, start, stop, cfg), want)
+
+
+@pytest.mark.parametrize("regime", ["prefix", "all"])
+def test_loss_positions_are_the_unpadded_targets_in_row_order(regime):
+    """training_batch's host-made positions pick exactly what masking the padded targets on the device picked,
+    in the same order, so the loss and every gradient are bitwise those of the mask."""
+    history = ragged(SEQS)
+    start, stop = training_windows(history, max_len=4, regime=regime)
+    torch.manual_seed(0)
+    model = build("recblr", 16, d_model=8, dropout=0.0)
+    cfg = TrainConfig(regime=regime, device="cpu")
+    items, targets = gather(history.flat, start, stop), gather(history.flat, start + 1, stop + 1)
+    if regime == "prefix":  # the loss at each window's last position only
+        targets = torch.where(torch.arange(targets.shape[1]) == torch.as_tensor(stop - start - 1)[:, None], targets, 0)
+    masked = linear_cross_entropy(model(items)[targets != 0], model.item_embedding.weight, targets[targets != 0],
+                                  cfg.label_smoothing) / int((targets != 0).sum())
+    want = torch.autograd.grad(masked, list(model.parameters()))
+    loss = batch_loss(model, history.flat, start, stop, cfg)
+    assert torch.equal(loss, masked)
+    for got, expected in zip(torch.autograd.grad(loss, list(model.parameters())), want, strict=True):
+        assert torch.equal(got, expected)
 
 
 @pytest.fixture(scope="module")

@@ -92,6 +92,12 @@ def gather(flat: np.ndarray, start: np.ndarray, stop: np.ndarray) -> torch.Tenso
     return torch.from_numpy(items.astype(np.int64))
 
 
+def _ragged(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(group, index within it) of every element when group g holds counts[g] elements, group after group."""
+    group = np.repeat(np.arange(len(counts)), counts)
+    return group, np.arange(len(group)) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 def training_batch(flat: np.ndarray, start: np.ndarray, stop: np.ndarray,
                    regime: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """A batch of training windows as the loss reads it: (items (B, T) right-padded, positions (n,), targets (n,)).
@@ -105,8 +111,7 @@ def training_batch(flat: np.ndarray, start: np.ndarray, stop: np.ndarray,
     if regime == "prefix":
         return items, np.arange(len(start)) * width + lengths - 1, flat[stop]
     if regime == "all":
-        row = np.repeat(np.arange(len(start)), lengths)
-        col = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        row, col = _ragged(lengths)
         return items, row * width + col, flat[start[row] + col + 1]
     raise ValueError(f"regime must be 'prefix' or 'all', got {regime!r}")
 
@@ -128,15 +133,14 @@ def training_windows(history: Sequences, max_len: int, regime: str) -> tuple[np.
     """
     off, lengths = history.offsets[:-1], history.lengths
     if regime == "prefix":
-        user = np.repeat(np.arange(len(lengths)), lengths)
+        user, _ = _ragged(lengths)
         target = np.arange(len(history.flat))
         keep = target > off[user]  # the first event of a user has nothing before it
         target, user = target[keep], user[keep]
         return np.maximum(off[user], target - max_len), target
     if regime == "all":
         n_windows = np.where(lengths >= 2, -(-(lengths - 1) // max_len), 0)
-        user = np.repeat(np.arange(len(lengths)), n_windows)
-        k = np.arange(len(user)) - np.repeat(np.cumsum(n_windows) - n_windows, n_windows)  # index in user
+        user, k = _ragged(n_windows)  # k: the window's index in its user's, from the end
         stop = off[user] + lengths[user] - 1 - k * max_len
         return np.maximum(off[user], stop - max_len), stop
     raise ValueError(f"regime must be 'prefix' or 'all', got {regime!r}")

@@ -325,7 +325,7 @@ def test_undecayed_optimizer_is_adam():
 @pytest.mark.parametrize("model_name", ["recblr", "sasrec", "gru4rec", "lrurec"])
 def test_training_step_never_waits_for_the_gpu(model_name, regime):
     """A step (batch, loss, backward, AdamW) only queues GPU work, so the host makes the next batch while the
-    GPU runs this one: any copy to pageable memory, .item() or boolean mask would sync and raise here."""
+    GPU runs this one: any blocking copy, .item() or boolean mask would sync and raise here."""
     history = ragged(SEQS)
     start, stop = training_windows(history, max_len=4, regime=regime)
     cfg = TrainConfig(device="cuda", regime=regime)

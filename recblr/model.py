@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import bdlru, causal_conv_silu
+from kernels import BlockWeights, bdlru, block_step, causal_conv_silu
 from recblr.base import SequentialRecommender
 
 
@@ -77,19 +77,6 @@ class GatedRecurrentLayer(nn.Module):
         window = F.pad(x_in.transpose(1, 2), (k, 0))[..., T:].clone()  # (B, E*D, k)
         return self.out_proj(y), (window, h)
 
-    def step(self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
-        """One event: u (B, D); state = (conv window (B, E*D, k-1) of past pre-conv inputs, h (B, E*D))."""
-        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, E*D) each
-        window, h = state
-        if self.conv is not None:
-            window = torch.cat([window, x[:, :, None]], dim=-1)  # (B, E*D, k)
-            x = (window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias
-            window = window[:, :, 1:]
-        x = F.silu(x)
-        r, i = self.gates(x).chunk(2, dim=-1)
-        y, h = bdlru(x[:, None], r[:, None], i[:, None], self.lam, z=z[:, None], h0=h, return_state=True)
-        return self.out_proj(y[:, 0]), (window, h)  # (B, D)
-
 
 class Block(nn.Module):
     """h = LN(x + Dropout(GRL(x))); out = LN(h + Dropout(W2 Dropout(SiLU(W1 h))))."""
@@ -115,9 +102,20 @@ class Block(nn.Module):
         y, state = self.recurrent(x, return_state=True)
         return self.feed_forward(self.ln_1(x + self.drop(y))), state
 
-    def step(self, x: torch.Tensor, state):  # (B, D) -> (B, D)
-        y, state = self.recurrent.step(x, state)
-        return self.feed_forward(self.ln_1(x + self.drop(y))), state
+    def step(self, x: torch.Tensor, state):
+        """One event in eval mode (no dropout): x (B, D) -> (B, D); state = (conv window (B, E*D, k-1) of past
+        pre-conv inputs, h (B, E*D)). On the GPU the whole block is one kernel (kernels.block_step)."""
+        out, window, h = block_step(x, *state, self.step_weights())
+        return out, (window, h)
+
+    def step_weights(self) -> BlockWeights:
+        rec, ffn = self.recurrent, self.ffn
+        return BlockWeights(
+            in_proj=rec.in_proj.weight, conv=None if rec.conv is None else (rec.conv.weight[:, 0], rec.conv.bias),
+            gates=(rec.gates.weight, rec.gates.bias), lam=rec.lam, out_proj=rec.out_proj.weight,
+            ln_1=(self.ln_1.weight, self.ln_1.bias),
+            ffn=None if ffn is None else (ffn[0].weight, ffn[0].bias, ffn[3].weight, ffn[3].bias),
+            ln_2=None if self.ln_2 is None else (self.ln_2.weight, self.ln_2.bias), eps=self.ln_1.eps)
 
 
 class RecBLR(SequentialRecommender):
@@ -156,8 +154,8 @@ class RecBLR(SequentialRecommender):
 
     def step(self, items: torch.Tensor, state: list):
         """Advance every user by one event: items (B,) -> (hidden (B, D), new state), as `forward`'s last
-        position; rank with `top_k` (or `scores`)."""
-        x = self.ln(self.drop(self.item_embedding(items)))  # (B, D)
+        position in eval mode (serving: no dropout); rank with `top_k` (or `scores`)."""
+        x = self.ln(self.item_embedding(items))  # (B, D)
         new_state = []
         for block, layer_state in zip(self.blocks, state):
             x, layer_state = block.step(x, layer_state)

@@ -1,0 +1,91 @@
+"""One RecBLR block's serving step: the fused kernel against the PyTorch composition it replaces.
+
+    python benchmarks/block_step_kernel.py [--batch 1,1024] [--d-model 64] [--sweep]
+        [--json benchmarks/out/block_step_kernel.json]
+
+For each batch B, one block of a RecBLR (random init, float32, eval) steps B users by one event from a random
+state: `kernels.fused_block_step` (one launch) against `kernels.block_step_reference` (the composition the model
+stepped with before, about twenty launches), both under no_grad with TF32 off. Medians of
+`triton.testing.do_bench` (eager: launch overhead included) and `do_bench_cudagraph` (replayed from a CUDA
+graph, as `recblr.serving.StepServer` runs them: the GPU's time alone). "max diff" is the largest |fused -
+reference| over the three outputs. --sweep also times the kernel at each (BLOCK_B, BLOCK_K, NUM_WARPS) in a graph.
+Without CUDA it runs under TRITON_INTERPRET=1 as a smoke test; its timings mean nothing.
+"""
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from bdlru_kernel import bench
+from kernels import block_step_reference, fused_block_step
+from kernels.block_step import fused
+from kernels.device import interpreting
+from recblr.models import build
+
+SWEEP = {"BLOCK_B": (16, 32), "BLOCK_K": (16, 32, 64), "NUM_WARPS": (4, 8)}
+
+
+def make_inputs(B, D, device):
+    torch.manual_seed(0)
+    block = build("recblr", 10, d_model=D).blocks[0].to(device).eval()
+    E, k = block.recurrent.lam.shape[0], block.recurrent.conv.kernel_size[0]
+    return (torch.randn(B, D, device=device), torch.randn(B, E, k - 1, device=device),
+            torch.randn(B, E, device=device), block.step_weights())
+
+
+def sweep(inputs) -> dict:
+    """ms in a graph for each configuration of the launcher's knobs, restored after."""
+    saved = {name: getattr(fused, name) for name in SWEEP}
+    times = {}
+    for values in itertools.product(*SWEEP.values()):
+        for name, value in zip(SWEEP, values):
+            setattr(fused, name, value)
+        times[str(values)] = bench(lambda: fused_block_step(*inputs), graph=True)
+    for name, value in saved.items():
+        setattr(fused, name, value)
+    return times
+
+
+@torch.no_grad()
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", default="1,1024", help="comma-separated batch sizes (users a step)")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--sweep", action="store_true", help="also time the kernel at each launch configuration")
+    p.add_argument("--json", type=Path, default=Path("benchmarks/out/block_step_kernel.json"))
+    args = p.parse_args()
+    if not torch.cuda.is_available() and not interpreting():
+        p.error("no CUDA: set TRITON_INTERPRET=1 to smoke-test on the CPU")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows = []
+    for B in tqdm([int(b) for b in args.batch.split(",")], desc="batches", file=sys.stderr):
+        inputs = make_inputs(B, args.d_model, device)
+        diff = max((a - b).abs().max().item() for a, b in
+                   zip(fused_block_step(*inputs), block_step_reference(*inputs)))
+        row = {"B": B, "D": args.d_model, "max_diff": diff}
+        for name, fn in (("fused", fused_block_step), ("reference", block_step_reference)):
+            row[name] = {mode: bench(lambda: fn(*inputs), graph=mode == "graph") for mode in ("eager", "graph")}
+        if args.sweep:
+            row["sweep"] = sweep(inputs)
+            best = sorted(row["sweep"].items(), key=lambda kv: kv[1])[:4]
+            print(f"sweep B={B} (BLOCK_B, BLOCK_K, NUM_WARPS): " + ", ".join(f"{c} {ms:.4f}" for c, ms in best))
+        rows.append(row)
+
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton interpreter (not a timing)"
+    print(f"\n{name}, D = {args.d_model}, ms a block step (median), eager / graph")
+    print(f"{'B':>6} {'fused':>17} {'reference':>17} {'reference/fused':>17} {'max diff':>9}")
+    for r in rows:
+        f, ref = r["fused"], r["reference"]
+        print(f"{r['B']:>6} {f['eager']:7.4f} / {f['graph']:7.4f} {ref['eager']:7.4f} / {ref['graph']:7.4f} "
+              f"{ref['eager'] / f['eager']:7.1f} / {ref['graph'] / f['graph']:6.1f}x {r['max_diff']:9.1e}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+import torch
+
+from kernels.block_step import fused
+from kernels.block_step.fused import fused_block_step
+from kernels.block_step.naive import BlockWeights, block_step_reference
+
+
+def block_step(u, window, h, weights: BlockWeights):
+    """One event through one RecBLR block in eval mode (no dropout), for a batch of users.
+
+    u (B, D) the block's input, window (B, E, k - 1) the last pre-conv inputs (oldest first; k - 1 = 0 without
+    the conv), h (B, E) the BD-LRU state -> (out (B, D), window, h). CUDA float32 tensors outside autograd, with
+    weights that `fused.fits`, take the Triton kernel (`fused_block_step`, one launch; a CUDA graph can capture
+    it); everything else, CPU tensors included, takes `block_step_reference`, which autograd differentiates.
+    """
+    if (u.is_cuda and not torch.is_grad_enabled() and u.dtype == torch.float32
+            and weights.in_proj.dtype == torch.float32 and fused.fits(weights)):
+        return fused_block_step(u, window, h, weights)
+    return block_step_reference(u, window, h, weights)
+
+
+__all__ = ["BlockWeights", "block_step", "block_step_reference", "fused_block_step"]

@@ -1,0 +1,179 @@
+"""One RecBLR block's step in Triton: every layer of the block for a block of users in one launch.
+
+Serving advances each user by one event, so a block's step is a chain of (users x a few hundred) products and
+element-wise maths: in PyTorch about twenty launches a block, each too small to fill the GPU, which a CUDA
+graph replays back to back (benchmarks/RESULTS.md, "Inference": the served step of 1,024 users was 0.26 ms
+against 0.2 ms of scoring 3,416 items). Here a program owns BB users and keeps them in registers from the
+block's input to its output: in_proj, the conv over the window, SiLU, the gate projection, the BD-LRU update,
+the output gate, out_proj, residual and LayerNorm, then the PFFN and its LayerNorm. The weights are read
+whole by every program (from L2 after the first): each product is one `tl.dot` of the users' (BB, in) block
+with a (in, out) weight tile, so a tile must fit shared memory (`fits`; larger blocks step in PyTorch).
+
+Precision: float32 in, float32 out; the products run as "tf32x3" (see kernels/score_topk/fused.py), within
+float32 rounding of the reference's cuBLAS products.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from kernels.block_step.naive import BlockWeights, check_inputs
+from kernels.device import check_device, empty
+
+# Tests set this to fill every output with NaN before the launch, so an element the kernel skips fails.
+POISON_OUTPUTS = False
+BLOCK_B = 16  # tl.dot's smallest row count: 1,024 users make 64 programs
+BLOCK_K = 64
+NUM_WARPS = 8
+MAX_TILE = 128 * 128  # elements of the largest weight tile: 64 KB of float32 in shared memory
+PRECISION = "tf32x3"
+
+
+@triton.jit
+def _linear(a, row, m_row, a_cols, w, n_out, n_in, OUT: tl.constexpr, IN: tl.constexpr, BK: tl.constexpr,
+            PRECISION: tl.constexpr, PAIR: tl.constexpr):
+    # a[row, :n_in] @ w[:n_out, :n_in].T -> (BB, OUT), zero past n_out; with PAIR also the next n_out rows of w
+    # (else zeros), so in_proj's x and z halves, and the gates' r and i, share each load of a and one loop.
+    # a is row-major with a_cols columns, w with n_in. Both are read BK columns at a time: no operand is held whole
+    o = tl.arange(0, OUT)
+    acc = tl.zeros([row.shape[0], OUT], dtype=tl.float32)
+    acc_pair = tl.zeros([row.shape[0], OUT], dtype=tl.float32)
+    for k0 in tl.range(0, IN, BK):
+        k = k0 + tl.arange(0, BK)
+        b_a = tl.load(a + row * a_cols + k[None, :], mask=m_row & (k < n_in)[None, :], other=0.0).to(tl.float32)
+        # (OUT, BK) as stored, rows of BK contiguous floats: vector loads, a few addresses a thread
+        at, m_w = o[:, None] * n_in + k[None, :], (o[:, None] < n_out) & (k < n_in)[None, :]
+        b_w = tl.load(w + at, mask=m_w, other=0.0).to(tl.float32)
+        acc = tl.dot(b_a, tl.trans(b_w), acc, input_precision=PRECISION)
+        if PAIR:
+            b_w = tl.load(w + n_out * n_in + at, mask=m_w, other=0.0).to(tl.float32)
+            acc_pair = tl.dot(b_a, tl.trans(b_w), acc_pair, input_precision=PRECISION)
+    return acc, acc_pair
+
+
+@triton.jit
+def _vector(p, start, n, SIZE: tl.constexpr):
+    o = tl.arange(0, SIZE)
+    return tl.load(p + start + o, mask=o < n, other=0.0).to(tl.float32)  # (SIZE,), zero past n
+
+
+@triton.jit
+def _silu(v):
+    return v * tl.sigmoid(v)
+
+
+@triton.jit
+def _layer_norm(v, weight, bias, n, eps, SIZE: tl.constexpr):
+    # over the first n columns of v (BB, SIZE), whose padding columns are zero, and stay zero
+    m = tl.arange(0, SIZE) < n
+    mean = tl.sum(v, axis=1) / n
+    c = tl.where(m[None, :], v - mean[:, None], 0.0)
+    inv_std = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / n + eps)
+    return c * inv_std[:, None] * _vector(weight, 0, n, SIZE)[None, :] + _vector(bias, 0, n, SIZE)[None, :]
+
+
+@triton.jit
+def block_step_kernel(
+    u, window, h, out, window_out, h_out, scratch,
+    w_in, conv_w, conv_b, w_gates, b_gates, lam, w_out, ln1_w, ln1_b, w_ffn1, b_ffn1, w_ffn2, b_ffn2, ln2_w, ln2_b,
+    B, eps, D: tl.constexpr, E: tl.constexpr, F: tl.constexpr,
+    HAS_CONV: tl.constexpr, K: tl.constexpr, HAS_FFN: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr,
+    DP: tl.constexpr, EP: tl.constexpr, FP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    o_b = tl.program_id(0) * BB + tl.arange(0, BB)
+    o_d, o_e = tl.arange(0, DP), tl.arange(0, EP)
+    m_b = o_b < B
+    row, m_row = o_b[:, None].to(tl.int64), m_b[:, None]
+    m_be = m_row & (o_e < E)[None, :]
+    # a product's left operand is read from memory BK columns at a time: u is there already, the others are
+    # written to this program's rows of scratch (B, S) first, where every thread of the program sees them after
+    # a barrier: xs at 0, y at EP, v at 2 EP, f at 2 EP + DP
+    S: tl.constexpr = 2 * EP + DP + FP
+    x, z = _linear(u, row, m_row, D, w_in, E, D, EP, DP, BK, PRECISION, True)  # (BB, EP) each, zero past E
+    if HAS_CONV:
+        # window (B, E, K - 1) of pre-conv inputs, oldest first; taps (E, K) weigh them, then x
+        conv = x * tl.load(conv_w + o_e * K + K - 1, mask=o_e < E, other=0.0)[None, :] + \
+            _vector(conv_b, 0, E, EP)[None, :]
+        at = row * E * (K - 1) + o_e[None, :] * (K - 1)  # (BB, EP) offsets of each (user, channel) window
+        for j in tl.static_range(K - 1):
+            past = tl.load(window + at + j, mask=m_be, other=0.0)
+            conv += past * tl.load(conv_w + o_e * K + j, mask=o_e < E, other=0.0)[None, :]
+            if j > 0:
+                tl.store(window_out + at + j - 1, past, mask=m_be)
+        if K > 1:
+            tl.store(window_out + at + K - 2, x, mask=m_be)
+        x = conv
+    x = _silu(x)
+    tl.store(scratch + row * S + o_e[None, :], x, mask=m_row)
+    tl.debug_barrier()
+    r, i = _linear(scratch, row, m_row, S, w_gates, E, E, EP, EP, BK, PRECISION, True)
+    r += _vector(b_gates, 0, E, EP)[None, :]
+    i += _vector(b_gates, E, E, EP)[None, :]
+    lam_e = _vector(lam, 0, E, EP)
+    softplus = tl.maximum(lam_e, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(lam_e)))  # (EP,)
+    a = tl.exp(-softplus[None, :] * tl.sigmoid(r))
+    b = tl.sqrt(1.0 - a * a + 1e-8) * tl.sigmoid(i)
+    b_h = a * tl.load(h + row * E + o_e[None, :], mask=m_be, other=0.0) + b * x  # (BB, EP)
+    tl.store(h_out + row * E + o_e[None, :], b_h, mask=m_be)
+    tl.store(scratch + row * S + EP + o_e[None, :], b_h * _silu(z), mask=m_row)
+    tl.debug_barrier()
+    m_bd = m_row & (o_d < D)[None, :]
+    o, _ = _linear(scratch + EP, row, m_row, S, w_out, D, E, DP, EP, BK, PRECISION, False)
+    v = tl.load(u + row * D + o_d[None, :], mask=m_bd, other=0.0) + o
+    v = _layer_norm(v, ln1_w, ln1_b, D, eps, DP)  # (BB, DP), zero past D
+    if HAS_FFN:
+        tl.store(scratch + row * S + 2 * EP + o_d[None, :], v, mask=m_row)
+        tl.debug_barrier()
+        f, _ = _linear(scratch + 2 * EP, row, m_row, S, w_ffn1, F, D, FP, DP, BK, PRECISION, False)
+        tl.store(scratch + row * S + 2 * EP + DP + tl.arange(0, FP)[None, :],
+                 _silu(f + _vector(b_ffn1, 0, F, FP)[None, :]), mask=m_row)
+        tl.debug_barrier()
+        g, _ = _linear(scratch + 2 * EP + DP, row, m_row, S, w_ffn2, D, F, DP, FP, BK, PRECISION, False)
+        v = _layer_norm(v + g + _vector(b_ffn2, 0, D, DP)[None, :], ln2_w, ln2_b, D, eps, DP)
+    tl.store(out + row * D + o_d[None, :], v, mask=m_bd)
+
+
+def _padded(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))  # tl.dot takes no dimension under 16
+
+
+def fits(w: BlockWeights) -> bool:
+    """Whether every weight tile of the block stays within MAX_TILE elements once padded (the paper's D = 64
+    with E = 128 and a PFFN of 256 does, at the limit)."""
+    D, E = _padded(w.in_proj.shape[1]), _padded(w.lam.shape[0])
+    F = _padded(w.ffn[0].shape[0]) if w.ffn is not None else 16
+    return max(D * E, E * E, D * F) <= MAX_TILE
+
+
+def fused_block_step(u, window, h, w: BlockWeights):
+    """`kernels.block_step` on CUDA tensors, always through the kernel: float32 inputs and weights, blocks that
+    `fits`. Returns (out (B, D), window (B, E, k - 1), h (B, E)), new tensors; no autograd. Allocations depend on
+    the shapes alone and nothing syncs with the host, so a CUDA graph can capture it."""
+    check_inputs(u, window, h, w)
+    check_device(u, "fused_block_step", "kernels.block_step")
+    tensors = [u, window, h, w.in_proj, w.lam, w.out_proj, *w.gates, *w.ln_1, *(w.conv or ()), *(w.ffn or ()),
+               *(w.ln_2 or ())]
+    if any(t.dtype != torch.float32 for t in tensors):
+        raise ValueError("fused_block_step takes float32 inputs and weights; kernels.block_step steps others "
+                         "with the reference")
+    if not fits(w):
+        raise ValueError(f"fused_block_step takes weight tiles up to {MAX_TILE} elements; this block (D = "
+                         f"{w.in_proj.shape[1]}, E = {w.lam.shape[0]}) steps with the reference")
+    (B, D), E = u.shape, w.lam.shape[0]
+    F = w.ffn[0].shape[0] if w.ffn is not None else 1
+    K = w.conv[0].shape[1] if w.conv is not None else 1
+    # the kernel reads every tensor row-major; parameters already are, so these are no copies
+    u, window, h, in_proj, lam, out_proj, gates_w, gates_b, ln_1_w, ln_1_b = (t.contiguous() for t in (
+        u, window, h, w.in_proj, w.lam, w.out_proj, *w.gates, *w.ln_1))
+    conv = [t.contiguous() for t in w.conv] if w.conv is not None else [u] * 2  # never read without
+    ffn = [t.contiguous() for t in (*w.ffn, *w.ln_2)] if w.ffn is not None else [u] * 6
+    out = empty((B, D), torch.float32, u.device, POISON_OUTPUTS)
+    window_out = empty(window.shape, torch.float32, u.device, POISON_OUTPUTS)
+    h_out = empty((B, E), torch.float32, u.device, POISON_OUTPUTS)
+    DP, EP, FP = _padded(D), _padded(E), _padded(F)
+    scratch = torch.empty(B, 2 * EP + DP + FP, dtype=torch.float32, device=u.device)
+    block_step_kernel[(triton.cdiv(B, BLOCK_B),)](
+        u, window, h, out, window_out, h_out, scratch, in_proj, *conv, gates_w, gates_b, lam, out_proj, ln_1_w, ln_1_b,
+        *ffn, B, w.eps, D=D, E=E, F=F, HAS_CONV=w.conv is not None, K=K, HAS_FFN=w.ffn is not None, BB=BLOCK_B,
+        BK=BLOCK_K, DP=DP, EP=EP, FP=FP, PRECISION=PRECISION, num_warps=NUM_WARPS,
+    )
+    return out, window_out, h_out

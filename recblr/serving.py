@@ -61,6 +61,7 @@ class StepServer:
         self.state = model.allocate_state(batch_size, self.device)
         self.items = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # (B,)
         self.active = torch.ones(batch_size, dtype=torch.bool, device=self.device)  # (B,)
+        self._all_active = True  # what self.active holds, known on the host
         self.top_items = torch.zeros(batch_size, k, dtype=torch.long, device=self.device)  # (B, k)
         self.top_scores = torch.full((batch_size, k), float("-inf"), device=self.device)  # (B, k)
         self.graph, self.capture_error = None, None
@@ -76,12 +77,13 @@ class StepServer:
         """The whole step on the static buffers: what runs eagerly and what the graph captures."""
         hidden, new_state = self.model.step(self.items, self.state)  # (B, D)
         items, values = self.model.top_k(hidden, self.k)  # (B, k) each
+        # in place (out= the kept tensor): one launch a tensor, which the graph replays at every step
         for old, new in zip(self._batch_first(self.state), self._batch_first(new_state)):
             keep = self.active.view((-1,) + (1,) * (old.dim() - 1))  # broadcast over the slot's state
-            old.copy_(torch.where(keep, new, old))
+            torch.where(keep, new, old, out=old)
         # a slot that did not advance keeps its previous top-k, which its unchanged state still gives
-        self.top_items.copy_(torch.where(self.active[:, None], items, self.top_items))
-        self.top_scores.copy_(torch.where(self.active[:, None], values, self.top_scores))
+        torch.where(self.active[:, None], items, self.top_items, out=self.top_items)
+        torch.where(self.active[:, None], values, self.top_scores, out=self.top_scores)
 
     def _capture(self) -> torch.cuda.CUDAGraph | None:
         """`_step` in a CUDA graph, or None with a warning when capture fails."""
@@ -122,13 +124,16 @@ class StepServer:
         if items.device.type == "cpu" and not 0 <= items.min() <= items.max() <= self.n_items:
             raise ValueError(f"item ids must be in 0..{self.n_items}, got {items.min()}..{items.max()}")
         if active is None:
-            self.active.fill_(True)
+            if not self._all_active:  # a launch saved on every step of the common case
+                self.active.fill_(True)
+                self._all_active = True
         else:
             active = torch.as_tensor(active)
             if active.shape != (self.batch_size,) or active.dtype != torch.bool:
                 raise ValueError(f"active must be a bool mask of shape ({self.batch_size},), "
                                  f"got {active.dtype} {tuple(active.shape)}")
             self.active.copy_(active)
+            self._all_active = False
         self.items.copy_(items)
         if self.graph is not None:
             self.graph.replay()

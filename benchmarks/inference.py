@@ -1,7 +1,7 @@
 """Serving cost: one cached-state RecBLR step against re-running the whole sequence (RecBLR, SASRec).
 
     python benchmarks/inference.py [--device cuda] [--batch 1,1024] [--lengths 200,1000] [--n-items 100000]
-        [--d-model 64] [--layers 2] [--repeats 100] [--threads N] [--recommend-users 100000]
+        [--d-model 64] [--layers 2] [--repeats 100] [--threads N] [--recommend-users 100000] [--profile]
         [--out benchmarks/out/inference.json]
 
 For each batch B and history length T: a RecBLR and a SASRec with the same D and layers (random weights,
@@ -15,7 +15,9 @@ the fused score + top-k, which never makes the (B, n_items + 1) scores):
   prefill  building the state from the T events (what a new or evicted user costs once)
   step_graph  (CUDA only) `recblr.serving.StepServer.step`, prefilled with the same T events: the step, its
               in-place state update and the top-10, captured once in a CUDA graph and replayed (each call
-              advances the state by one more event; small batches are launch-bound)
+              advances the state by one more event; small batches are launch-bound); also "replay alone",
+              the median GPU time of graph replays issued back to back (`triton.testing.do_bench`), and with
+              --profile the CUDA time of each kernel of a served step (torch.profiler, mean of 20 steps)
 p50 / p99 of `--repeats` calls, each timed with perf_counter around the call and a device synchronize;
 updates/s = B / p50. The step's scores and top-10 are checked against the RecBLR forward's in the same run.
 With --recommend-users, also the users/s of `pipeline.recommend.top_k` (the batch job's scoring loop).
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import triton
 from tqdm import tqdm
 
 from recblr.models import build
@@ -58,6 +61,17 @@ def timed(fn, repeats: int, device: torch.device, warmup: int = 3) -> dict:
             "p99_ms": 1e3 * seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))]}
 
 
+def profile(fn, repeats: int = 20) -> dict:
+    """CUDA time of each kernel one call of fn launches (mean of `repeats` calls), largest first."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    kernels = {e.key: e.self_device_time_total / repeats / 1e3 for e in prof.key_averages()
+               if e.self_device_time_total > 0}
+    return dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
+
+
 @torch.inference_mode()
 def one_shape(batch: int, length: int, args, device: torch.device) -> dict:
     torch.manual_seed(0)
@@ -79,6 +93,7 @@ def one_shape(batch: int, length: int, args, device: torch.device) -> dict:
         "score": lambda: top10(recblr, hidden),
         "prefill": lambda: recblr.prefill(past),
     }
+    server = None
     if device.type == "cuda":  # what serving runs: one new event per user, replayed from a CUDA graph
         server = StepServer(recblr, batch, k=TOP)
         server.prefill(range(batch), past)
@@ -95,6 +110,10 @@ def one_shape(batch: int, length: int, args, device: torch.device) -> dict:
         row[name]["updates_per_s"] = batch / (row[name]["p50_ms"] / 1e3)
     if "p50_ms" in row.get("step_graph", {}):
         row["sasrec_over_step_graph"] = row["sasrec"]["p50_ms"] / row["step_graph"]["p50_ms"]
+        # the GPU's share: replays back to back, so the host's per-call work and synchronize overlap them
+        row["step_graph"]["replay_gpu_ms"] = triton.testing.do_bench(server.graph.replay, return_mode="median")
+        if args.profile:
+            row["step_graph"]["kernels_ms"] = profile(lambda: server.step(new))
     for name in ("recblr", "sasrec"):
         row[f"{name}_over_step"] = row[name]["p50_ms"] / row["step"]["p50_ms"]
         # shares the scoring floor with step; what the recurrence saves once that floor is set aside
@@ -135,6 +154,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads (default torch's); 1 on a shared box avoids "
                         "oversubscription stalls of the many tiny step ops")
     parser.add_argument("--recommend-users", type=int, default=0, help="also time batch recommendation")
+    parser.add_argument("--profile", action="store_true", help="(CUDA) split a served step into its kernels")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -165,7 +185,9 @@ def main() -> None:
             g = r["step_graph"]
             print(f"B={r['batch']} T={r['length']} step in a CUDA graph: " + (g["error"] if "error" in g else
                   f"{g['p50_ms']:.3f} / {g['p99_ms']:.3f} ms, {g['updates_per_s']:.0f} updates/s, "
-                  f"sasrec/step {r['sasrec_over_step_graph']:.1f}"))
+                  f"sasrec/step {r['sasrec_over_step_graph']:.1f}; replay alone {g['replay_gpu_ms']:.3f} ms"))
+            for name, ms in g.get("kernels_ms", {}).items():
+                print(f"    {ms:7.4f} ms  {name[:100]}")
     if "recommend" in result:
         rec = result["recommend"]
         print(f"batch recommend: {rec['users']:,} users in {rec['seconds']:.2f} s = {rec['users_per_s']:,.0f} users/s")

@@ -1,10 +1,17 @@
 """The fused score + top-k kernel against the reference: the k best items of hidden @ table.T, in any order of ties."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from kernels import fused_score_topk, score_topk, score_topk_reference
 from kernels.score_topk import fused
 
+REPO = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (B, N, D, k): B, N and D off powers of two; one item; k = N; several user blocks and item ranges
 SHAPES = [(1, 1, 8, 1), (5, 7, 48, 7), (33, 300, 64, 17), (5, 1000, 8, 10), (33, 1000, 48, 1), (1, 1000, 64, 10)]
@@ -153,3 +160,15 @@ def test_fused_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
     hidden, table = make_inputs(2, 10, 8, torch.float32)
     with pytest.raises(ValueError, match="fused_score_topk needs CUDA tensors.*use kernels.score_topk"):
         fused_score_topk(hidden, table, 3)
+
+
+def test_benchmark_runs_and_compares_with_the_plain_ranking(tmp_path):
+    out = tmp_path / "score_topk.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "score_topk_kernel.py"), "--shapes", "3x300,1x40",
+                    "--d-model", "16", "--json", str(out)], check=True, cwd=REPO, capture_output=True,
+                   env=os.environ | {"PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"})
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["B"], r["N"]) for r in rows] == [(3, 300), (1, 40)]
+    for row in rows:
+        assert row["same"] is True
+        assert all(ms > 0 for method in ("fused", "plain") for ms in row[method].values())

@@ -43,31 +43,6 @@ POISON_OUTPUTS = False
 
 
 @triton.jit
-def _merge(s, ids, none, top_v, top_i, kth, slot):
-    # scores s (BB, cols) of items ids (broadcast to s; distinct in a row, each below `none`) into each row's
-    # running list (top_v, top_i) and its k-th best kth; NaN scores never enter
-    s = tl.where(s > kth[:, None], s, float("-inf"))  # only what can enter the list
-    best = tl.max(s, axis=1)  # (BB,)
-    while tl.max(best) > float("-inf"):
-        at = tl.min(tl.where(s == best[:, None], ids, none), axis=1)  # (BB,) the lowest item scoring it
-        put = (slot[None, :] == tl.argmin(top_v, axis=1)[:, None]) & (best > float("-inf"))[:, None]
-        top_v = tl.where(put, best[:, None], top_v)
-        top_i = tl.where(put, at[:, None], top_i)
-        kth = tl.min(top_v, axis=1)
-        s = tl.where((ids == at[:, None]) | (s <= kth[:, None]), float("-inf"), s)
-        best = tl.max(s, axis=1)
-    return top_v, top_i, kth
-
-
-@triton.jit
-def _empty_list(BB: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
-    # slots past k hold +inf, so they are never the k-th best, never replaced nor stored
-    slot = tl.arange(0, KP)
-    top_v = tl.where(slot[None, :] < K, float("-inf"), float("inf")) + tl.zeros([BB, KP], dtype=tl.float32)
-    return slot, top_v, tl.zeros([BB, KP], dtype=tl.int32), tl.full([BB], float("-inf"), dtype=tl.float32)
-
-
-@triton.jit
 def score_topk_kernel(
     h, t, cand_v, cand_i, B, N, D, ITEMS,
     s_hb, s_hd, s_tn, s_td,
@@ -83,7 +58,11 @@ def score_topk_kernel(
                   other=0.0)
     if DOT_FP32:  # both operands of tl.dot share a dtype: one float32 operand makes both float32
         b_h = b_h.to(tl.float32)
-    slot, top_v, top_i, kth = _empty_list(BB, K, KP)  # the running list and each row's k-th best so far
+    slot = tl.arange(0, KP)
+    # the running list: slots past k hold +inf, so they are never the k-th best, never replaced nor stored
+    top_v = tl.where(slot[None, :] < K, float("-inf"), float("inf")) + tl.zeros([BB, KP], dtype=tl.float32)
+    top_i = tl.zeros([BB, KP], dtype=tl.int32)
+    kth = tl.full([BB], float("-inf"), dtype=tl.float32)  # each row's k-th best so far
     start = i_r * ITEMS
     end = tl.minimum(start + ITEMS, N)
     for n0 in range(start, end, BN):
@@ -95,7 +74,16 @@ def score_topk_kernel(
         if DOT_FP32:
             b_t = b_t.to(tl.float32)
         s = tl.dot(b_h, b_t, input_precision=PRECISION)  # (BB, BN) float32
-        top_v, top_i, kth = _merge(tl.where(m_n[None, :], s, float("-inf")), n[None, :], N, top_v, top_i, kth, slot)
+        s = tl.where(m_n[None, :] & (s > kth[:, None]), s, float("-inf"))  # only what can enter the list
+        best = tl.max(s, axis=1)  # (BB,)
+        while tl.max(best) > float("-inf"):
+            at = tl.min(tl.where(s == best[:, None], n[None, :], N), axis=1)  # (BB,) its first occurrence
+            put = (slot[None, :] == tl.argmin(top_v, axis=1)[:, None]) & (best > float("-inf"))[:, None]
+            top_v = tl.where(put, best[:, None], top_v)
+            top_i = tl.where(put, at[:, None], top_i)
+            kth = tl.min(top_v, axis=1)
+            s = tl.where((n[None, :] == at[:, None]) | (s <= kth[:, None]), float("-inf"), s)
+            best = tl.max(s, axis=1)
     # (B, ranges, K) candidates; a range shorter than k leaves -inf slots, which stage 2 never picks
     off = (o_b[:, None].to(tl.int64) * tl.num_programs(1) + i_r) * K + slot[None, :]
     m = m_b[:, None] & (slot[None, :] < K)
@@ -103,33 +91,10 @@ def score_topk_kernel(
     tl.store(cand_i + off, top_i, mask=m)
 
 
-@triton.jit
-def merge_candidates_kernel(cand_v, cand_i, values, indices, B, C, N,
-                            K: tl.constexpr, KP: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr):
-    # stage 2: each user's k best of its C candidates, walked BC at a time, then written best first
-    o_b = tl.program_id(0) * BB + tl.arange(0, BB)
-    m_b = o_b < B
-    slot, top_v, top_i, kth = _empty_list(BB, K, KP)
-    for c0 in range(0, C, BC):
-        c = c0 + tl.arange(0, BC)
-        m = m_b[:, None] & (c < C)[None, :]
-        off = o_b[:, None].to(tl.int64) * C + c[None, :]
-        s = tl.load(cand_v + off, mask=m, other=float("-inf"))
-        top_v, top_i, kth = _merge(s, tl.load(cand_i + off, mask=m, other=N), N, top_v, top_i, kth, slot)
-    top_v = tl.where(slot[None, :] < K, top_v, float("-inf"))
-    for j in range(K):  # the list in order: each round takes the best left (the lower item on a tie)
-        best = tl.max(top_v, axis=1)
-        at = tl.min(tl.where(top_v == best[:, None], top_i, N), axis=1)
-        tl.store(values + o_b * K + j, best, mask=m_b)
-        tl.store(indices + o_b * K + j, at.to(tl.int64), mask=m_b)
-        top_v = tl.where((top_i == at[:, None]) & (top_v == best[:, None]), float("-inf"), top_v)
-
-
 MAX_K = 128  # the running list lives in registers: (BLOCK_B, next_power_of_2(k)) values and indices
 MAX_D = 128  # the hidden block and the table tile too: (BLOCK_B, BLOCK_D) and (BLOCK_D, BLOCK_N)
 BLOCK_N = 128
 PROGRAMS_PER_SM = 4
-MERGE_TILE = 8192  # candidates stage 2 holds at once: (BLOCK_B, MERGE_TILE // BLOCK_B)
 FP32_PRECISION = "tf32x3"
 
 
@@ -176,8 +141,5 @@ def fused_score_topk(hidden, table, k):
         hidden, table, cand_v, cand_i, B, N, D, items, *hidden.stride(), *table.stride(), K=k, KP=KP, BB=BB, BN=BN,
         BD=BD, DOT_FP32=dot_fp32, PRECISION=FP32_PRECISION,
     )
-    values = torch.empty(B, k, dtype=torch.float32, device=hidden.device)
-    indices = torch.empty(B, k, dtype=torch.int64, device=hidden.device)
-    merge_candidates_kernel[(n_blocks,)](cand_v, cand_i, values, indices, B, n_ranges * k, N, K=k, KP=KP, BB=BB,
-                                         BC=max(16, MERGE_TILE // BB))
-    return values, indices
+    values, pos = cand_v.view(B, n_ranges * k).topk(k, dim=1)  # (B, k)
+    return values, cand_i.view(B, n_ranges * k).gather(1, pos).long()

@@ -3,10 +3,10 @@
 `StepServer(model, batch_size, k)` keeps the cached state of `batch_size` users ("slots") in tensors that
 `model.allocate_state` makes once; `step(items)` advances every slot by one event and returns each slot's top-k
 next items. On CUDA the whole step (the model's step, the in-place state update and `model.top_k`, the fused
-score + top-k kernel) is captured once in a CUDA graph and replayed. On an H100 with 100k items the eager step
-of one user is ~50 small launches (2.0 ms), the replayed graph 0.19 ms; 1024 users step in 0.73 ms
-(benchmarks/RESULTS.md, "Inference", session 5). On a CPU, or when capture fails, the same `_step` runs eagerly:
-the graph only replays it.
+score + top-k kernel) is captured once in a CUDA graph and replayed; on CUDA each RecBLR block steps in one
+launch (`kernels.block_step`). On an H100 (benchmarks/RESULTS.md, "Inference", session 9) 1,024 users step in
+0.17-0.18 ms with 3,416 items and 0.63-0.65 ms with 100k, one user in 0.10 ms. On a CPU, or when capture fails,
+the same `_step` runs eagerly: the graph only replays it.
 
     server = StepServer(model, batch_size=64, k=10)   # RecBLR, GRU4Rec or LRURec, on the device it serves on
     server.prefill([0, 1], [[5, 9, 2], [7]])           # two users' past events (oldest first) into slots 0 and 1

@@ -11,6 +11,7 @@ op must move: inputs read once, outputs written once. `--profile` splits one bdl
 kernels and says how long the host takes to issue a call, to tell launch-bound shapes from slow kernels.
 """
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -51,6 +52,20 @@ def bench(fn, graph=False):
     if graph:
         return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def sweep_knobs(module, knobs: dict, fn) -> dict:
+    """Median ms of fn in a CUDA graph with each combination of module-level knobs ({name: values}) set on
+    module, keyed by str(tuple of values); the module's own values are restored after."""
+    saved = {name: getattr(module, name) for name in knobs}
+    times = {}
+    for values in itertools.product(*knobs.values()):
+        for name, value in zip(knobs, values):
+            setattr(module, name, value)
+        times[str(values)] = bench(fn, graph=True)
+    for name, value in saved.items():
+        setattr(module, name, value)
+    return times
 
 
 def _gates(x, r, i, lam):

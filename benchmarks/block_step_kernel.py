@@ -12,7 +12,6 @@ reference| over the three outputs. --sweep also times the kernel at each (BLOCK_
 Without CUDA it runs under TRITON_INTERPRET=1 as a smoke test; its timings mean nothing.
 """
 import argparse
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bdlru_kernel import bench
+from bdlru_kernel import bench, sweep_knobs
 from kernels import block_step_reference, fused_block_step
 from kernels.block_step import fused
 from kernels.device import interpreting
@@ -35,19 +34,6 @@ def make_inputs(B, D, device):
     E, k = block.recurrent.lam.shape[0], block.recurrent.conv.kernel_size[0]
     return (torch.randn(B, D, device=device), torch.randn(B, E, k - 1, device=device),
             torch.randn(B, E, device=device), block.step_weights())
-
-
-def sweep(inputs) -> dict:
-    """ms in a graph for each configuration of the launcher's knobs, restored after."""
-    saved = {name: getattr(fused, name) for name in SWEEP}
-    times = {}
-    for values in itertools.product(*SWEEP.values()):
-        for name, value in zip(SWEEP, values):
-            setattr(fused, name, value)
-        times[str(values)] = bench(lambda: fused_block_step(*inputs), graph=True)
-    for name, value in saved.items():
-        setattr(fused, name, value)
-    return times
 
 
 @torch.no_grad()
@@ -71,7 +57,7 @@ def main():
         for name, fn in (("fused", fused_block_step), ("reference", block_step_reference)):
             row[name] = {mode: bench(lambda: fn(*inputs), graph=mode == "graph") for mode in ("eager", "graph")}
         if args.sweep:
-            row["sweep"] = sweep(inputs)
+            row["sweep"] = sweep_knobs(fused, SWEEP, lambda: fused_block_step(*inputs))
             best = sorted(row["sweep"].items(), key=lambda kv: kv[1])[:4]
             print(f"sweep B={B} (BLOCK_B, BLOCK_K, NUM_WARPS): " + ", ".join(f"{c} {ms:.4f}" for c, ms in best))
         rows.append(row)

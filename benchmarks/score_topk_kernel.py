@@ -11,7 +11,6 @@ torch.topk), medians of `triton.testing.do_bench` (eager) and `do_bench_cudagrap
 Without CUDA it runs under TRITON_INTERPRET=1 as a smoke test; its timings mean nothing.
 """
 import argparse
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -19,25 +18,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bdlru_kernel import bench
+from bdlru_kernel import bench, sweep_knobs
 from kernels import fused_score_topk, score_topk_reference
 from kernels.device import interpreting
 from kernels.score_topk import fused
 
 SWEEP = {"PROGRAMS_PER_SM": (1, 2, 4, 8, 16)}
-
-
-def sweep(hidden, table, k) -> dict:
-    """ms in a graph for each configuration of `_ranges`' knobs, restored after."""
-    saved = {name: getattr(fused, name) for name in SWEEP}
-    times = {}
-    for values in itertools.product(*SWEEP.values()):
-        for name, value in zip(SWEEP, values):
-            setattr(fused, name, value)
-        times[str(values)] = bench(lambda: fused_score_topk(hidden, table, k), graph=True)
-    for name, value in saved.items():
-        setattr(fused, name, value)
-    return times
 
 
 @torch.no_grad()
@@ -64,7 +50,7 @@ def main():
             row[name] = {mode: bench(lambda: fn(hidden, table, args.k), graph=mode == "graph")
                          for mode in ("eager", "graph")}
         if args.sweep:
-            row["sweep"] = sweep(hidden, table, args.k)
+            row["sweep"] = sweep_knobs(fused, SWEEP, lambda: fused_score_topk(hidden, table, args.k))
             best = sorted(row["sweep"].items(), key=lambda kv: kv[1])[:4]
             print(f"sweep {shape} (PROGRAMS_PER_SM,): "
                   + ", ".join(f"{c} {ms:.4f}" for c, ms in best), flush=True)

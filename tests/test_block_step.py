@@ -87,7 +87,7 @@ def test_cpu_tensors_take_the_reference(monkeypatch):
 def test_fused_refuses_what_the_reference_takes():
     u, window, h, weights = make_inputs(2, 128, 2, 4, True)  # gate tiles of 256 x 256
     assert not fused.fits(weights)
-    with pytest.raises(ValueError, match="weight tiles up to"):
+    with pytest.raises(ValueError, match="products up to"):
         fused_block_step(u, window, h, weights)
     u, window, h, weights = make_inputs(2, 16, 2, 4, True)
     assert fused.fits(weights)

@@ -1,13 +1,16 @@
 """One RecBLR block's step in Triton: every layer of the block for a block of users in one launch.
 
 Serving advances each user by one event, so a block's step is a chain of (users x a few hundred) products and
-element-wise maths: in PyTorch about twenty launches a block, each too small to fill the GPU, which a CUDA
-graph replays back to back (benchmarks/RESULTS.md, "Inference": the served step of 1,024 users was 0.26 ms
-against 0.2 ms of scoring 3,416 items). Here a program owns BB users and keeps them in registers from the
-block's input to its output: in_proj, the conv over the window, SiLU, the gate projection, the BD-LRU update,
-the output gate, out_proj, residual and LayerNorm, then the PFFN and its LayerNorm. The weights are read
-whole by every program (from L2 after the first): each product is one `tl.dot` of the users' (BB, in) block
-with a (in, out) weight tile, so a tile must fit shared memory (`fits`; larger blocks step in PyTorch).
+element-wise maths: in PyTorch about twenty launches a block, each too small to fill the GPU, which a CUDA graph
+replays back to back. Here a program owns BB users from the block's input to its output: in_proj, the conv over
+the window, SiLU, the gate projection, the BD-LRU update, the output gate, out_proj, residual and LayerNorm, then
+the PFFN and its LayerNorm (benchmarks/RESULTS.md, "Inference", session 9: 2.5-3.2x the composition's GPU time).
+
+Each product's output rows stay in registers; its left operand is read BK columns at a time from memory (the
+input itself, or the program's rows of a scratch buffer it wrote before a barrier), and so is each weight, as
+stored, so no operand is held whole: held whole, a (128, 128) tile replicated across the warps spilled. The
+weights are read by every program, from L2 after the first. The padded sizes are bounded (`fits`, the paper's
+D = 64 block at the limit); larger blocks step in PyTorch.
 
 Precision: float32 in, float32 out; the products run as "tf32x3" (see kernels/score_topk/fused.py), within
 float32 rounding of the reference's cuBLAS products.
@@ -24,7 +27,7 @@ POISON_OUTPUTS = False
 BLOCK_B = 16  # tl.dot's smallest row count: 1,024 users make 64 programs
 BLOCK_K = 64
 NUM_WARPS = 8
-MAX_TILE = 128 * 128  # elements of the largest weight tile: 64 KB of float32 in shared memory
+MAX_TILE = 128 * 128  # padded (out, in) of the largest product: the paper's D = 64 gates and PFFN, all measured
 PRECISION = "tf32x3"
 
 
@@ -137,8 +140,8 @@ def _padded(n: int) -> int:
 
 
 def fits(w: BlockWeights) -> bool:
-    """Whether every weight tile of the block stays within MAX_TILE elements once padded (the paper's D = 64
-    with E = 128 and a PFFN of 256 does, at the limit)."""
+    """Whether every product of the block stays within MAX_TILE (out x in) once padded (the paper's D = 64 with
+    E = 128 and a PFFN of 256 does, at the limit)."""
     D, E = _padded(w.in_proj.shape[1]), _padded(w.lam.shape[0])
     F = _padded(w.ffn[0].shape[0]) if w.ffn is not None else 16
     return max(D * E, E * E, D * F) <= MAX_TILE
@@ -156,7 +159,7 @@ def fused_block_step(u, window, h, w: BlockWeights):
         raise ValueError("fused_block_step takes float32 inputs and weights; kernels.block_step steps others "
                          "with the reference")
     if not fits(w):
-        raise ValueError(f"fused_block_step takes weight tiles up to {MAX_TILE} elements; this block (D = "
+        raise ValueError(f"fused_block_step takes products up to {MAX_TILE} weights; this block (D = "
                          f"{w.in_proj.shape[1]}, E = {w.lam.shape[0]}) steps with the reference")
     (B, D), E = u.shape, w.lam.shape[0]
     F = w.ffn[0].shape[0] if w.ffn is not None else 1

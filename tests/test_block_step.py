@@ -31,8 +31,8 @@ def make_inputs(B, D, expand, taps, ffn, device="cpu", seed=0):
     """u, window, h and weights, every one random (biases and LayerNorm affines too, so none is left out).
 
     A matrix's entries have scale 1 / sqrt(its inputs), as trained layers keep them, so the gates' pre-activations
-    stay near unit scale: at |r| ~ 20 the forget gate rounds to within an ulp of 1, where sqrt(1 - a^2) loses
-    every digit and no two float32 computations of it agree."""
+    stay near unit scale: at |r| ~ 20 the forget gate is within an ulp of 1, where sqrt(1 - a^2) keeps few correct
+    digits and two float32 computations of the step differed by 6e-5 (benchmarks/RESULTS.md, session 9)."""
     g = torch.Generator().manual_seed(seed)
     E = expand * D
 
@@ -85,7 +85,7 @@ def test_cpu_tensors_take_the_reference(monkeypatch):
 
 
 def test_fused_refuses_what_the_reference_takes():
-    u, window, h, weights = make_inputs(2, 128, 2, 4, True)  # gate tiles of 256 x 256
+    u, window, h, weights = make_inputs(2, 128, 2, 4, True)  # gate products of 256 x 256
     assert not fused.fits(weights)
     with pytest.raises(ValueError, match="products up to"):
         fused_block_step(u, window, h, weights)

@@ -93,6 +93,9 @@ def test_fused_refuses_what_the_reference_takes():
     assert fused.fits(weights)
     with pytest.raises(ValueError, match="float32"):
         fused_block_step(u.bfloat16(), window, h, weights)
+    # a weight, not only the input: block_step asks the same question before it picks the kernel
+    assert "float32" in fused.refusal(u, window, h, weights._replace(lam=weights.lam.bfloat16()))
+    assert fused.refusal(u, window, h, weights) is None
 
 
 @pytest.mark.parametrize("fn", [fused_block_step, block_step_reference])

@@ -9,12 +9,12 @@ def block_step(u, window, h, weights: BlockWeights):
     """One event through one RecBLR block in eval mode (no dropout), for a batch of users.
 
     u (B, D) the block's input, window (B, E, k - 1) the last pre-conv inputs (oldest first; k - 1 = 0 without
-    the conv), h (B, E) the BD-LRU state -> (out (B, D), window, h). CUDA float32 tensors outside autograd, with
-    weights that `fused.fits`, take the Triton kernel (`fused_block_step`, one launch; a CUDA graph can capture
-    it); everything else, CPU tensors included, takes `block_step_reference`, which autograd differentiates.
+    the conv), h (B, E) the BD-LRU state -> (out (B, D), window, h). CUDA tensors outside autograd that the
+    kernel takes (`fused.refusal`: float32 throughout, a block within `fused.fits`) go to the Triton kernel
+    (`fused_block_step`, one launch; a CUDA graph can capture it); everything else, CPU tensors included, takes
+    `block_step_reference`, which autograd differentiates.
     """
-    if (u.is_cuda and not torch.is_grad_enabled() and u.dtype == torch.float32
-            and weights.in_proj.dtype == torch.float32 and fused.fits(weights)):
+    if u.is_cuda and not torch.is_grad_enabled() and fused.refusal(u, window, h, weights) is None:
         return fused_block_step(u, window, h, weights)
     return block_step_reference(u, window, h, weights)
 

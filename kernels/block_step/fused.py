@@ -147,20 +147,28 @@ def fits(w: BlockWeights) -> bool:
     return max(D * E, E * E, D * F) <= MAX_TILE
 
 
+def refusal(u, window, h, w: BlockWeights) -> str | None:
+    """Why the kernel does not take these inputs (some tensor not float32, or a block over `fits`), else None:
+    the one test of both `fused_block_step`, which raises it, and `kernels.block_step`, which then steps in PyTorch."""
+    tensors = [u, window, h, w.in_proj, w.lam, w.out_proj, *w.gates, *w.ln_1, *(w.conv or ()), *(w.ffn or ()),
+               *(w.ln_2 or ())]
+    if any(t.dtype != torch.float32 for t in tensors):
+        return "fused_block_step takes float32 inputs and weights; kernels.block_step steps others with the reference"
+    if not fits(w):
+        return (f"fused_block_step takes products up to {MAX_TILE} weights; this block (D = {w.in_proj.shape[1]}, "
+                f"E = {w.lam.shape[0]}) steps with the reference")
+    return None
+
+
 def fused_block_step(u, window, h, w: BlockWeights):
     """`kernels.block_step` on CUDA tensors, always through the kernel: float32 inputs and weights, blocks that
     `fits`. Returns (out (B, D), window (B, E, k - 1), h (B, E)), new tensors; no autograd. Allocations depend on
     the shapes alone and nothing syncs with the host, so a CUDA graph can capture it."""
     check_inputs(u, window, h, w)
     check_device(u, "fused_block_step", "kernels.block_step")
-    tensors = [u, window, h, w.in_proj, w.lam, w.out_proj, *w.gates, *w.ln_1, *(w.conv or ()), *(w.ffn or ()),
-               *(w.ln_2 or ())]
-    if any(t.dtype != torch.float32 for t in tensors):
-        raise ValueError("fused_block_step takes float32 inputs and weights; kernels.block_step steps others "
-                         "with the reference")
-    if not fits(w):
-        raise ValueError(f"fused_block_step takes products up to {MAX_TILE} weights; this block (D = "
-                         f"{w.in_proj.shape[1]}, E = {w.lam.shape[0]}) steps with the reference")
+    why = refusal(u, window, h, w)
+    if why is not None:
+        raise ValueError(why)
     (B, D), E = u.shape, w.lam.shape[0]
     F = w.ffn[0].shape[0] if w.ffn is not None else 1
     K = w.conv[0].shape[1] if w.conv is not None else 1

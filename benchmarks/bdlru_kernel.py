@@ -31,7 +31,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (BT, BD, num_warps) tried for the sequential launcher, each direction alone
 SWEEP = [(4, 64, 1), (4, 32, 1), (4, 16, 1), (8, 32, 1), (8, 16, 1), (8, 64, 1), (8, 64, 2), (16, 32, 1),
          (16, 16, 1), (16, 64, 2), (4, 128, 1), (8, 128, 2), (2, 64, 1), (2, 32, 1), (2, 128, 1), (2, 128, 2),
-         (1, 64, 1), (1, 128, 1)]
+         (1, 64, 1), (1, 128, 1), (2, 64, 2), (4, 64, 2), (4, 128, 2)]
 # (BT, chunk length, BD, num_warps) tried for the chunked launcher, whose programs hold one chunk each
 CHUNK_SWEEP = [(bt, ct, bd, w) for bt in (16, 32) for ct in (bt, 4 * bt, 256, 512) for bd in (8, 16, 32)
                for w in (1, 2, 4) if bt * bd <= 256 * w]

@@ -53,15 +53,32 @@ def _softplus(v):
 @triton.jit
 def _load_tile(x, r, i, z, rows, cols, sx, sr, si, sz, m, HAS_Z: tl.constexpr):
     # (rows, cols) of x, r, i and z, each with its own row stride: r, i and z may be views into the wider
-    # outputs of the projections that made them (a chunk of the last dim), read in place instead of copied
-    b_x = tl.load(x + rows[:, None] * sx + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    b_r = tl.load(r + rows[:, None] * sr + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    b_i = tl.load(i + rows[:, None] * si + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    # outputs of the projections that made them (a chunk of the last dim), read in place instead of copied.
+    # In the input dtype: a prefetched tile is converted when its turn comes, so nothing waits on its loads
+    b_x = tl.load(x + rows[:, None] * sx + cols[None, :], mask=m, other=0.0)
+    b_r = tl.load(r + rows[:, None] * sr + cols[None, :], mask=m, other=0.0)
+    b_i = tl.load(i + rows[:, None] * si + cols[None, :], mask=m, other=0.0)
     if HAS_Z:
-        b_z = tl.load(z + rows[:, None] * sz + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        b_z = tl.load(z + rows[:, None] * sz + cols[None, :], mask=m, other=0.0)
     else:
         b_z = b_x  # never read
     return b_x, b_r, b_i, b_z
+
+
+@triton.jit
+def _f32(b_x, b_r, b_i, b_z):
+    return b_x.to(tl.float32), b_r.to(tl.float32), b_i.to(tl.float32), b_z.to(tl.float32)
+
+
+@triton.jit
+def _channels(i_d, BD: tl.constexpr, VEC: tl.constexpr):
+    """The program's BD channels. VEC > 0 tells the compiler to give each thread VEC adjacent channels, so a
+    tile's lanes all run along channels, each thread holds every row of its channels and the scans over T
+    stay in its registers, without shuffles between lanes. VEC = 0 leaves the layout to the compiler."""
+    o_d = i_d * BD + tl.arange(0, BD)
+    if VEC > 0:
+        o_d = tl.max_contiguous(o_d, VEC)
+    return o_d
 
 
 @triton.jit
@@ -173,14 +190,14 @@ def bdlru_fwd_kernel(
     T, CT,
     D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, W: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, STORE_CKPT: tl.constexpr, STORE_HT: tl.constexpr,
-    LOOKBACK: tl.constexpr, PUBLISH_STATE: tl.constexpr, FAST: tl.constexpr,
+    LOOKBACK: tl.constexpr, PUBLISH_STATE: tl.constexpr, FAST: tl.constexpr, VEC: tl.constexpr,
 ):
     n_c = tl.cdiv(T, CT)
     i_d, i_c, i_b = _program(status, n_c, D, BD, LOOKBACK, False)
     x, r, i = _batch_start(x, r, i, i_b, sx_b, sr_b, si_b)
     if HAS_Z:
         z += i_b * sz_b
-    o_d = i_d * BD + tl.arange(0, BD)
+    o_d = _channels(i_d, BD, VEC)
     m_d = o_d < D
     o_t = tl.arange(0, BT)
     sp = _softplus(tl.load(lam + o_d, mask=m_d, other=0.0).to(tl.float32))  # (BD,)
@@ -193,7 +210,7 @@ def bdlru_fwd_kernel(
         acc_a, acc_h = tl.full([BD], 1.0, tl.float32), tl.zeros([BD], dtype=tl.float32)
         for s in range(i_c * CT, c_end, BT):
             m = ((s + o_t) < c_end)[:, None] & m_d[None, :]
-            b_x, b_r, b_i, _ = _load_tile(x, r, i, z, s + o_t, o_d, sx_t, sr_t, si_t, sz_t, m, False)
+            b_x, b_r, b_i, _ = _f32(*_load_tile(x, r, i, z, s + o_t, o_d, sx_t, sr_t, si_t, sz_t, m, False))
             A, H = tl.associative_scan(_fwd_gates(b_x, b_r, b_i, sp, m, FAST), 0, _linear_combine)
             acc_a, acc_h = _linear_combine(acc_a, acc_h, _row(A, o_t, BT - 1), _row(H, o_t, BT - 1))
         h = _carry_in(status, i_b, i_c, n_c, o_d, m_d, acc_a, acc_h, h, D, W, False)
@@ -202,8 +219,9 @@ def bdlru_fwd_kernel(
     t = i_c * CT + o_t
     m = (t < c_end)[:, None] & m_d[None, :]
     off = base + t[:, None] * D + o_d[None, :]  # (BT, BD) of the output, which is contiguous
-    b_x, b_r, b_i, b_z = _load_tile(x, r, i, z, t, o_d, sx_t, sr_t, si_t, sz_t, m, HAS_Z)
+    l_x, l_r, l_i, l_z = _load_tile(x, r, i, z, t, o_d, sx_t, sr_t, si_t, sz_t, m, HAS_Z)
     for s in range(i_c * CT, c_end, BT):
+        b_x, b_r, b_i, b_z = _f32(l_x, l_r, l_i, l_z)
         # the next tile's loads go out before this tile's maths: two tiles in flight per program
         n_m = ((s + BT + o_t) < c_end)[:, None] & m_d[None, :]
         n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, s + BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
@@ -215,7 +233,7 @@ def bdlru_fwd_kernel(
         if HAS_Z:
             H = H * b_z * _sigmoid(b_z, FAST)
         tl.store(o + off, H.to(o.dtype.element_ty), mask=m)
-        b_x, b_r, b_i, b_z, m, off = n_x, n_r, n_i, n_z, n_m, off + BT * D
+        l_x, l_r, l_i, l_z, m, off = n_x, n_r, n_i, n_z, n_m, off + BT * D
     if STORE_HT:
         if i_c == n_c - 1:
             tl.store(ht + i_b * D + o_d, h, mask=m_d)
@@ -228,14 +246,14 @@ def bdlru_bwd_kernel(
     T, CT,
     D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, W: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DQ0: tl.constexpr, LOOKBACK: tl.constexpr,
-    PUBLISH_STATE: tl.constexpr, FAST: tl.constexpr,
+    PUBLISH_STATE: tl.constexpr, FAST: tl.constexpr, VEC: tl.constexpr,
 ):
     n_c = tl.cdiv(T, CT)
     i_d, i_c, i_b = _program(status, n_c, D, BD, LOOKBACK, True)
     x, r, i = _batch_start(x, r, i, i_b, sx_b, sr_b, si_b)
     if HAS_Z:
         z += i_b * sz_b
-    o_d = i_d * BD + tl.arange(0, BD)
+    o_d = _channels(i_d, BD, VEC)
     m_d = o_d < D
     o_t = tl.arange(0, BT)
     b_lam = tl.load(lam + o_d, mask=m_d, other=0.0).to(tl.float32)
@@ -256,7 +274,7 @@ def bdlru_bwd_kernel(
         acc_a, acc_h = tl.full([BD], 1.0, tl.float32), tl.zeros([BD], dtype=tl.float32)
         for k in range(n_t):
             p_m = ((s - k * BT + o_t) < T)[:, None] & m_d[None, :]
-            _, b_r, _, b_z = _load_tile(x, r, i, z, s - k * BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, p_m, HAS_Z)
+            _, b_r, _, b_z = _f32(*_load_tile(x, r, i, z, s - k * BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, p_m, HAS_Z))
             a, _ = _decay(b_r, sp, p_m, FAST)
             g = tl.load(do + off - k * BT * D, mask=p_m, other=0.0).to(tl.float32)
             if HAS_Z:
@@ -267,15 +285,17 @@ def bdlru_bwd_kernel(
         if PUBLISH_STATE:  # q at this chunk's start, for the chunks still looking back
             _publish(status, i_b, i_c, n_c, o_d, m_d, tl.zeros_like(q), acc_h + acc_a * q, D)
     o_ck = (i_b * tl.cdiv(T, BT) + s // BT) * D + o_d  # the state before the tile
-    b_x, b_r, b_i, b_z = _load_tile(x, r, i, z, s + o_t, o_d, sx_t, sr_t, si_t, sz_t, m, HAS_Z)
-    b_do = tl.load(do + off, mask=m, other=0.0).to(tl.float32)
+    l_x, l_r, l_i, l_z = _load_tile(x, r, i, z, s + o_t, o_d, sx_t, sr_t, si_t, sz_t, m, HAS_Z)
+    l_do = tl.load(do + off, mask=m, other=0.0)
     h = tl.load(ckpt + o_ck, mask=m_d, other=0.0)
     for _ in range(n_t):
         # the previous tile's loads go out before this tile's maths: two tiles in flight per program
         n_m = ((s - BT + o_t) >= c_start)[:, None] & m_d[None, :]
         n_x, n_r, n_i, n_z = _load_tile(x, r, i, z, s - BT + o_t, o_d, sx_t, sr_t, si_t, sz_t, n_m, HAS_Z)
-        n_do = tl.load(do + off - BT * D, mask=n_m, other=0.0).to(tl.float32)
+        n_do = tl.load(do + off - BT * D, mask=n_m, other=0.0)
         n_h = tl.load(ckpt + o_ck - D, mask=m_d & (s - BT + 0 * o_d >= c_start), other=0.0)
+        b_x, b_r, b_i, b_z = _f32(l_x, l_r, l_i, l_z)
+        b_do = l_do.to(tl.float32)
         a, sr = _decay(b_r, sp, m, FAST)
         inv_sq = tl.math.rsqrt(1.0 - a * a + 1e-8)  # one rsqrt for sqrt(1 - a^2) and the division by it
         sq = (1.0 - a * a + 1e-8) * inv_sq
@@ -301,7 +321,7 @@ def bdlru_bwd_kernel(
         tl.store(dr + off, (dA * (-sp[None, :] * a) * sr * (1.0 - sr)).to(dr.dtype.element_ty), mask=m)
         tl.store(di + off, (db * sq * si * (1.0 - si)).to(di.dtype.element_ty), mask=m)
         dlam_acc += tl.sum(tl.where(m, dA * (-sr * a), 0.0), axis=0)
-        b_x, b_r, b_i, b_z, b_do, h, m = n_x, n_r, n_i, n_z, n_do, n_h, n_m
+        l_x, l_r, l_i, l_z, l_do, h, m = n_x, n_r, n_i, n_z, n_do, n_h, n_m
         s, off, o_ck = s - BT, off - BT * D, o_ck - D
     tl.store(dlam + (i_b * n_c + i_c) * D + o_d, dlam_acc * tl.sigmoid(b_lam), mask=m_d)
     if STORE_DQ0:
@@ -311,8 +331,9 @@ def bdlru_bwd_kernel(
 
 # (BT, (BD, num_warps) forward, (BD, num_warps) backward) from `benchmarks/bdlru_kernel.py --sweep` on an
 # H100, the best fwd + bwd sum at (2048, 200, 128) that also holds at (512, 1024, 128); BT is the checkpoint
-# interval, so both directions share it. bf16 halves the bytes but not the maths, so it takes shorter tiles.
-TILES = {torch.float32: (4, (64, 1), (64, 1)), torch.bfloat16: (2, (64, 1), (64, 1))}
+# interval, so both directions share it. bf16 halves the bytes but not the maths, so it takes wider channel
+# blocks: more elements a thread to overlap that maths with.
+TILES = {torch.float32: (4, (64, 1), (64, 1)), torch.bfloat16: (4, (128, 1), (128, 1))}
 # too few sequences to fill the GPU: narrow channel blocks make more programs (`chunk.py` makes more still)
 TILES_FEW_PROGRAMS = (32, (8, 1), (8, 1))
 
@@ -347,6 +368,15 @@ def _fast_gates(x):
     return x.dtype == torch.bfloat16 and not interpreting()
 
 
+def _vec(BT, BD, num_warps):
+    """`_channels`' VEC: rows held in registers when each thread then gets at least 2 adjacent channels and
+    at most 16 elements of a tile. With one channel a thread, the compiler's own layout loads wider vectors
+    along rows; past 16 elements, registers run out. From the tile sweep (benchmarks/RESULTS.md, session 10):
+    the bf16 backward at (2048, 200, 128) takes 0.39 ms with 4 x 128 tiles held so, 0.60 ms without."""
+    vec = BD // (32 * num_warps)
+    return vec if vec >= 2 and BT * vec <= 16 else 0
+
+
 def bdlru_fwd(x, r, i, lam, z, h0, store_ckpt, store_ht, BT, BD, num_warps, chunk=None):
     """out (B, T, D), the state before every BT-row tile (B, cdiv(T, BT), D) and h_T (B, D)."""
     B, T, D = x.shape
@@ -357,7 +387,8 @@ def bdlru_fwd(x, r, i, lam, z, h0, store_ckpt, store_ht, BT, BD, num_warps, chun
     bdlru_fwd_kernel[grid](
         x, r, i, lam, z, h0, o, ckpt, ht, status, *_strides(x, r, i, z), T, CT, D=D, BT=BT, BD=BD, W=W,
         HAS_Z=z is not None, HAS_H0=h0 is not None, STORE_CKPT=store_ckpt, STORE_HT=store_ht,
-        LOOKBACK=chunk is not None, PUBLISH_STATE=PUBLISH_STATES, FAST=_fast_gates(x), num_warps=num_warps,
+        LOOKBACK=chunk is not None, PUBLISH_STATE=PUBLISH_STATES, FAST=_fast_gates(x), VEC=_vec(BT, BD, num_warps),
+        num_warps=num_warps,
     )
     return o, ckpt, ht
 
@@ -373,7 +404,8 @@ def bdlru_bwd(x, r, i, lam, z, ckpt, do, dht, store_dq0, BT, BD, num_warps, chun
     bdlru_bwd_kernel[grid](
         x, r, i, lam, z, ckpt, do, dht, dx, dr, di, dz, dlam, dq0, status, *_strides(x, r, i, z), T, CT,
         D=D, BT=BT, BD=BD, W=W, HAS_Z=z is not None, HAS_DHT=dht is not None, STORE_DQ0=store_dq0,
-        LOOKBACK=chunk is not None, PUBLISH_STATE=PUBLISH_STATES, FAST=_fast_gates(x), num_warps=num_warps,
+        LOOKBACK=chunk is not None, PUBLISH_STATE=PUBLISH_STATES, FAST=_fast_gates(x), VEC=_vec(BT, BD, num_warps),
+        num_warps=num_warps,
     )
     return dx, dr, di, dlam.sum(0), dz, dq0
 

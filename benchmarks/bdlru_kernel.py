@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from kernels import bdlru_reference, chunk_bdlru, fused_recurrent_bdlru
 from kernels.bdlru import fused_recurrent, use_chunk
+from kernels.device import interpreting
 
 SHAPES = [(2048, 200, 128, "fp32"), (512, 1024, 128, "fp32"), (8, 4096, 128, "fp32"), (2048, 200, 128, "bf16")]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -66,6 +67,37 @@ def sweep_knobs(module, knobs: dict, fn) -> dict:
     for name, value in saved.items():
         setattr(module, name, value)
     return times
+
+
+def bench_modes(fn) -> dict:
+    """{"eager": ms, "graph": ms}: `bench` of fn both ways."""
+    return {mode: bench(fn, graph=mode == "graph") for mode in ("eager", "graph")}
+
+
+def against(fused: dict, baseline: dict) -> str:
+    """Table cells of a kernel against the composition it replaces, each a `bench_modes` result: both
+    times eager / graph, then baseline / fused for each."""
+    return (f"{fused['eager']:7.4f} / {fused['graph']:7.4f} {baseline['eager']:7.4f} / {baseline['graph']:7.4f} "
+            f"{baseline['eager'] / fused['eager']:6.1f} / {baseline['graph'] / fused['graph']:5.1f}x")
+
+
+def fastest(times: dict, n: int = 4) -> str:
+    """The n quickest entries of a `sweep_knobs` result, for a progress line."""
+    return ", ".join(f"{c} {ms:.4f}" for c, ms in sorted(times.items(), key=lambda kv: kv[1])[:n])
+
+
+def kernel_device(parser: argparse.ArgumentParser, sizes: str) -> str:
+    """"cuda", else "cpu" under TRITON_INTERPRET=1 (a smoke test at small `sizes`), else the parser's error;
+    TF32 off, so float32 products are compared in float32."""
+    if not torch.cuda.is_available() and not interpreting():
+        parser.error(f"no CUDA: set TRITON_INTERPRET=1 to smoke-test on the CPU at small {sizes}")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_label(device: str) -> str:
+    """What heads a kernel benchmark's table: the GPU, or a warning that interpreter timings mean nothing."""
+    return torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton interpreter (not a timing)"
 
 
 def _gates(x, r, i, lam):

@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bdlru_kernel import bench, sweep_knobs
+from bdlru_kernel import against, bench_modes, device_label, fastest, kernel_device, sweep_knobs
 from kernels import fused_score_topk, score_topk_reference
-from kernels.device import interpreting
 from kernels.score_topk import fused
 
 SWEEP = {"PROGRAMS_PER_SM": (1, 2, 4, 8, 16)}
@@ -35,10 +34,7 @@ def main():
     p.add_argument("--sweep", action="store_true", help="also time the kernel at each range configuration")
     p.add_argument("--json", type=Path, default=Path("benchmarks/out/score_topk_kernel.json"))
     args = p.parse_args()
-    if not torch.cuda.is_available() and not interpreting():
-        p.error("no CUDA: set TRITON_INTERPRET=1 to smoke-test on the CPU at tiny --shapes")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.backends.cuda.matmul.allow_tf32 = False
+    device = kernel_device(p, "--shapes")
     rows = []
     for shape in tqdm(args.shapes.split(","), desc="shapes", file=sys.stderr):
         B, N = (int(v) for v in shape.split("x"))
@@ -47,23 +43,18 @@ def main():
         got, want = fused_score_topk(hidden, table, args.k)[0], score_topk_reference(hidden, table, args.k)[0]
         row = {"B": B, "N": N, "same": torch.allclose(got, want, atol=1e-4, rtol=1e-5)}
         for name, fn in (("fused", fused_score_topk), ("plain", score_topk_reference)):
-            row[name] = {mode: bench(lambda: fn(hidden, table, args.k), graph=mode == "graph")
-                         for mode in ("eager", "graph")}
+            row[name] = bench_modes(lambda: fn(hidden, table, args.k))
         if args.sweep:
             row["sweep"] = sweep_knobs(fused, SWEEP, lambda: fused_score_topk(hidden, table, args.k))
-            best = sorted(row["sweep"].items(), key=lambda kv: kv[1])[:4]
-            print(f"sweep {shape} (PROGRAMS_PER_SM,): "
-                  + ", ".join(f"{c} {ms:.4f}" for c, ms in best), flush=True)
+            print(f"sweep {shape} (PROGRAMS_PER_SM,): {fastest(row['sweep'])}", flush=True)
         rows.append(row)
 
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton interpreter (not a timing)"
+    name = device_label(device)
     print(f"\n{name}, D = {args.d_model}, k = {args.k}, ms (median), eager / graph, {fused.PROGRAMS_PER_SM} "
           f"programs per SM")
-    print(f"{'B x N':>14} {'fused':>17} {'plain':>17} {'plain/fused':>13} same")
+    print(f"{'B x N':>14} {'fused':>17} {'plain':>17} {'plain/fused':>15} same")
     for r in rows:
-        f, pl = r["fused"], r["plain"]
-        print(f"{r['B']:>6} x {r['N']:<6} {f['eager']:7.4f} / {f['graph']:7.4f} {pl['eager']:7.4f} / "
-              f"{pl['graph']:7.4f} {pl['eager'] / f['eager']:5.1f} / {pl['graph'] / f['graph']:4.1f}x {r['same']}")
+        print(f"{r['B']:>6} x {r['N']:<6} {against(r['fused'], r['plain'])} {r['same']}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"device": name, "rows": rows}, indent=1))
 

@@ -7,7 +7,8 @@ For each B x N: hidden (B, D) and an item table (N + 1, D) whose padding row is 
 float32, TF32 off. `kernels.fused_score_topk` against `kernels.score_topk_reference` (the (B, N) scores, then
 torch.topk), medians of `triton.testing.do_bench` (eager) and `do_bench_cudagraph` (the GPU's time alone, as
 `recblr.serving.StepServer` replays it). "same" is whether both return the same top-k values (to 1e-4).
---sweep also times the kernel, in a graph, at each PROGRAMS_PER_SM (how many item ranges `_ranges` cuts).
+--sweep also times the kernel, in a graph, at each PROGRAMS_PER_SM (how many item ranges `_ranges` cuts) and
+SELECT_BLOCK (how many candidates a program of the selection holds).
 Without CUDA it runs under TRITON_INTERPRET=1 as a smoke test; its timings mean nothing.
 """
 import argparse
@@ -22,7 +23,7 @@ from bdlru_kernel import against, bench_modes, device_label, fastest, kernel_dev
 from kernels import fused_score_topk, score_topk_reference
 from kernels.score_topk import fused
 
-SWEEP = {"PROGRAMS_PER_SM": (1, 2, 4, 8, 16)}
+SWEEP = {"PROGRAMS_PER_SM": (1, 2, 4, 8, 16), "SELECT_BLOCK": (512, 2048, 8192)}
 
 
 @torch.no_grad()
@@ -46,7 +47,7 @@ def main():
             row[name] = bench_modes(lambda: fn(hidden, table, args.k))
         if args.sweep:
             row["sweep"] = sweep_knobs(fused, SWEEP, lambda: fused_score_topk(hidden, table, args.k))
-            print(f"sweep {shape} (PROGRAMS_PER_SM,): {fastest(row['sweep'])}", flush=True)
+            print(f"sweep {shape} {tuple(SWEEP)}: {fastest(row['sweep'])}", flush=True)
         rows.append(row)
 
     name = device_label(device)

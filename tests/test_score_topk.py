@@ -62,7 +62,7 @@ def test_fused_merges_many_tiles_per_range(k, monkeypatch):
     # k=100 outlasts each 80-item range: every range leaves -inf slots, which must not be picked
     small_tiles(monkeypatch)
     hidden, table = make_inputs(5, 300, 24, torch.float32, seed=k)
-    assert fused._ranges(300, 1, fused.BLOCK_N, n_sm=1) == (4, 80)
+    assert fused._ranges(300, 1, fused.BLOCK_N, n_sm=1, k=k) == (4, 80)
     assert_top_k(*fused_score_topk(hidden, table, k), hidden, table, k)
 
 
@@ -73,6 +73,27 @@ def test_fused_ranks_the_last_of_ascending_scores_first(monkeypatch):
     values, indices = fused_score_topk(torch.ones(3, 16), table, 10)
     assert torch.equal(indices, torch.arange(299, 289, -1).expand(3, -1))
     assert_top_k(values, indices, torch.ones(3, 16), table, 10)
+
+
+def test_equal_scores_rank_the_lower_item_first(monkeypatch):
+    # items 0-99 score 1, the rest 0: the 10 best are 0-9 in order, from the first of 4 item ranges
+    small_tiles(monkeypatch)
+    table = (torch.arange(300) < 100).float()[:, None] * torch.ones(1, 8)
+    values, indices = fused_score_topk(torch.ones(2, 8), table, 10)
+    assert torch.equal(indices, torch.arange(10).expand(2, -1)) and (values == 8.0).all()
+    # 0-49 raised, item 0 most, item 49 not at all: it ties with 50-99 and with 200-299, raised to 1 too
+    table[:50] += torch.linspace(1, 0, 50)[:, None]
+    table[200:300] = 1.0
+    values, indices = fused_score_topk(torch.ones(1, 8), table, 60)
+    assert torch.equal(indices[0], torch.cat([torch.arange(50), torch.arange(50, 60)]))
+
+
+def test_ranges_leave_each_user_at_most_max_candidates(monkeypatch):
+    monkeypatch.setattr(fused, "MAX_CANDIDATES", 64)
+    n_ranges, per_range = fused._ranges(100_000, 1, 128, n_sm=132, k=10)
+    assert n_ranges * 10 <= 64 and n_ranges * per_range >= 100_000
+    hidden, table = make_inputs(3, 2000, 16, torch.float32, seed=9)
+    assert_top_k(*fused_score_topk(hidden, table, 10), hidden, table, 10)
 
 
 def test_inputs_read_in_place_whatever_their_strides(monkeypatch):

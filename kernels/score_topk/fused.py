@@ -2,18 +2,21 @@
 
 Ranking B users against N items the plain way writes B x N float32 scores and reads them back for
 torch.topk: at B = 1024, N = 100,000 (400 MB, a radix select over 100k columns) 1.8-1.9 ms of a 1.93 ms serving
-step on an H100 (benchmarks/RESULTS.md, "Inference"). Here the scores live only in registers, in two stages:
+step on an H100 (benchmarks/RESULTS.md, "Inference"). Here the scores live only in registers, in two launches:
 
-1. The kernel. A program owns BLOCK_B users and a contiguous range of items. It holds the users' hidden
-   block and walks its range BLOCK_N items at a time: one `tl.dot` makes the (BLOCK_B, BLOCK_N) score tile,
-   which is merged into a running top-k per user ((BLOCK_B, KP) values and item indices). A merge round takes
-   each row's best score left in the tile, puts it in place of the row's current k-th best, and drops from the
-   tile every score no better than the new k-th best; rounds go on while any row has a score left. A tile
-   takes at most k rounds (its best k either enter the list or fall below it). The first tile of a range takes
-   all k; after m items a new one beats the k-th best with chance about k/m on random data, so the later tiles
-   of a range take a few rounds (as many as the block's busiest row needs), not k. Each program writes its
-   k (value, index) candidates per user.
-2. PyTorch. torch.topk over each user's (ranges x k) candidates, a few hundred, and a gather of the indices.
+1. `score_topk_kernel`. A program owns BLOCK_B users and a contiguous range of items. It holds the users'
+   hidden block and walks its range BLOCK_N items at a time: one `tl.dot` makes the (BLOCK_B, BLOCK_N) score
+   tile, which is merged into a running top-k per user ((BLOCK_B, KP) values and item indices). A merge round
+   takes each row's best score left in the tile, puts it in place of the row's current k-th best, and drops
+   from the tile every score no better than the new k-th best; rounds go on while any row has a score left.
+   A tile takes at most k rounds (its best k either enter the list or fall below it). The first tile of a
+   range takes all k; after m items a new one beats the k-th best with chance about k/m on random data, so
+   the later tiles of a range take a few rounds (as many as the block's busiest row needs), not k. Each
+   program writes its k (value, index) candidates per user, unordered.
+2. `select_kernel`. A program holds a few users' candidates, a few hundred each (ranges x k, at most
+   MAX_CANDIDATES), in registers and takes the best k in k rounds, best first. torch.topk over the candidates
+   and a gather of their indices took three launches and 0.031 ms of a 0.164 ms served step (1,024 users,
+   3,416 items: benchmarks/RESULTS.md, "Inference", session 11).
 
 Programs start with the user block as the fastest grid axis, so the blocks sharing a range run together: the
 table is read from memory about once and from L2 by the other blocks; the hidden block is loaded once.
@@ -27,8 +30,7 @@ inputs to 10 mantissa bits (relative 5e-4) and would reorder near scores, which 
 plenty of around the k-th place; "ieee" is exact too but runs the products on the CUDA cores, beside the
 merge rounds that already keep them busy.
 
-Ties: inside a program the lower item index wins (the first occurrence in a tile; a later item must beat the
-k-th best, not equal it); between programs torch.topk's order decides. Scores that are NaN are never chosen.
+Ties: among equal scores the lower item index wins, in both launches. Scores that are NaN are never chosen.
 """
 import torch
 import triton
@@ -84,17 +86,40 @@ def score_topk_kernel(
             kth = tl.min(top_v, axis=1)
             s = tl.where((n[None, :] == at[:, None]) | (s <= kth[:, None]), float("-inf"), s)
             best = tl.max(s, axis=1)
-    # (B, ranges, K) candidates; a range shorter than k leaves -inf slots, which stage 2 never picks
+    # (B, ranges, K) candidates; a range shorter than k leaves -inf slots, which `select_kernel` never picks
     off = (o_b[:, None].to(tl.int64) * tl.num_programs(1) + i_r) * K + slot[None, :]
     m = m_b[:, None] & (slot[None, :] < K)
     tl.store(cand_v + off, top_v, mask=m)
     tl.store(cand_i + off, top_i, mask=m)
 
 
+@triton.jit
+def select_kernel(cand_v, cand_i, values, indices, B, C, K: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr):
+    """Each of BB rows' K best of its C candidates, best first: a round takes the row's best score left, the
+    lowest item among equals, and drops that item."""
+    o_b = tl.program_id(0) * BB + tl.arange(0, BB)
+    o_c = tl.arange(0, BC)
+    m_b = o_b < B
+    off = o_b[:, None].to(tl.int64) * C + o_c[None, :]
+    m = m_b[:, None] & (o_c < C)[None, :]
+    v = tl.load(cand_v + off, mask=m, other=float("-inf"))  # (BB, BC)
+    n = tl.load(cand_i + off, mask=m, other=2147483647)
+    for j in range(K):
+        best = tl.max(v, axis=1)  # (BB,)
+        at = tl.min(tl.where(v == best[:, None], n, 2147483647), axis=1)
+        tl.store(values + o_b * K + j, best, mask=m_b)
+        tl.store(indices + o_b * K + j, at.to(tl.int64), mask=m_b)
+        v = tl.where(n == at[:, None], float("-inf"), v)
+
+
 MAX_K = 128  # the running list lives in registers: (BLOCK_B, next_power_of_2(k)) values and indices
 MAX_D = 128  # the hidden block and the table tile too: (BLOCK_B, BLOCK_D) and (BLOCK_D, BLOCK_N)
 BLOCK_N = 128
 PROGRAMS_PER_SM = 4
+MAX_CANDIDATES = 8192  # a user's candidates, ranges x k, held by one program of `select_kernel`
+# candidates a `select_kernel` program holds, one user's or a few: 512 was the best of 512, 2048 and 8192 in
+# `benchmarks/score_topk_kernel.py --sweep` on an H100, or level with 2048
+SELECT_BLOCK = 512
 FP32_PRECISION = "tf32x3"
 
 
@@ -109,15 +134,17 @@ def _config(B, D, k):
     return BB, BLOCK_N if BD <= 64 else BLOCK_N // 2, BD, KP
 
 
-def _ranges(N, n_blocks, BN, n_sm):
-    """(ranges, items per range): whole tiles, as few ranges as give PROGRAMS_PER_SM programs to every SM."""
+def _ranges(N, n_blocks, BN, n_sm, k):
+    """(ranges, items per range): whole tiles, as few ranges as give PROGRAMS_PER_SM programs to every SM, and
+    no more than leave MAX_CANDIDATES candidates a user."""
     n_tiles = triton.cdiv(N, BN)
-    per_range = triton.cdiv(n_tiles, min(n_tiles, triton.cdiv(PROGRAMS_PER_SM * n_sm, n_blocks))) * BN
+    n_ranges = min(n_tiles, triton.cdiv(PROGRAMS_PER_SM * n_sm, n_blocks), MAX_CANDIDATES // k)
+    per_range = triton.cdiv(n_tiles, n_ranges) * BN
     return triton.cdiv(N, per_range), per_range
 
 
 def fused_score_topk(hidden, table, k):
-    """`kernels.score_topk` on CUDA tensors, always through the kernel: k up to MAX_K, D up to MAX_D.
+    """`kernels.score_topk` on CUDA tensors, always through the kernels: k up to MAX_K, D up to MAX_D.
 
     hidden (B, D), table (N, D), float32 or bfloat16, any strides. Returns (values (B, k) float32, indices
     (B, k) int64), best first. Sizes of its allocations depend on B, N, D and k only and nothing syncs with
@@ -132,7 +159,7 @@ def fused_score_topk(hidden, table, k):
     BB, BN, BD, KP = _config(B, D, k)
     n_blocks = triton.cdiv(B, BB)
     n_sm = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else 1
-    n_ranges, items = _ranges(N, max(n_blocks, 1), BN, n_sm)
+    n_ranges, items = _ranges(N, max(n_blocks, 1), BN, n_sm, k)
     cand_v = empty((B, n_ranges, k), torch.float32, hidden.device, POISON_OUTPUTS)
     cand_i = empty((B, n_ranges, k), torch.int32, hidden.device, POISON_OUTPUTS)
     # the interpreter multiplies bfloat16 as the raw bits it stores them in (uint16), so it dots in float32
@@ -141,5 +168,9 @@ def fused_score_topk(hidden, table, k):
         hidden, table, cand_v, cand_i, B, N, D, items, *hidden.stride(), *table.stride(), K=k, KP=KP, BB=BB, BN=BN,
         BD=BD, DOT_FP32=dot_fp32, PRECISION=FP32_PRECISION,
     )
-    values, pos = cand_v.view(B, n_ranges * k).topk(k, dim=1)  # (B, k)
-    return values, cand_i.view(B, n_ranges * k).gather(1, pos).long()
+    values = empty((B, k), torch.float32, hidden.device, POISON_OUTPUTS)
+    indices = empty((B, k), torch.int64, hidden.device, POISON_OUTPUTS)
+    BC = triton.next_power_of_2(n_ranges * k)
+    rows = max(1, SELECT_BLOCK // BC)
+    select_kernel[(triton.cdiv(B, rows),)](cand_v, cand_i, values, indices, B, n_ranges * k, K=k, BB=rows, BC=BC)
+    return values, indices

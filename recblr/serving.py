@@ -4,8 +4,8 @@
 `model.allocate_state` makes once; `step(items)` advances every slot by one event and returns each slot's top-k
 next items. On CUDA the whole step (the model's step, the in-place state update and `model.top_k`, the fused
 score + top-k kernel) is captured once in a CUDA graph and replayed; on CUDA each RecBLR block steps in one
-launch (`kernels.block_step`). On an H100 (benchmarks/RESULTS.md, "Inference", session 9) 1,024 users step in
-0.17-0.18 ms with 3,416 items and 0.63-0.65 ms with 100k, one user in 0.10 ms. On a CPU, or when capture fails,
+launch (`kernels.block_step`). On an H100 (benchmarks/RESULTS.md, "Inference", session 11) 1,024 users step in
+0.16 ms with 3,416 items and 0.60-0.66 ms with 100k, one user in 0.09-0.10 ms. On a CPU, or when capture fails,
 the same `_step` runs eagerly: the graph only replays it.
 
     server = StepServer(model, batch_size=64, k=10)   # RecBLR, GRU4Rec or LRURec, on the device it serves on

@@ -13,10 +13,10 @@ step on an H100 (benchmarks/RESULTS.md, "Inference"). Here the scores live only 
    range takes all k; after m items a new one beats the k-th best with chance about k/m on random data, so
    the later tiles of a range take a few rounds (as many as the block's busiest row needs), not k. Each
    program writes its k (value, index) candidates per user, unordered.
-2. `select_kernel`. A program holds a few users' candidates, a few hundred each (ranges x k, at most
-   MAX_CANDIDATES), in registers and takes the best k in k rounds, best first. torch.topk over the candidates
-   and a gather of their indices took three launches and 0.031 ms of a 0.164 ms served step (1,024 users,
-   3,416 items: benchmarks/RESULTS.md, "Inference", session 11).
+2. `select_kernel`. A program holds one user's candidates in registers (ranges x k, a few hundred, at most
+   MAX_CANDIDATES; several users' when theirs fit SELECT_BLOCK) and takes the best k in k rounds, best first.
+   torch.topk over the candidates and a gather of their indices took three launches and 0.031 ms of a
+   0.164 ms served step (1,024 users, 3,416 items: benchmarks/RESULTS.md, "Inference", session 11).
 
 Programs start with the user block as the fastest grid axis, so the blocks sharing a range run together: the
 table is read from memory about once and from L2 by the other blocks; the hidden block is loaded once.

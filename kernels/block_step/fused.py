@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.bdlru.fused_recurrent import _fwd_gates, _softplus
 from kernels.block_step.naive import BlockWeights, check_inputs
 from kernels.device import check_device, empty
 
@@ -111,11 +112,8 @@ def block_step_kernel(
     r, i = _linear(scratch, row, m_row, S, w_gates, E, E, EP, EP, BK, PRECISION, True)
     r += _vector(b_gates, 0, E, EP)[None, :]
     i += _vector(b_gates, E, E, EP)[None, :]
-    lam_e = _vector(lam, 0, E, EP)
-    softplus = tl.maximum(lam_e, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(lam_e)))  # (EP,)
-    a = tl.exp(-softplus[None, :] * tl.sigmoid(r))
-    b = tl.sqrt(1.0 - a * a + 1e-8) * tl.sigmoid(i)
-    b_h = a * tl.load(h + row * E + o_e[None, :], mask=m_be, other=0.0) + b * x  # (BB, EP)
+    a, bx = _fwd_gates(x, r, i, _softplus(_vector(lam, 0, E, EP)), m_be, False)  # the BD-LRU kernel's gates
+    b_h = a * tl.load(h + row * E + o_e[None, :], mask=m_be, other=0.0) + bx  # (BB, EP)
     tl.store(h_out + row * E + o_e[None, :], b_h, mask=m_be)
     tl.store(scratch + row * S + EP + o_e[None, :], b_h * _silu(z), mask=m_row)
     tl.debug_barrier()

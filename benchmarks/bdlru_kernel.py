@@ -86,6 +86,23 @@ def fastest(times: dict, n: int = 4) -> str:
     return ", ".join(f"{c} {ms:.4f}" for c, ms in sorted(times.items(), key=lambda kv: kv[1])[:n])
 
 
+def time_each(row: dict, fns: dict, sweep=None, label: str = "") -> None:
+    """`bench_modes` of each zero-argument function of fns ({name: fn}) into row[name]. sweep = (module, knobs):
+    also `sweep_knobs` of the first into row["sweep"], its fastest printed after label as it comes."""
+    for name, fn in fns.items():
+        row[name] = bench_modes(fn)
+    if sweep is not None:
+        module, knobs = sweep
+        row["sweep"] = sweep_knobs(module, knobs, next(iter(fns.values())))
+        print(f"sweep {label} {tuple(knobs)}: {fastest(row['sweep'])}", flush=True)
+
+
+def write_json(path: Path, **fields) -> None:
+    """fields as one JSON object at path, its folder made first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fields, indent=1))
+
+
 def kernel_device(parser: argparse.ArgumentParser, sizes: str) -> str:
     """"cuda", else "cpu" under TRITON_INTERPRET=1 (a smoke test at small `sizes`), else the parser's error;
     TF32 off, so float32 products are compared in float32."""
@@ -313,9 +330,7 @@ def main():
             for k in methods:
                 v = timed.get(k)
                 print(f"    {k:30} " + (f"{v[0]:8.3f} / {v[1]:8.3f}" if v else "n/a"))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows, "sweep": sweeps,
-                                     "profile": profiles}, indent=1))
+    write_json(args.json, device=torch.cuda.get_device_name(), rows=rows, sweep=sweeps, profile=profiles)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ reference| over the three outputs. --sweep also times the kernel at each (BLOCK_
 Without CUDA it runs under TRITON_INTERPRET=1 as a smoke test; its timings mean nothing.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from bdlru_kernel import against, bench_modes, device_label, fastest, kernel_device, sweep_knobs
+from bdlru_kernel import against, device_label, kernel_device, time_each, write_json
 from kernels import block_step_reference, fused_block_step
 from kernels.block_step import fused
 from recblr.models import build
@@ -50,11 +49,8 @@ def main():
         diff = max((a - b).abs().max().item() for a, b in
                    zip(fused_block_step(*inputs), block_step_reference(*inputs)))
         row = {"B": B, "D": args.d_model, "max_diff": diff}
-        for name, fn in (("fused", fused_block_step), ("reference", block_step_reference)):
-            row[name] = bench_modes(lambda: fn(*inputs))
-        if args.sweep:
-            row["sweep"] = sweep_knobs(fused, SWEEP, lambda: fused_block_step(*inputs))
-            print(f"sweep B={B} (BLOCK_B, BLOCK_K, NUM_WARPS): {fastest(row['sweep'])}")
+        time_each(row, {"fused": lambda: fused_block_step(*inputs), "reference": lambda: block_step_reference(*inputs)},
+                  (fused, SWEEP) if args.sweep else None, f"B={B}")
         rows.append(row)
 
     name = device_label(device)
@@ -62,8 +58,7 @@ def main():
     print(f"{'B':>6} {'fused':>17} {'reference':>17} {'reference/fused':>15} {'max diff':>9}")
     for r in rows:
         print(f"{r['B']:>6} {against(r['fused'], r['reference'])} {r['max_diff']:9.1e}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+    write_json(args.json, device=name, rows=rows)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ SELECT_BLOCK (how many candidates a program of the selection holds).
 Without CUDA it runs under TRITON_INTERPRET=1 as a smoke test; its timings mean nothing.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from bdlru_kernel import against, bench_modes, device_label, fastest, kernel_device, sweep_knobs
+from bdlru_kernel import against, device_label, kernel_device, time_each, write_json
 from kernels import fused_score_topk, score_topk_reference
 from kernels.score_topk import fused
 
@@ -43,11 +42,9 @@ def main():
         hidden, table = torch.randn(B, args.d_model, device=device), torch.randn(N + 1, args.d_model, device=device)[1:]
         got, want = fused_score_topk(hidden, table, args.k)[0], score_topk_reference(hidden, table, args.k)[0]
         row = {"B": B, "N": N, "same": torch.allclose(got, want, atol=1e-4, rtol=1e-5)}
-        for name, fn in (("fused", fused_score_topk), ("plain", score_topk_reference)):
-            row[name] = bench_modes(lambda: fn(hidden, table, args.k))
-        if args.sweep:
-            row["sweep"] = sweep_knobs(fused, SWEEP, lambda: fused_score_topk(hidden, table, args.k))
-            print(f"sweep {shape} {tuple(SWEEP)}: {fastest(row['sweep'])}", flush=True)
+        time_each(row, {"fused": lambda: fused_score_topk(hidden, table, args.k),
+                        "plain": lambda: score_topk_reference(hidden, table, args.k)},
+                  (fused, SWEEP) if args.sweep else None, shape)
         rows.append(row)
 
     name = device_label(device)
@@ -56,8 +53,7 @@ def main():
     print(f"{'B x N':>14} {'fused':>17} {'plain':>17} {'plain/fused':>15} same")
     for r in rows:
         print(f"{r['B']:>6} x {r['N']:<6} {against(r['fused'], r['plain'])} {r['same']}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+    write_json(args.json, device=name, rows=rows)
 
 
 if __name__ == "__main__":

@@ -114,6 +114,20 @@ def test_mixed_dtypes_rank_in_float32():
     assert_top_k(*fused_score_topk(hidden, table, 10), hidden, table, 10)
 
 
+@pytest.mark.parametrize("fn", [fused_score_topk, score_topk_reference], ids=["fused", "reference"])
+def test_out_rows_written_only_where_active_with_offset_indices(fn, monkeypatch):
+    small_tiles(monkeypatch)
+    hidden, table = make_inputs(6, 300, 16, torch.float32, seed=5)
+    values, indices = torch.full((6, 10), -7.0), torch.full((6, 10), -7, dtype=torch.int64)
+    active = torch.tensor([1, 0, 1, 1, 0, 1, 0, 0, 1, 0, 1, 0], dtype=torch.bool)[::2]  # strided, as a column
+    got = fn(hidden, table, 10, out=(values, indices), active=active, index_offset=1)
+    assert got[0] is values and got[1] is indices
+    assert (values[~active] == -7).all() and (indices[~active] == -7).all()
+    assert_top_k(values[active], indices[active] - 1, hidden[active], table, 10)
+    fn(hidden, table, 10, out=(values, indices))  # without active every row is written
+    assert_top_k(values, indices, hidden, table, 10)
+
+
 def test_cpu_tensors_take_the_reference():
     hidden, table = make_inputs(3, 50, 8, torch.bfloat16, seed=3)
     for got, want in zip(score_topk(hidden, table, 5), score_topk_reference(hidden, table, 5)):
@@ -130,8 +144,13 @@ def test_cpu_tensors_take_the_reference():
         (dict(hidden=torch.zeros(4)), "must be \\(B, D\\)"),
         (dict(table=torch.zeros(7, 4, dtype=torch.float16)), "float32 or bfloat16"),
         (dict(table=torch.zeros(7, 4, device="meta")), "table is on meta"),
+        (dict(out=(torch.zeros(2, 3), torch.zeros(2, 3))), "indices must be a contiguous torch.int64"),
+        (dict(out=(torch.zeros(2, 4), torch.zeros(2, 3, dtype=torch.int64))), "values must be .* \\(2, 3\\)"),
+        (dict(active=torch.ones(2, dtype=torch.bool)), "active needs out"),
+        (dict(out=(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.int64)), active=torch.ones(2)), "active must"),
     ],
-    ids=["k_above_N", "k_zero", "D", "hidden_1d", "fp16", "device"],
+    ids=["k_above_N", "k_zero", "D", "hidden_1d", "fp16", "device", "out_dtype", "out_shape", "active_alone",
+         "active_dtype"],
 )
 def test_bad_inputs_raise_value_error(fn, change, message):
     inputs = dict(hidden=torch.zeros(2, 4), table=torch.zeros(7, 4), k=3)

@@ -94,12 +94,15 @@ def score_topk_kernel(
 
 
 @triton.jit
-def select_kernel(cand_v, cand_i, values, indices, B, C, K: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr):
-    """Each of BB rows' K best of its C candidates, best first: a round takes the row's best score left, the
-    lowest item among equals, and drops that item."""
+def select_kernel(cand_v, cand_i, values, indices, active, B, C, OFFSET, K: tl.constexpr, BB: tl.constexpr,
+                  BC: tl.constexpr, HAS_ACTIVE: tl.constexpr):
+    """Each of BB rows' K best of its C candidates, best first, written where the row is active, each index plus
+    OFFSET: a round takes the row's best score left, the lowest item among equals, and drops that item."""
     o_b = tl.program_id(0) * BB + tl.arange(0, BB)
     o_c = tl.arange(0, BC)
     m_b = o_b < B
+    if HAS_ACTIVE:
+        m_b &= tl.load(active + o_b, mask=m_b, other=0) != 0
     off = o_b[:, None].to(tl.int64) * C + o_c[None, :]
     m = m_b[:, None] & (o_c < C)[None, :]
     v = tl.load(cand_v + off, mask=m, other=float("-inf"))  # (BB, BC)
@@ -108,7 +111,7 @@ def select_kernel(cand_v, cand_i, values, indices, B, C, K: tl.constexpr, BB: tl
         best = tl.max(v, axis=1)  # (BB,)
         at = tl.min(tl.where(v == best[:, None], n, 2147483647), axis=1)
         tl.store(values + o_b * K + j, best, mask=m_b)
-        tl.store(indices + o_b * K + j, at.to(tl.int64), mask=m_b)
+        tl.store(indices + o_b * K + j, at.to(tl.int64) + OFFSET, mask=m_b)
         v = tl.where(n == at[:, None], float("-inf"), v)
 
 
@@ -143,14 +146,14 @@ def _ranges(N, n_blocks, BN, n_sm, k):
     return triton.cdiv(N, per_range), per_range
 
 
-def fused_score_topk(hidden, table, k):
+def fused_score_topk(hidden, table, k, *, out=None, active=None, index_offset=0):
     """`kernels.score_topk` on CUDA tensors, always through the kernels: k up to MAX_K, D up to MAX_D.
 
-    hidden (B, D), table (N, D), float32 or bfloat16, any strides. Returns (values (B, k) float32, indices
-    (B, k) int64), best first. Sizes of its allocations depend on B, N, D and k only and nothing syncs with
-    the host, so a CUDA graph can capture it.
+    hidden (B, D), table (N, D), float32 or bfloat16, any strides; out, active and index_offset as there.
+    Returns (values (B, k) float32, indices (B, k) int64), best first. Sizes of its allocations depend on B, N,
+    D and k only and nothing syncs with the host, so a CUDA graph can capture it.
     """
-    check_inputs(hidden, table, k)
+    check_inputs(hidden, table, k, out, active)
     check_device(hidden, "fused_score_topk", "kernels.score_topk")
     (B, D), N = hidden.shape, table.shape[0]
     if k > MAX_K or D > MAX_D:
@@ -168,9 +171,12 @@ def fused_score_topk(hidden, table, k):
         hidden, table, cand_v, cand_i, B, N, D, items, *hidden.stride(), *table.stride(), K=k, KP=KP, BB=BB, BN=BN,
         BD=BD, DOT_FP32=dot_fp32, PRECISION=FP32_PRECISION,
     )
-    values = empty((B, k), torch.float32, hidden.device, POISON_OUTPUTS)
-    indices = empty((B, k), torch.int64, hidden.device, POISON_OUTPUTS)
+    if out is None:
+        out = (empty((B, k), torch.float32, hidden.device, POISON_OUTPUTS),
+               empty((B, k), torch.int64, hidden.device, POISON_OUTPUTS))
     BC = triton.next_power_of_2(n_ranges * k)
     rows = max(1, SELECT_BLOCK // BC)
-    select_kernel[(triton.cdiv(B, rows),)](cand_v, cand_i, values, indices, B, n_ranges * k, K=k, BB=rows, BC=BC)
-    return values, indices
+    select_kernel[(triton.cdiv(B, rows),)](cand_v, cand_i, *out, hidden if active is None else active.contiguous(),
+                                           B, n_ranges * k, index_offset, K=k, BB=rows, BC=BC,
+                                           HAS_ACTIVE=active is not None)
+    return out

@@ -12,6 +12,14 @@ from torch.utils.checkpoint import checkpoint
 from kernels import score_topk
 
 
+def advance(state: torch.Tensor, new: torch.Tensor, active: torch.Tensor | None, batch_dim: int = 0) -> None:
+    """A recurrent model's step writes its new state in place: all of it, or the rows (along batch_dim) where
+    active (B,) bool is True."""
+    if active is not None:
+        new = torch.where(active.view([-1 if d == batch_dim else 1 for d in range(new.dim())]), new, state)
+    state.copy_(new)
+
+
 class SequentialRecommender(nn.Module):
     """Base class: subclasses set `self.config` and `self.item_embedding` and define `forward`."""
 
@@ -39,15 +47,18 @@ class SequentialRecommender(nn.Module):
         return hidden @ self.item_embedding.weight.T
 
     @torch.no_grad()
-    def top_k(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def top_k(self, hidden: torch.Tensor, k: int, out=None, active=None) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden (B, D) -> (items (B, k), scores (B, k) float32), best first; item 0 (padding) never.
 
         The one ranking of serving, the pyfunc, batch recommendation and the inference benchmark:
         `kernels.score_topk` over the table without its padding row (a view, not a copy), which on CUDA never
-        makes the (B, n_items + 1) scores and which a CUDA graph can capture. A ranking: no gradient.
+        makes the (B, n_items + 1) scores and which a CUDA graph can capture. A ranking: no gradient. out =
+        (items, scores) to write into, only in the rows where active (B,) bool is True when given, as
+        `kernels.score_topk` takes them.
         """
-        values, indices = score_topk(hidden, self.item_embedding.weight[1:], k)
-        return indices + 1, values
+        values, indices = score_topk(hidden, self.item_embedding.weight[1:], k, index_offset=1,
+                                     out=None if out is None else (out[1], out[0]), active=active)
+        return indices, values
 
     def init_weights(self, module: nn.Module) -> None:
         """SASRec/RecBole init, used by the authors for RecBLR too: N(0, 0.02) weights, zero biases."""

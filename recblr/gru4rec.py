@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from recblr.base import SequentialRecommender
+from recblr.base import SequentialRecommender, advance
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,10 @@ class GRU4Rec(SequentialRecommender):
         """The GRU's hidden state (n_layers, B, H), zero before the first event."""
         return torch.zeros(self.config.n_layers, batch_size, self.config.d_hidden, device=device)
 
-    def step(self, items: torch.Tensor, state: torch.Tensor):
-        """Advance every user by one event: items (B,) -> (hidden (B, D), new state), as `forward`'s last
-        position; rank with `top_k` (or `scores`)."""
-        y, state = self.gru(self.drop(self.item_embedding(items[:, None])), state)  # (B, 1, H)
-        return self.out(y[:, 0]), state
+    @torch.no_grad()  # a serving step: the state is written in place
+    def step(self, items: torch.Tensor, state: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Advance users by one event: items (B,) -> hidden (B, D), as `forward`'s last position; rank with
+        `top_k` (or `scores`). The state advances in place where active (B,) bool is True (all when None)."""
+        y, new = self.gru(self.drop(self.item_embedding(items[:, None])), state)  # (B, 1, H)
+        advance(state, new, active, batch_dim=1)
+        return self.out(y[:, 0])

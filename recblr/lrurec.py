@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from recblr.base import SequentialRecommender
+from recblr.base import SequentialRecommender, advance
 
 
 @dataclass(frozen=True)
@@ -133,12 +133,12 @@ class LRURec(SequentialRecommender):
         n = self.config.expand * self.config.d_model
         return torch.zeros(self.config.n_layers, batch_size, n, dtype=torch.complex64, device=device)
 
-    def step(self, items: torch.Tensor, state: torch.Tensor):
-        """Advance every user by one event: items (B,) -> (hidden (B, D), new state), as `forward`'s last
-        position; rank with `top_k` (or `scores`)."""
+    @torch.no_grad()  # a serving step: the state is written in place
+    def step(self, items: torch.Tensor, state: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Advance users by one event: items (B,) -> hidden (B, D), as `forward`'s last position; rank with
+        `top_k` (or `scores`). The state advances in place where active (B,) bool is True (all when None)."""
         x = self.ln(self.drop(self.item_embedding(items)))  # (B, D)
-        new_state = []
-        for block, h in zip(self.blocks, state):
-            x, h = block.step(x, h)
-            new_state.append(h)
-        return x, torch.stack(new_state)
+        for layer, block in enumerate(self.blocks):
+            x, new = block.step(x, state[layer])
+            advance(state[layer], new, active)
+        return x

@@ -102,12 +102,6 @@ class Block(nn.Module):
         y, state = self.recurrent(x, return_state=True)
         return self.feed_forward(self.ln_1(x + self.drop(y))), state
 
-    def step(self, x: torch.Tensor, state):
-        """One event in eval mode (no dropout): x (B, D) -> (B, D); state = (conv window (B, E*D, k-1) of past
-        pre-conv inputs, h (B, E*D)). On the GPU the whole block is one kernel (kernels.block_step)."""
-        out, window, h = block_step(x, *state, self.step_weights())
-        return out, (window, h)
-
     def step_weights(self) -> BlockWeights:
         rec, ffn = self.recurrent, self.ffn
         return BlockWeights(
@@ -152,12 +146,15 @@ class RecBLR(SequentialRecommender):
         return [(torch.zeros(batch_size, e, k, device=device), torch.zeros(batch_size, e, device=device))
                 for _ in self.blocks]
 
-    def step(self, items: torch.Tensor, state: list):
-        """Advance every user by one event: items (B,) -> (hidden (B, D), new state), as `forward`'s last
-        position in eval mode (serving: no dropout); rank with `top_k` (or `scores`)."""
-        x = self.ln(self.item_embedding(items))  # (B, D)
-        new_state = []
+    @torch.no_grad()  # a serving step: the state is written in place
+    def step(self, items: torch.Tensor, state: list, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Advance users by one event: items (B,) -> hidden (B, D), as `forward`'s last position in eval mode
+        (serving: no dropout); rank with `top_k` (or `scores`). The state advances in place, in the rows where
+        active (B,) bool is True (all when None); the other rows' hidden are to be ignored."""
+        # per layer: state = (conv window (B, E*D, k-1) of past pre-conv inputs, h (B, E*D)). On the GPU each
+        # block is one kernel (kernels.block_step), the first one also looking up and normalising the items
+        x, rows, ln_in = self.item_embedding.weight, items, (self.ln.weight, self.ln.bias)
         for block, layer_state in zip(self.blocks, state):
-            x, layer_state = block.step(x, layer_state)
-            new_state.append(layer_state)
-        return x, new_state
+            x = block_step(x, *layer_state, block.step_weights()._replace(ln_in=ln_in), active, rows)  # (B, D)
+            rows = ln_in = None
+        return x

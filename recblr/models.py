@@ -7,7 +7,8 @@ Protocol (what train.py and evaluate.py rely on; see `recblr.base.SequentialReco
 - `model(items (B, T) right-padded with 0) -> hidden (B, T, D)`, causal;
 - `model.scores(hidden (..., D)) -> (..., n_items + 1)`, and `model.top_k(hidden (B, D), k) -> (items, scores)`,
   the k best items without the padding row and without making those scores (what serving and recommend use);
-- recurrent models add `allocate_state(batch_size, device)` and `step(items (B,), state) -> (hidden (B, D), state)`.
+- recurrent models add `allocate_state(batch_size, device)` and `step(items (B,), state, active=None) -> hidden
+  (B, D)`, which advances the state in place (only the rows where active (B,) bool is True, when given).
 """
 from __future__ import annotations
 

@@ -2,11 +2,12 @@
 
 `StepServer(model, batch_size, k)` keeps the cached state of `batch_size` users ("slots") in tensors that
 `model.allocate_state` makes once; `step(items)` advances every slot by one event and returns each slot's top-k
-next items. On CUDA the whole step (the model's step, the in-place state update and `model.top_k`, the fused
-score + top-k kernel) is captured once in a CUDA graph and replayed; on CUDA each RecBLR block steps in one
-launch (`kernels.block_step`). On an H100 (benchmarks/RESULTS.md, "Inference", session 11) 1,024 users step in
-0.16 ms with 3,416 items and 0.60-0.66 ms with 100k, one user in 0.09-0.10 ms. On a CPU, or when capture fails,
-the same `_step` runs eagerly: the graph only replays it.
+next items. On CUDA the whole step (the model's step, which writes the active slots' state in place, and
+`model.top_k`, the fused score + top-k kernel, which writes their top-k in place) is captured once in a CUDA graph
+and replayed; on CUDA each RecBLR block steps in one launch (`kernels.block_step`). On an H100
+(benchmarks/RESULTS.md, "Inference", session 12) 1,024 users step in 0.13-0.14 ms with 3,416 items and 0.59-0.63 ms
+with 100k, one user in 0.08-0.09 ms. On a CPU, or when capture fails, the same `_step` runs eagerly: the graph only
+replays it.
 
     server = StepServer(model, batch_size=64, k=10)   # RecBLR, GRU4Rec or LRURec, on the device it serves on
     server.prefill([0, 1], [[5, 9, 2], [7]])           # two users' past events (oldest first) into slots 0 and 1
@@ -35,17 +36,17 @@ class StepServer:
     """The cached state of `batch_size` users of a recurrent `model`, stepped together.
 
     model: a recurrent `SequentialRecommender`, with `allocate_state(batch_size, device)` and `step(items (B,),
-    state) -> (hidden, state)` (RecBLR, GRU4Rec, LRURec), ranked by its `top_k`; it is put in eval mode and
-    served on the device of its parameters. Its weights are read in place, so `load_state_dict` updates a
-    captured graph too. `cuda_graph=False` steps eagerly on CUDA as well. `capture_error` says why capture
-    failed (also warned once), None otherwise.
+    state, active) -> hidden`, advancing the state in place (RecBLR, GRU4Rec, LRURec), ranked by its `top_k`; it is
+    put in eval mode and served on the device of its parameters. Its weights are read in place, so
+    `load_state_dict` updates a captured graph too. `cuda_graph=False` steps eagerly on CUDA as well.
+    `capture_error` says why capture failed (also warned once), None otherwise.
     """
 
     @torch.inference_mode()
     def __init__(self, model: nn.Module, batch_size: int, k: int = 10, cuda_graph: bool = True):
         if not (callable(getattr(model, "allocate_state", None)) and callable(getattr(model, "step", None))):
             raise ValueError(f"{type(model).__name__} is not a recurrent model: serving needs "
-                             f"allocate_state(batch_size, device) and step(items, state)")
+                             f"allocate_state(batch_size, device) and step(items, state, active)")
         n_items = model.item_embedding.num_embeddings - 1
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -74,16 +75,10 @@ class StepServer:
         return [leaf.movedim(d, 0) for leaf, d in zip(leaves(state), self.batch_dims)]
 
     def _step(self) -> None:
-        """The whole step on the static buffers: what runs eagerly and what the graph captures."""
-        hidden, new_state = self.model.step(self.items, self.state)  # (B, D)
-        items, values = self.model.top_k(hidden, self.k)  # (B, k) each
-        # in place (out= the kept tensor): one launch a tensor, which the graph replays at every step
-        for old, new in zip(self._batch_first(self.state), self._batch_first(new_state)):
-            keep = self.active.view((-1,) + (1,) * (old.dim() - 1))  # broadcast over the slot's state
-            torch.where(keep, new, old, out=old)
-        # a slot that did not advance keeps its previous top-k, which its unchanged state still gives
-        torch.where(self.active[:, None], items, self.top_items, out=self.top_items)
-        torch.where(self.active[:, None], values, self.top_scores, out=self.top_scores)
+        """The whole step on the static buffers: what runs eagerly and what the graph captures. Only the active
+        slots' state and top-k are written; a slot that did not advance keeps both."""
+        hidden = self.model.step(self.items, self.state, self.active)  # (B, D)
+        self.model.top_k(hidden, self.k, out=(self.top_items, self.top_scores), active=self.active)
 
     def _capture(self) -> torch.cuda.CUDAGraph | None:
         """`_step` in a CUDA graph, or None with a warning when capture fails."""
@@ -187,5 +182,5 @@ class StepServer:
             return self.model.prefill(items)
         state = self.model.allocate_state(len(items), self.device)
         for column in items.T:  # (n,)
-            _, state = self.model.step(column, state)
+            self.model.step(column, state)
         return state

@@ -51,8 +51,15 @@ def make_inputs(B, D, expand, taps, ffn, device="cpu", seed=0):
     return rand(B, D, scale=1.0), window, rand(B, E, scale=1.0), weights
 
 
-def assert_matches_reference(inputs, atol=1e-5):
-    got, want = fused_block_step(*inputs), block_step_reference(*inputs)
+def run(fn, inputs, active=None, rows=None):
+    """fn on copies of the state, which it advances in place: (out, window, h)."""
+    u, window, h, weights = inputs
+    window, h = window.clone(), h.clone()
+    return fn(u, window, h, weights, active, rows), window, h
+
+
+def assert_matches_reference(inputs, active=None, rows=None, atol=1e-5):
+    got, want = run(fused_block_step, inputs, active, rows), run(block_step_reference, inputs, active, rows)
     for name, g, w in zip(("out", "window", "h"), got, want):
         assert g.shape == w.shape and g.dtype == torch.float32, name
         torch.testing.assert_close(g, w, atol=atol, rtol=1e-5, msg=lambda m: f"{name}: {m}")
@@ -64,24 +71,48 @@ def test_fused_matches_reference(B, D, expand, taps, ffn):
     assert_matches_reference(make_inputs(B, D, expand, taps, ffn, seed=B + D))
 
 
+@pytest.mark.parametrize("taps", [4, None])
+def test_inactive_users_keep_their_state_bit_for_bit(taps):
+    u, window, h, weights = inputs = make_inputs(20, 16, 2, taps, True, seed=4)
+    active = (torch.arange(40) % 3 != 1)[::2]  # strided, as a column of a mask would be
+    out, new_window, new_h = run(fused_block_step, inputs, active)
+    assert torch.equal(new_window[~active], window[~active]) and torch.equal(new_h[~active], h[~active])
+    assert not torch.equal(new_h[active], h[active])
+    assert_matches_reference(inputs, active)
+
+
+@pytest.mark.parametrize("gather, normalise", [(True, True), (True, False), (False, True)])
+def test_fused_looks_up_and_normalises_its_input(gather, normalise):
+    u, window, h, weights = make_inputs(20, 24, 2, 4, True, seed=6)
+    g = torch.Generator().manual_seed(7)
+    if normalise:  # the model's embedding LayerNorm, folded in
+        weights = weights._replace(ln_in=(1 + 0.3 * torch.randn(24, generator=g), 0.3 * torch.randn(24, generator=g)))
+    rows = torch.randint(0, 50, (20, 2), generator=g)[:, 1] if gather else None  # a column, as the model passes
+    table = torch.randn(50, 24, generator=g) if gather else u
+    assert_matches_reference((table, window, h, weights), rows=rows)
+
+
 def test_stepping_on_from_the_kernels_own_state():
     u, window, h, weights = make_inputs(4, 16, 2, 4, True)
-    state, want = (window, h), (window, h)
+    state, want = (window.clone(), h.clone()), (window.clone(), h.clone())
     for t in range(5):  # the window shifts one column a step: every column's place is checked
         x = torch.randn(4, 16, generator=torch.Generator().manual_seed(t))
-        out, *state = fused_block_step(x, *state, weights)
-        ref, *want = block_step_reference(x, *want, weights)
+        out = fused_block_step(x, *state, weights)
+        ref = block_step_reference(x, *want, weights)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         for s, w in zip(state, want):
             torch.testing.assert_close(s, w, atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_tensors_take_the_reference(monkeypatch):
+def test_cpu_tensors_and_strided_states_take_the_reference(monkeypatch):
     monkeypatch.setattr(DISPATCH, "fused_block_step", None)  # calling it would raise
     inputs = make_inputs(3, 16, 2, 4, True)
     with torch.no_grad():
-        for got, want in zip(block_step(*inputs), block_step_reference(*inputs)):
+        for got, want in zip(run(block_step, inputs), run(block_step_reference, inputs)):
             torch.testing.assert_close(got, want, atol=0, rtol=0)
+    u, window, h, weights = inputs
+    strided = torch.zeros(3, 64)[:, ::2]  # a state the kernel cannot write in place
+    assert "contiguous" in fused.refusal(u, window, strided, weights)
 
 
 def test_fused_refuses_what_the_reference_takes():
@@ -105,6 +136,8 @@ def test_bad_state_raises_value_error(fn):
         fn(u, window[:, :, 1:], h, weights)
     with pytest.raises(ValueError, match=r"h must be \(2, 32\)"):
         fn(u, window, h[:1], weights)
+    with pytest.raises(ValueError, match=r"active must be a bool \(2,\)"):
+        fn(u, window, h, weights, torch.ones(2))
 
 
 def test_fused_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
@@ -135,7 +168,7 @@ def test_model_step_on_cuda_is_one_kernel_a_block_and_equals_forward(monkeypatch
         full = model(items)  # (B, T, D)
         state = model.allocate_state(33, "cuda")
         for t in range(items.shape[1]):
-            hidden, state = model.step(items[:, t], state)
+            hidden = model.step(items[:, t], state)
             torch.testing.assert_close(hidden, full[:, t], atol=1e-5, rtol=1e-5)
     assert len(calls) == items.shape[1] * len(model.blocks)
 

@@ -25,14 +25,14 @@ def test_prefill_equals_stepping_every_event(overrides, length):
     with torch.no_grad():
         stepped = model.allocate_state(3)
         for t in range(length):
-            _, stepped = model.step(items[:, t], stepped)
+            model.step(items[:, t], stepped)
         filled = model.prefill(items[:, :length])
         for (window, h), (window_ref, h_ref) in zip(filled, stepped):
             assert window.shape == window_ref.shape and window.is_contiguous()
             torch.testing.assert_close(window, window_ref, atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(h, h_ref, atol=1e-6, rtol=1e-5)
         # and serving goes on from it: the next step equals the full forward at that position
-        hidden, _ = model.step(items[:, length], filled)  # (3, D)
+        hidden = model.step(items[:, length], filled)  # (3, D)
         torch.testing.assert_close(hidden, model(items)[:, -1], atol=1e-5, rtol=1e-5)
 
 

@@ -58,7 +58,7 @@ def test_step_equals_forward_at_every_position(overrides):
         full = model(x)  # (B, T, D)
         state = model.allocate_state(4, "cpu")
         for t in range(x.shape[1]):
-            hidden, state = model.step(x[:, t], state)  # (B, D)
+            hidden = model.step(x[:, t], state)  # (B, D); the state advances in place
             torch.testing.assert_close(hidden, full[:, t], atol=1e-5, rtol=1e-5)
 
 

@@ -15,6 +15,7 @@ from recblr.data import load_prepared
 from recblr.evaluate import evaluate
 from recblr.lrurec import LRURecConfig, LRULayer, lru_scan
 from recblr.models import MODELS, build, load
+from recblr.serving import leaves
 from recblr.train import TrainConfig, fit
 
 N_ITEMS = 40
@@ -65,8 +66,29 @@ def test_step_matches_full_forward(name):
     full = model(items)  # (B, T, D)
     state = model.allocate_state(3, "cpu")
     for t in range(items.shape[1]):
-        hidden, state = model.step(items[:, t], state)  # (B, D)
+        hidden = model.step(items[:, t], state)  # (B, D); the state advances in place
         torch.testing.assert_close(hidden, full[:, t], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, batch_dim", [("gru4rec", 1), ("lrurec", 1), ("recblr", 0)])
+def test_step_advances_only_the_active_users(name, batch_dim):
+    model = small(name)
+    items = random_items(4, 3)
+    stepped, masked = model.allocate_state(4, "cpu"), model.allocate_state(4, "cpu")
+    active = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        for t in range(2):
+            model.step(items[:, t], stepped)
+            model.step(items[:, t], masked)
+        before = [leaf.clone() for leaf in leaves(masked)]
+        want = model.step(items[:, 2], stepped)
+        got = model.step(items[:, 2], masked, active)
+    torch.testing.assert_close(got[active], want[active])
+    on, off = active.nonzero()[:, 0], (~active).nonzero()[:, 0]
+    for old, new, full in zip(before, leaves(masked), leaves(stepped)):
+        assert torch.equal(new.index_select(batch_dim, off), old.index_select(batch_dim, off))
+        assert not torch.equal(new.index_select(batch_dim, on), old.index_select(batch_dim, on))
+        torch.testing.assert_close(new.index_select(batch_dim, on), full.index_select(batch_dim, on))
 
 
 def sequential_scan(b, lam):

@@ -5,6 +5,9 @@ element-wise maths: in PyTorch about twenty launches a block, each too small to 
 replays back to back. Here a program owns BB users from the block's input to its output: in_proj, the conv over
 the window, SiLU, the gate projection, the BD-LRU update, the output gate, out_proj, residual and LayerNorm, then
 the PFFN and its LayerNorm (benchmarks/RESULTS.md, "Inference", session 9: 2.5-3.2x the composition's GPU time).
+The model's first block also looks up its users' items and applies the embedding LayerNorm, and every block
+writes the state in place for the active users only, so a served step needs no other launch before the ranking
+(session 12).
 
 Each product's output rows stay in registers; its left operand is read BK columns at a time from memory (the
 input itself, or the program's rows of a scratch buffer it wrote before a barrier), and so is each weight, as
@@ -77,34 +80,54 @@ def _layer_norm(v, weight, bias, n, eps, SIZE: tl.constexpr):
 
 @triton.jit
 def block_step_kernel(
-    u, window, h, out, window_out, h_out, scratch,
+    u, rows, window, h, active, out, scratch, ln0_w, ln0_b,
     w_in, conv_w, conv_b, w_gates, b_gates, lam, w_out, ln1_w, ln1_b, w_ffn1, b_ffn1, w_ffn2, b_ffn2, ln2_w, ln2_b,
-    B, eps, D: tl.constexpr, E: tl.constexpr, F: tl.constexpr,
-    HAS_CONV: tl.constexpr, K: tl.constexpr, HAS_FFN: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr,
-    DP: tl.constexpr, EP: tl.constexpr, FP: tl.constexpr, PRECISION: tl.constexpr,
+    B, eps, D: tl.constexpr, E: tl.constexpr, F: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_LN_IN: tl.constexpr,
+    HAS_CONV: tl.constexpr, K: tl.constexpr, HAS_FFN: tl.constexpr, HAS_ACTIVE: tl.constexpr, BB: tl.constexpr,
+    BK: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr, FP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     o_b = tl.program_id(0) * BB + tl.arange(0, BB)
     o_d, o_e = tl.arange(0, DP), tl.arange(0, EP)
     m_b = o_b < B
     row, m_row = o_b[:, None].to(tl.int64), m_b[:, None]
     m_be = m_row & (o_e < E)[None, :]
+    # the state (window, h) is read, then written in place where the user is active; every row's output is made
+    m_state = m_be
+    if HAS_ACTIVE:
+        m_state &= (tl.load(active + o_b, mask=m_b, other=0) != 0)[:, None]
+    m_bd = m_row & (o_d < D)[None, :]
     # a product's left operand is read from memory BK columns at a time: u is there already, the others are
     # written to this program's rows of scratch (B, S) first, where every thread of the program sees them after
-    # a barrier: xs at 0, y at EP, v at 2 EP, f at 2 EP + DP
-    S: tl.constexpr = 2 * EP + DP + FP
-    x, z = _linear(u, row, m_row, D, w_in, E, D, EP, DP, BK, PRECISION, True)  # (BB, EP) each, zero past E
+    # a barrier: xs at 0, y at EP, v at 2 EP, f at 2 EP + DP, the input at 2 EP + DP + FP when made here
+    S: tl.constexpr = 2 * EP + 2 * DP + FP
+    if HAS_ROWS or HAS_LN_IN:  # the model's embedding lookup and LayerNorm, folded into its first block
+        at_u = tl.load(rows + o_b, mask=m_b, other=0).to(tl.int64)[:, None] * D if HAS_ROWS else row * D
+        u_in = tl.load(u + at_u + o_d[None, :], mask=m_bd, other=0.0)
+        if HAS_LN_IN:
+            u_in = _layer_norm(u_in, ln0_w, ln0_b, D, eps, DP)
+        src, src_cols = scratch + 2 * EP + DP + FP, S
+        tl.store(src + row * S + o_d[None, :], u_in, mask=m_row)
+        tl.debug_barrier()
+    else:
+        src, src_cols = u, D
+    x, z = _linear(src, row, m_row, src_cols, w_in, E, D, EP, DP, BK, PRECISION, True)  # (BB, EP) each, 0 past E
     if HAS_CONV:
         # window (B, E, K - 1) of pre-conv inputs, oldest first; taps (E, K) weigh them, then x
         conv = x * tl.load(conv_w + o_e * K + K - 1, mask=o_e < E, other=0.0)[None, :] + \
             _vector(conv_b, 0, E, EP)[None, :]
         at = row * E * (K - 1) + o_e[None, :] * (K - 1)  # (BB, EP) offsets of each (user, channel) window
+        # The window shifts one column left in place. Column j - 1 is overwritten by threads that may not be the
+        # ones that read it (the compiler picks each tensor's layout), so each store adds 0 * its column's old
+        # value: the store then waits for that read. Window values are in_proj outputs, finite, so this adds 0.
+        prev = x
         for j in tl.static_range(K - 1):
             past = tl.load(window + at + j, mask=m_be, other=0.0)
             conv += past * tl.load(conv_w + o_e * K + j, mask=o_e < E, other=0.0)[None, :]
             if j > 0:
-                tl.store(window_out + at + j - 1, past, mask=m_be)
+                tl.store(window + at + j - 1, past + 0.0 * prev, mask=m_state)
+            prev = past
         if K > 1:
-            tl.store(window_out + at + K - 2, x, mask=m_be)
+            tl.store(window + at + K - 2, x + 0.0 * prev, mask=m_state)
         x = conv
     x = _silu(x)
     tl.store(scratch + row * S + o_e[None, :], x, mask=m_row)
@@ -114,12 +137,11 @@ def block_step_kernel(
     i += _vector(b_gates, E, E, EP)[None, :]
     a, bx = _fwd_gates(x, r, i, _softplus(_vector(lam, 0, E, EP)), m_be, False)  # the BD-LRU kernel's gates
     b_h = a * tl.load(h + row * E + o_e[None, :], mask=m_be, other=0.0) + bx  # (BB, EP)
-    tl.store(h_out + row * E + o_e[None, :], b_h, mask=m_be)
+    tl.store(h + row * E + o_e[None, :], b_h, mask=m_state)
     tl.store(scratch + row * S + EP + o_e[None, :], b_h * _silu(z), mask=m_row)
     tl.debug_barrier()
-    m_bd = m_row & (o_d < D)[None, :]
     o, _ = _linear(scratch + EP, row, m_row, S, w_out, D, E, DP, EP, BK, PRECISION, False)
-    v = tl.load(u + row * D + o_d[None, :], mask=m_bd, other=0.0) + o
+    v = tl.load(src + row * src_cols + o_d[None, :], mask=m_bd, other=0.0) + o
     v = _layer_norm(v, ln1_w, ln1_b, D, eps, DP)  # (BB, DP), zero past D
     if HAS_FFN:
         tl.store(scratch + row * S + 2 * EP + o_d[None, :], v, mask=m_row)
@@ -146,43 +168,49 @@ def fits(w: BlockWeights) -> bool:
 
 
 def refusal(u, window, h, w: BlockWeights) -> str | None:
-    """Why the kernel does not take these inputs (some tensor not float32, or a block over `fits`), else None:
-    the one test of both `fused_block_step`, which raises it, and `kernels.block_step`, which then steps in PyTorch."""
+    """Why the kernel does not take these inputs (some tensor not float32, a state not contiguous, or a block over
+    `fits`), else None: the one test of both `fused_block_step`, which raises it, and `kernels.block_step`, which
+    then steps in PyTorch."""
     tensors = [u, window, h, w.in_proj, w.lam, w.out_proj, *w.gates, *w.ln_1, *(w.conv or ()), *(w.ffn or ()),
-               *(w.ln_2 or ())]
+               *(w.ln_2 or ()), *(w.ln_in or ())]
     if any(t.dtype != torch.float32 for t in tensors):
         return "fused_block_step takes float32 inputs and weights; kernels.block_step steps others with the reference"
+    if not (window.is_contiguous() and h.is_contiguous()):
+        return ("fused_block_step advances a contiguous state in place; kernels.block_step steps others with the "
+                "reference")
     if not fits(w):
         return (f"fused_block_step takes products up to {MAX_TILE} weights; this block (D = {w.in_proj.shape[1]}, "
                 f"E = {w.lam.shape[0]}) steps with the reference")
     return None
 
 
-def fused_block_step(u, window, h, w: BlockWeights):
+def fused_block_step(u, window, h, w: BlockWeights, active=None, rows=None):
     """`kernels.block_step` on CUDA tensors, always through the kernel: float32 inputs and weights, blocks that
-    `fits`. Returns (out (B, D), window (B, E, k - 1), h (B, E)), new tensors; no autograd. Allocations depend on
-    the shapes alone and nothing syncs with the host, so a CUDA graph can capture it."""
-    check_inputs(u, window, h, w)
+    `fits`, a contiguous state. Returns out (B, D), a new tensor, and advances window and h in place; no autograd.
+    Allocations depend on the shapes alone and nothing syncs with the host, so a CUDA graph can capture it."""
+    check_inputs(u, window, h, w, active, rows)
     check_device(u, "fused_block_step", "kernels.block_step")
     why = refusal(u, window, h, w)
     if why is not None:
         raise ValueError(why)
-    (B, D), E = u.shape, w.lam.shape[0]
+    (B, E), D = h.shape, u.shape[1]
     F = w.ffn[0].shape[0] if w.ffn is not None else 1
     K = w.conv[0].shape[1] if w.conv is not None else 1
     # the kernel reads every tensor row-major; parameters already are, so these are no copies
-    u, window, h, in_proj, lam, out_proj, gates_w, gates_b, ln_1_w, ln_1_b = (t.contiguous() for t in (
-        u, window, h, w.in_proj, w.lam, w.out_proj, *w.gates, *w.ln_1))
-    conv = [t.contiguous() for t in w.conv] if w.conv is not None else [u] * 2  # never read without
-    ffn = [t.contiguous() for t in (*w.ffn, *w.ln_2)] if w.ffn is not None else [u] * 6
+    u, in_proj, lam, out_proj, gates_w, gates_b, ln_1_w, ln_1_b = (t.contiguous() for t in (
+        u, w.in_proj, w.lam, w.out_proj, *w.gates, *w.ln_1))
+    unused = [u] * 6  # pointers the kernel never reads without their part of the block
+    ln_in = [t.contiguous() for t in w.ln_in] if w.ln_in is not None else unused[:2]
+    conv = [t.contiguous() for t in w.conv] if w.conv is not None else unused[:2]
+    ffn = [t.contiguous() for t in (*w.ffn, *w.ln_2)] if w.ffn is not None else unused
     out = empty((B, D), torch.float32, u.device, POISON_OUTPUTS)
-    window_out = empty(window.shape, torch.float32, u.device, POISON_OUTPUTS)
-    h_out = empty((B, E), torch.float32, u.device, POISON_OUTPUTS)
     DP, EP, FP = _padded(D), _padded(E), _padded(F)
-    scratch = torch.empty(B, 2 * EP + DP + FP, dtype=torch.float32, device=u.device)
+    scratch = torch.empty(B, 2 * EP + 2 * DP + FP, dtype=torch.float32, device=u.device)
     block_step_kernel[(triton.cdiv(B, BLOCK_B),)](
-        u, window, h, out, window_out, h_out, scratch, in_proj, *conv, gates_w, gates_b, lam, out_proj, ln_1_w, ln_1_b,
-        *ffn, B, w.eps, D=D, E=E, F=F, HAS_CONV=w.conv is not None, K=K, HAS_FFN=w.ffn is not None, BB=BLOCK_B,
-        BK=BLOCK_K, DP=DP, EP=EP, FP=FP, PRECISION=PRECISION, num_warps=NUM_WARPS,
+        u, u if rows is None else rows.contiguous(), window, h, u if active is None else active.contiguous(), out,
+        scratch, *ln_in, in_proj, *conv, gates_w, gates_b, lam, out_proj, ln_1_w, ln_1_b, *ffn, B, w.eps, D=D, E=E, F=F,
+        HAS_ROWS=rows is not None, HAS_LN_IN=w.ln_in is not None, HAS_CONV=w.conv is not None, K=K,
+        HAS_FFN=w.ffn is not None, HAS_ACTIVE=active is not None, BB=BLOCK_B, BK=BLOCK_K, DP=DP, EP=EP, FP=FP,
+        PRECISION=PRECISION, num_warps=NUM_WARPS,
     )
-    return out, window_out, h_out
+    return out

@@ -31,8 +31,7 @@ def check_inputs(u, window, h, w: BlockWeights, active=None, rows=None) -> None:
     E, D = w.lam.shape[0], w.in_proj.shape[1]
     B = u.shape[0] if rows is None else rows.shape[0]
     taps = 0 if w.conv is None else w.conv[0].shape[1] - 1
-    expected = {"u": (u, (u.shape[0] if rows is not None else B, D)), "window": (window, (B, E, taps)),
-                "h": (h, (B, E))}
+    expected = {"u": (u, (u.shape[0], D)), "window": (window, (B, E, taps)), "h": (h, (B, E))}
     for name, (t, shape) in expected.items():
         if t.dim() != len(shape) or tuple(t.shape) != shape:
             raise ValueError(f"{name} must be {shape} for these weights, got {tuple(t.shape)}")

@@ -6,13 +6,14 @@ step on an H100 (benchmarks/RESULTS.md, "Inference"). Here the scores live only 
 
 1. `score_topk_kernel`. A program owns BLOCK_B users and a contiguous range of items. It holds the users'
    hidden block and walks its range BLOCK_N items at a time: one `tl.dot` makes the (BLOCK_B, BLOCK_N) score
-   tile, which is merged into a running top-k per user ((BLOCK_B, KP) values and item indices). A merge round
-   takes each row's best score left in the tile, puts it in place of the row's current k-th best, and drops
-   from the tile every score no better than the new k-th best; rounds go on while any row has a score left.
-   A tile takes at most k rounds (its best k either enter the list or fall below it). The first tile of a
-   range takes all k; after m items a new one beats the k-th best with chance about k/m on random data, so
-   the later tiles of a range take a few rounds (as many as the block's busiest row needs), not k. Each
-   program writes its k (value, index) candidates per user, unordered.
+   tile, which fills or is merged into a running top-k per user ((BLOCK_B, KP) values and item indices). The
+   range's first tile fills the list in k rounds, each an argmax and a drop, cheaper than merge rounds with no
+   list to merge into yet (session 12: the kernel 1.33x faster at 1,024 x 3,416, where every range is one
+   tile). A merge round takes each row's best score left in a later tile, puts it in
+   place of the row's current k-th best, and drops from the tile every score no better than the new k-th best;
+   rounds go on while any row has a score left. After m items a new one beats the k-th best with chance about
+   k/m on random data, so the later tiles of a range take a few rounds (as many as the block's busiest row
+   needs), not k. Each program writes its k (value, index) candidates per user, unordered.
 2. `select_kernel`. A program holds one user's candidates in registers (ranges x k, a few hundred, at most
    MAX_CANDIDATES; several users' when theirs fit SELECT_BLOCK) and takes the best k in k rounds, best first.
    torch.topk over the candidates and a gather of their indices took three launches and 0.031 ms of a
@@ -45,6 +46,22 @@ POISON_OUTPUTS = False
 
 
 @triton.jit
+def _tile_scores(b_h, t, n0, end, kth, o_d, m_d, s_tn, s_td, BN: tl.constexpr, DOT_FP32: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    # (BB, BN) scores of items n0.. against the hidden block, -inf where they cannot enter the list (at most the
+    # k-th best so far, NaN, or past the range)
+    n = n0 + tl.arange(0, BN)
+    m_n = n < end
+    # (BD, BN): the tile's rows of the table, transposed by the addressing; int64 as N x D may pass 2^31
+    b_t = tl.load(t + n[None, :].to(tl.int64) * s_tn + o_d[:, None] * s_td, mask=m_d[:, None] & m_n[None, :],
+                  other=0.0)
+    if DOT_FP32:
+        b_t = b_t.to(tl.float32)
+    s = tl.dot(b_h, b_t, input_precision=PRECISION)  # (BB, BN) float32
+    return tl.where(m_n[None, :] & (s > kth[:, None]), s, float("-inf"))
+
+
+@triton.jit
 def score_topk_kernel(
     h, t, cand_v, cand_i, B, N, D, ITEMS,
     s_hb, s_hd, s_tn, s_td,
@@ -53,7 +70,7 @@ def score_topk_kernel(
 ):
     i_b, i_r = tl.program_id(0), tl.program_id(1)
     o_b = i_b * BB + tl.arange(0, BB)
-    o_d = tl.arange(0, BD)
+    o_d, o_n = tl.arange(0, BD), tl.arange(0, BN)
     m_b, m_d = o_b < B, o_d < D
     # (BB, BD), zero past D and B: padded channels add nothing to a score, padded users are never stored
     b_h = tl.load(h + o_b[:, None].to(tl.int64) * s_hb + o_d[None, :] * s_hd, mask=m_b[:, None] & m_d[None, :],
@@ -67,26 +84,29 @@ def score_topk_kernel(
     kth = tl.full([BB], float("-inf"), dtype=tl.float32)  # each row's k-th best so far
     start = i_r * ITEMS
     end = tl.minimum(start + ITEMS, N)
-    for n0 in range(start, end, BN):
-        n = n0 + tl.arange(0, BN)
-        m_n = n < end
-        # (BD, BN): the tile's rows of the table, transposed by the addressing; int64 as N x D may pass 2^31
-        b_t = tl.load(t + n[None, :].to(tl.int64) * s_tn + o_d[:, None] * s_td, mask=m_d[:, None] & m_n[None, :],
-                      other=0.0)
-        if DOT_FP32:
-            b_t = b_t.to(tl.float32)
-        s = tl.dot(b_h, b_t, input_precision=PRECISION)  # (BB, BN) float32
-        s = tl.where(m_n[None, :] & (s > kth[:, None]), s, float("-inf"))  # only what can enter the list
-        best = tl.max(s, axis=1)  # (BB,)
+    # The range's first tile fills the list: its best k in k rounds of an argmax (the first column among equal
+    # scores, so the lower item) and a drop, with no list to merge into yet. A range of fewer than k items leaves
+    # -inf slots, which `select_kernel` never picks.
+    s = _tile_scores(b_h, t, start, end, kth, o_d, m_d, s_tn, s_td, BN, DOT_FP32, PRECISION)
+    for j in range(K):
+        best, col = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)  # (BB,) each
+        top_v = tl.where(slot[None, :] == j, best[:, None], top_v)
+        top_i = tl.where(slot[None, :] == j, start + col[:, None], top_i)
+        s = tl.where(o_n[None, :] == col[:, None], float("-inf"), s)
+    kth = tl.min(top_v, axis=1)
+    # later tiles merge: a round puts the row's best score left in place of its k-th best
+    for n0 in range(start + BN, end, BN):
+        s = _tile_scores(b_h, t, n0, end, kth, o_d, m_d, s_tn, s_td, BN, DOT_FP32, PRECISION)
+        best = tl.max(s, axis=1)
         while tl.max(best) > float("-inf"):
-            at = tl.min(tl.where(s == best[:, None], n[None, :], N), axis=1)  # (BB,) its first occurrence
+            col = tl.min(tl.where(s == best[:, None], o_n[None, :], BN), axis=1)  # (BB,) its first occurrence
             put = (slot[None, :] == tl.argmin(top_v, axis=1)[:, None]) & (best > float("-inf"))[:, None]
             top_v = tl.where(put, best[:, None], top_v)
-            top_i = tl.where(put, at[:, None], top_i)
+            top_i = tl.where(put, n0 + col[:, None], top_i)
             kth = tl.min(top_v, axis=1)
-            s = tl.where((n[None, :] == at[:, None]) | (s <= kth[:, None]), float("-inf"), s)
+            s = tl.where((o_n[None, :] == col[:, None]) | (s <= kth[:, None]), float("-inf"), s)
             best = tl.max(s, axis=1)
-    # (B, ranges, K) candidates; a range shorter than k leaves -inf slots, which `select_kernel` never picks
+    # (B, ranges, K) candidates
     off = (o_b[:, None].to(tl.int64) * tl.num_programs(1) + i_r) * K + slot[None, :]
     m = m_b[:, None] & (slot[None, :] < K)
     tl.store(cand_v + off, top_v, mask=m)

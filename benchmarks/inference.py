@@ -18,6 +18,8 @@ the fused score + top-k, which never makes the (B, n_items + 1) scores):
               advances the state by one more event; small batches are launch-bound); also "replay alone",
               the median GPU time of graph replays issued back to back (`triton.testing.do_bench`), and with
               --profile the CUDA time of each kernel of a served step (torch.profiler, mean of 20 steps)
+  step_graph_host_items  (CUDA only) the same served step given its new events on the host, as a server
+              receives them: range-checked and copied in before the replay
 p50 / p99 of `--repeats` calls, each timed with perf_counter around the call and a device synchronize;
 updates/s = B / p50. The step's scores and top-10 are checked against the RecBLR forward's in the same run.
 With --recommend-users, also the users/s of `pipeline.recommend.top_k` (the batch job's scoring loop).
@@ -98,6 +100,8 @@ def one_shape(batch: int, length: int, args, device: torch.device) -> dict:
         server = StepServer(recblr, batch, k=TOP)
         server.prefill(range(batch), past)
         methods["step_graph"] = server.capture_error or (lambda: server.step(new))
+        new_on_host = new.cpu()
+        methods["step_graph_host_items"] = server.capture_error or (lambda: server.step(new_on_host))
     row = {"batch": batch, "length": length, "n_items": args.n_items, "d_model": args.d_model,
            "layers": args.layers,
            "step_vs_forward_max_abs": (recblr.scores(step_hidden) - recblr.scores(full_hidden)).abs().max().item(),
@@ -185,7 +189,8 @@ def main() -> None:
             g = r["step_graph"]
             print(f"B={r['batch']} T={r['length']} step in a CUDA graph: " + (g["error"] if "error" in g else
                   f"{g['p50_ms']:.3f} / {g['p99_ms']:.3f} ms, {g['updates_per_s']:.0f} updates/s, "
-                  f"sasrec/step {r['sasrec_over_step_graph']:.1f}; replay alone {g['replay_gpu_ms']:.3f} ms"))
+                  f"sasrec/step {r['sasrec_over_step_graph']:.1f}; replay alone {g['replay_gpu_ms']:.3f} ms; "
+                  f"items from the host {r['step_graph_host_items']['p50_ms']:.3f} ms"))
             for name, ms in g.get("kernels_ms", {}).items():
                 print(f"    {ms:7.4f} ms  {name[:100]}")
     if "recommend" in result:

@@ -9,7 +9,15 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import score_topk
+from kernels import layer_norm, score_topk
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters, same checkpoints) through `kernels.layer_norm`: on CUDA one Triton pass each
+    way over the models' narrow rows, where PyTorch's kernels are built for wide ones."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.weight, self.bias, self.eps)
 
 
 def advance(state: torch.Tensor, new: torch.Tensor, active: torch.Tensor | None, batch_dim: int = 0) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from recblr.base import SequentialRecommender, advance
+from recblr.base import LayerNorm, SequentialRecommender, advance
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class LRULayer(nn.Module):
         self.in_proj = nn.Linear(d, 2 * n)  # real and imaginary parts of B x + b
         self.out_proj = nn.Linear(2 * n, d)  # [C_re, -C_im] @ [h_re; h_im] + c = Re(C h) + c
         self.drop = nn.Dropout(cfg.dropout)
-        self.ln = nn.LayerNorm(d)
+        self.ln = LayerNorm(d)
 
     def lam(self) -> torch.Tensor:  # (N,) complex
         return torch.polar(torch.exp(-torch.exp(self.nu_log)), torch.exp(self.theta_log))
@@ -94,7 +94,7 @@ class Block(nn.Module):
         self.lru = LRULayer(cfg)
         self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(4 * d, d))
         self.drop = nn.Dropout(cfg.dropout)
-        self.ln = nn.LayerNorm(d)
+        self.ln = LayerNorm(d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
         h = self.lru(x)
@@ -113,7 +113,7 @@ class LRURec(SequentialRecommender):
         self.config = config
         self.item_embedding = nn.Embedding(config.n_items + 1, config.d_model, padding_idx=0)
         self.drop = nn.Dropout(config.dropout)
-        self.ln = nn.LayerNorm(config.d_model)
+        self.ln = LayerNorm(config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):

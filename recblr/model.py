@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import BlockWeights, bdlru, block_step, causal_conv_silu
-from recblr.base import SequentialRecommender
+from recblr.base import LayerNorm, SequentialRecommender
 
 
 @dataclass(frozen=True)
@@ -85,11 +85,11 @@ class Block(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.recurrent = GatedRecurrentLayer(cfg)
-        self.ln_1 = nn.LayerNorm(d, eps=1e-12)
+        self.ln_1 = LayerNorm(d, eps=1e-12)
         self.ffn = nn.Sequential(
             nn.Linear(d, 4 * d), nn.SiLU(), nn.Dropout(cfg.dropout), nn.Linear(4 * d, d)
         ) if cfg.use_ffn else None
-        self.ln_2 = nn.LayerNorm(d, eps=1e-12) if cfg.use_ffn else None
+        self.ln_2 = LayerNorm(d, eps=1e-12) if cfg.use_ffn else None
         self.drop = nn.Dropout(cfg.dropout)
 
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ class RecBLR(SequentialRecommender):
         self.config = config
         self.item_embedding = nn.Embedding(config.n_items + 1, config.d_model, padding_idx=0)
         self.drop = nn.Dropout(config.dropout)
-        self.ln = nn.LayerNorm(config.d_model, eps=1e-12)
+        self.ln = LayerNorm(config.d_model, eps=1e-12)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.apply(self.init_weights)  # Linear/Embedding only: Conv1d keeps its default, Lambda its span
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from recblr.base import SequentialRecommender
+from recblr.base import LayerNorm, SequentialRecommender
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,10 @@ class Layer(nn.Module):
     def __init__(self, cfg: SASRecConfig):
         super().__init__()
         self.attn = CausalSelfAttention(cfg)
-        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=1e-12)
+        self.ln_1 = LayerNorm(cfg.d_model, eps=1e-12)
         self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.inner_size), nn.GELU(),
                                  nn.Linear(cfg.inner_size, cfg.d_model))
-        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=1e-12)
+        self.ln_2 = LayerNorm(cfg.d_model, eps=1e-12)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
@@ -76,7 +76,7 @@ class SASRec(SequentialRecommender):
         self.config = config
         self.item_embedding = nn.Embedding(config.n_items + 1, config.d_model, padding_idx=0)
         self.position_embedding = nn.Embedding(config.max_len, config.d_model)
-        self.ln = nn.LayerNorm(config.d_model, eps=1e-12)
+        self.ln = LayerNorm(config.d_model, eps=1e-12)
         self.drop = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.n_layers))
         self.apply(self.init_weights)

@@ -1,5 +1,5 @@
 """What the kernels share: the inputs they take, where they may run (CUDA tensors, or CPU tensors under the
-interpreter, as in the tests) and how they allocate outputs."""
+interpreter, as in the tests), how they allocate outputs and how the reference paths write rows in place."""
 import os
 
 import torch
@@ -31,3 +31,11 @@ def empty(shape, dtype, device, poison: bool) -> torch.Tensor:
     integers, so an element the kernel never writes surfaces in the result."""
     t = torch.empty(shape, dtype=dtype, device=device)
     return t.fill_(float("nan") if dtype.is_floating_point else -1) if poison else t
+
+
+def copy_active(dst: torch.Tensor, src: torch.Tensor, active: torch.Tensor | None, dim: int = 0) -> None:
+    """dst.copy_(src) in the rows along dim where active (B,) bool is True, every row when active is None: how
+    a step keeps the state (and serving the top-k) of a user without a new event."""
+    if active is not None:
+        src = torch.where(active.view([-1 if d == dim else 1 for d in range(src.dim())]), src, dst)
+    dst.copy_(src)

@@ -20,14 +20,6 @@ class LayerNorm(nn.LayerNorm):
         return layer_norm(x, self.weight, self.bias, self.eps)
 
 
-def advance(state: torch.Tensor, new: torch.Tensor, active: torch.Tensor | None, batch_dim: int = 0) -> None:
-    """A recurrent model's step writes its new state in place: all of it, or the rows (along batch_dim) where
-    active (B,) bool is True."""
-    if active is not None:
-        new = torch.where(active.view([-1 if d == batch_dim else 1 for d in range(new.dim())]), new, state)
-    state.copy_(new)
-
-
 class SequentialRecommender(nn.Module):
     """Base class: subclasses set `self.config` and `self.item_embedding` and define `forward`."""
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from recblr.base import SequentialRecommender, advance
+from kernels.device import copy_active
+from recblr.base import SequentialRecommender
 
 
 @dataclass(frozen=True)
@@ -58,5 +59,5 @@ class GRU4Rec(SequentialRecommender):
         """Advance users by one event: items (B,) -> hidden (B, D), as `forward`'s last position; rank with
         `top_k` (or `scores`). The state advances in place where active (B,) bool is True (all when None)."""
         y, new = self.gru(self.drop(self.item_embedding(items[:, None])), state)  # (B, 1, H)
-        advance(state, new, active, batch_dim=1)
+        copy_active(state, new, active, dim=1)
         return self.out(y[:, 0])

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from recblr.base import LayerNorm, SequentialRecommender, advance
+from kernels.device import copy_active
+from recblr.base import LayerNorm, SequentialRecommender
 
 
 @dataclass(frozen=True)
@@ -140,5 +141,5 @@ class LRURec(SequentialRecommender):
         x = self.ln(self.drop(self.item_embedding(items)))  # (B, D)
         for layer, block in enumerate(self.blocks):
             x, new = block.step(x, state[layer])
-            advance(state[layer], new, active)
+            copy_active(state[layer], new, active)
         return x

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.bdlru.naive import bdlru_gates
+from kernels.device import copy_active
 
 
 class BlockWeights(NamedTuple):
@@ -67,6 +68,6 @@ def block_step_reference(u, window, h, w: BlockWeights, active=None, rows=None):
     if w.ffn is not None:
         w_1, b_1, w_2, b_2 = w.ffn
         out = F.layer_norm(out + F.linear(F.silu(F.linear(out, w_1, b_1)), w_2, b_2), (D,), *w.ln_2, w.eps)
-    for old, new in ((window, new_window), (h, new_h)):
-        old.copy_(new if active is None else torch.where(active.view(-1, *[1] * (old.dim() - 1)), new, old))
+    copy_active(window, new_window, active)
+    copy_active(h, new_h, active)
     return out

@@ -1,7 +1,7 @@
 """Plain-PyTorch score + top-k: the ground truth the fused kernel is tested against, and the CPU path."""
 import torch
 
-from kernels.device import check_float_inputs
+from kernels.device import check_float_inputs, copy_active
 
 
 def check_inputs(hidden, table, k, out=None, active=None):
@@ -42,6 +42,6 @@ def score_topk_reference(hidden, table, k, *, out=None, active=None, index_offse
     indices += index_offset
     if out is None:
         return values, indices
-    for old, new in zip(out, (values, indices)):
-        old.copy_(new if active is None else torch.where(active[:, None], new, old))
+    for dst, src in zip(out, (values, indices)):
+        copy_active(dst, src, active)
     return out

@@ -8,7 +8,7 @@ state: `kernels.fused_block_step` (one launch) against `kernels.block_step_refer
 stepped with before, about twenty launches), both under no_grad with TF32 off. Medians of
 `triton.testing.do_bench` (eager: launch overhead included) and `do_bench_cudagraph` (replayed from a CUDA
 graph, as `recblr.serving.StepServer` runs them: the GPU's time alone). "max diff" is the largest |fused -
-reference| over the output and the advanced state. --sweep also times the kernel at each (BLOCK_B, BLOCK_K,
+reference| over the output and the advanced state. --sweep also times the kernel at each (USERS,
 NUM_WARPS) in a graph.
 Without CUDA it runs under TRITON_INTERPRET=1 as a smoke test; its timings mean nothing.
 """
@@ -24,7 +24,7 @@ from kernels import block_step_reference, fused_block_step
 from kernels.block_step import fused
 from recblr.models import build
 
-SWEEP = {"BLOCK_B": (16, 32), "BLOCK_K": (16, 32, 64), "NUM_WARPS": (4, 8)}
+SWEEP = {"USERS": (8, 16, 32), "NUM_WARPS": (4, 8)}
 
 
 def make_inputs(B, D, device):

@@ -81,6 +81,18 @@ def test_inactive_users_keep_their_state_bit_for_bit(taps):
     assert_matches_reference(inputs, active)
 
 
+@pytest.mark.parametrize("users", [8, 16, 32])
+def test_programs_of_each_size_cover_the_batch_once(users, monkeypatch):
+    # the CPU has one "SM", so the default takes one program for these batches: force several, with 8 users a
+    # program the products' rows 8..15 are the next program's users, masked, and the last program is partial
+    monkeypatch.setattr(fused, "USERS", users)
+    u, window, h, weights = make_inputs(37, 16, 2, 4, True, seed=users)
+    g = torch.Generator().manual_seed(users)
+    active = torch.rand(37, generator=g) < 0.7
+    rows = torch.randint(0, 37, (37,), generator=g)
+    assert_matches_reference((u, window, h, weights), active, rows)
+
+
 @pytest.mark.parametrize("gather, normalise", [(True, True), (True, False), (False, True)])
 def test_fused_looks_up_and_normalises_its_input(gather, normalise):
     u, window, h, weights = make_inputs(20, 24, 2, 4, True, seed=6)

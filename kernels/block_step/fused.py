@@ -2,7 +2,7 @@
 
 Serving advances each user by one event, so a block's step is a chain of (users x a few hundred) products and
 element-wise maths: in PyTorch about twenty launches a block, each too small to fill the GPU, which a CUDA graph
-replays back to back. Here a program owns BB users from the block's input to its output: in_proj, the conv over
+replays back to back. Here a program owns a few users from the block's input to its output: in_proj, the conv over
 the window, SiLU, the gate projection, the BD-LRU update, the output gate, out_proj, residual and LayerNorm, then
 the PFFN and its LayerNorm (benchmarks/RESULTS.md, "Inference", session 9: 2.5-3.2x the composition's GPU time).
 The model's first block also looks up its users' items and applies the embedding LayerNorm, and every block
@@ -28,7 +28,8 @@ from kernels.device import check_device, empty
 
 # Tests set this to fill every output with NaN before the launch, so an element the kernel skips fails.
 POISON_OUTPUTS = False
-BLOCK_B = 16  # tl.dot's smallest row count: 1,024 users make 64 programs
+# Users a program owns, 8 or 16 (`_users_per_program`). None: that choice; the benchmark's sweep sets a number.
+USERS = None
 BLOCK_K = 64
 NUM_WARPS = 8
 MAX_TILE = 128 * 128  # padded (out, in) of the largest product: the paper's D = 64 gates and PFFN, all measured
@@ -85,10 +86,12 @@ def block_step_kernel(
     B, eps, D: tl.constexpr, E: tl.constexpr, F: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_LN_IN: tl.constexpr,
     HAS_CONV: tl.constexpr, K: tl.constexpr, HAS_FFN: tl.constexpr, HAS_ACTIVE: tl.constexpr, BB: tl.constexpr,
     BK: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr, FP: tl.constexpr, PRECISION: tl.constexpr,
+    USERS: tl.constexpr,
 ):
-    o_b = tl.program_id(0) * BB + tl.arange(0, BB)
+    # BB >= USERS rows, tl.dot's minimum of 16 where a program owns fewer users: the rows past them are masked
+    o_b = tl.program_id(0) * USERS + tl.arange(0, BB)
     o_d, o_e = tl.arange(0, DP), tl.arange(0, EP)
-    m_b = o_b < B
+    m_b = (o_b < B) & (tl.arange(0, BB) < USERS)
     row, m_row = o_b[:, None].to(tl.int64), m_b[:, None]
     m_be = m_row & (o_e < E)[None, :]
     # the state (window, h) is read, then written in place where the user is active; every row's output is made
@@ -155,6 +158,21 @@ def block_step_kernel(
     tl.store(out + row * D + o_d[None, :], v, mask=m_bd)
 
 
+def _users_per_program(B: int, device: torch.device) -> int:
+    """8 while that makes at most one program per SM (registers and shared memory allow no second), else 16.
+
+    A program's time hardly depends on its users, since it is a chain of dependent phases: on an H100 (132 SMs)
+    a block steps 1,024 users in 0.0227 ms in 128 programs of 8, against 0.0264 in 64 programs of 16. Past one
+    wave, fewer and fuller programs win: 4,096 users take 0.0549 ms in 256 programs of 16, 0.0836 in 512 of 8
+    and 0.0654 in 128 of 32, whose 32-row products make every program slower (benchmarks/RESULTS.md,
+    "Inference", session 13).
+    """
+    if USERS is not None:
+        return USERS
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return 8 if triton.cdiv(B, 8) <= n_sm else 16
+
+
 def _padded(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot takes no dimension under 16
 
@@ -206,11 +224,12 @@ def fused_block_step(u, window, h, w: BlockWeights, active=None, rows=None):
     out = empty((B, D), torch.float32, u.device, POISON_OUTPUTS)
     DP, EP, FP = _padded(D), _padded(E), _padded(F)
     scratch = torch.empty(B, 2 * EP + 2 * DP + FP, dtype=torch.float32, device=u.device)
-    block_step_kernel[(triton.cdiv(B, BLOCK_B),)](
+    users = _users_per_program(B, u.device)
+    block_step_kernel[(triton.cdiv(B, users),)](
         u, u if rows is None else rows.contiguous(), window, h, u if active is None else active.contiguous(), out,
         scratch, *ln_in, in_proj, *conv, gates_w, gates_b, lam, out_proj, ln_1_w, ln_1_b, *ffn, B, w.eps, D=D, E=E, F=F,
         HAS_ROWS=rows is not None, HAS_LN_IN=w.ln_in is not None, HAS_CONV=w.conv is not None, K=K,
-        HAS_FFN=w.ffn is not None, HAS_ACTIVE=active is not None, BB=BLOCK_B, BK=BLOCK_K, DP=DP, EP=EP, FP=FP,
-        PRECISION=PRECISION, num_warps=NUM_WARPS,
+        HAS_FFN=w.ffn is not None, HAS_ACTIVE=active is not None, BB=max(16, users), BK=BLOCK_K, DP=DP, EP=EP,
+        FP=FP, PRECISION=PRECISION, USERS=users, num_warps=NUM_WARPS,
     )
     return out

@@ -92,7 +92,7 @@ def ensure_prepared(prepared_dir: Path, n_users: int, n_items: int, mean_events:
 
 def measure(prepared: Path, model: str, T: int, args) -> dict:
     """One (model, T): warm-up batches, then the timed epochs; runs in a worker process of its own."""
-    from recblr.data import load_prepared, training_windows
+    from recblr.data import load_prepared, training_flat, training_windows
     from recblr.models import build
     from recblr.train import TrainConfig, optimizer, stepped, train_epoch
 
@@ -106,6 +106,7 @@ def measure(prepared: Path, model: str, T: int, args) -> dict:
     opt = optimizer(net, cfg)
     net = stepped(net, cfg)
     start, stop = training_windows(data.history, T, "all")
+    flat = training_flat(data.history, args.device)
     order = np.random.default_rng(0).permutation(len(start))
     attention = contextlib.nullcontext()
     if model == "sasrec-math":
@@ -115,7 +116,7 @@ def measure(prepared: Path, model: str, T: int, args) -> dict:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # as fit does
     with attention:
-        train_epoch(net, opt, data.history.flat, start, stop, order[:args.warmup * args.batch_size], cfg,
+        train_epoch(net, opt, flat, start, stop, order[:args.warmup * args.batch_size], cfg,
                     desc=f"{model} T={T} warm-up")
         if cuda:
             torch.cuda.synchronize()
@@ -123,13 +124,13 @@ def measure(prepared: Path, model: str, T: int, args) -> dict:
         epochs_s = []
         for _ in range(args.epochs):
             began = time.perf_counter()
-            loss = train_epoch(net, opt, data.history.flat, start, stop, order, cfg, desc=f"{model} T={T}")
+            loss = train_epoch(net, opt, flat, start, stop, order, cfg, desc=f"{model} T={T}")
             if cuda:
                 torch.cuda.synchronize()
             epochs_s.append(time.perf_counter() - began)
         seconds = statistics.median(epochs_s)
         if args.profile:
-            profile(net, opt, data.history.flat, start, stop, order, cfg, args, name=f"{model}_T{T}")
+            profile(net, opt, flat, start, stop, order, cfg, args, name=f"{model}_T{T}")
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tokens = int((stop - start).sum())
     return {"model": model, "T": T, "epoch_s": seconds, "epochs_s": epochs_s, "tokens": tokens,

@@ -98,22 +98,41 @@ def _ragged(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return group, np.arange(len(group)) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
-def training_batch(flat: np.ndarray, start: np.ndarray, stop: np.ndarray,
-                   regime: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """A batch of training windows as the loss reads it: (items (B, T) right-padded, positions (n,), targets (n,)).
+def training_batch(flat: torch.Tensor, start: np.ndarray, stop: np.ndarray,
+                   regime: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of training windows as the loss reads it: (items (B, T) right-padded, positions (n,), targets (n,)),
+    int64, made on flat's device.
 
     positions index the flattened (B * T) inputs where a loss is taken, row by row: every real position for
-    "all", the last of each window for "prefix"; targets are the items that follow them. Made on the host from
-    the windows' lengths, so the step never asks the GPU which positions are padding (a sync per batch).
+    "all", the last of each window for "prefix"; targets are the items that follow them. flat (`training_flat`)
+    already lives where the model trains, so a batch sends only its windows' starts and lengths there, and the
+    shapes (T, n) come from those lengths on the host: the step never waits for the GPU (for the size of a mask),
+    and the host builds no (B, T) array. Built on the host, a batch of 512 x 1,000 took 25 ms of an H100 machine's
+    host, which then fell behind its GPU (benchmarks/RESULTS.md, "Training at scale", session 13).
     """
-    items = gather(flat, start, stop)
-    lengths, width = stop - start, items.shape[1]
+    lengths = stop - start
+    width, n = max(int(lengths.max(initial=0)), 1), int(lengths.sum())
+    windows = torch.from_numpy(np.stack([start, lengths]))  # (2, B)
+    if flat.is_cuda:  # pinned, the copy is queued without waiting for the GPU's queue to drain
+        windows = windows.pin_memory()
+    first, length = windows.to(flat.device, non_blocking=True)  # (B,) each
+    cols = torch.arange(width, device=flat.device)
+    at = (first[:, None] + cols).clamp_(max=len(flat) - 1)  # (B, T), clipped where padded
+    items = torch.where(cols < length[:, None], flat[at], 0).long()
     if regime == "prefix":
-        return items, np.arange(len(start)) * width + lengths - 1, flat[stop]
+        return items, torch.arange(len(start), device=flat.device) * width + length - 1, flat[first + length].long()
     if regime == "all":
-        row, col = _ragged(lengths)
-        return items, row * width + col, flat[start[row] + col + 1]
+        # (row, column) of every real position; output_size: the size is known here, not read back from the GPU
+        row = torch.repeat_interleave(torch.arange(len(start), device=flat.device), length, output_size=n)
+        col = torch.arange(n, device=flat.device) - torch.repeat_interleave(length.cumsum(0) - length, length,
+                                                                            output_size=n)
+        return items, row * width + col, flat[first[row] + col + 1].long()
     raise ValueError(f"regime must be 'prefix' or 'all', got {regime!r}")
+
+
+def training_flat(history: Sequences, device) -> torch.Tensor:
+    """history.flat on the device that trains, once per run, as int32 (ids fit; half the bytes of int64)."""
+    return torch.from_numpy(history.flat.astype(np.int32)).to(device)
 
 
 def to_device(values, device) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from recblr.data import load_prepared, to_device, training_batch, training_windows
+from recblr.data import load_prepared, training_batch, training_flat, training_windows
 from recblr.evaluate import PRECISIONS, evaluate, precision_context
 from recblr.loss import linear_cross_entropy
 from recblr.models import build, load, resolve_device, save
@@ -84,12 +84,12 @@ class TrainConfig:
         return dataclasses.replace(self, device=device, epochs=epochs)
 
 
-def batch_loss(net, flat: np.ndarray, start: np.ndarray, stop: np.ndarray, cfg: TrainConfig,
+def batch_loss(net, flat: torch.Tensor, start: np.ndarray, stop: np.ndarray, cfg: TrainConfig,
                n_targets: Optional[float] = None) -> torch.Tensor:
-    """Cross-entropy summed over the batch's targets, divided by n_targets (default: their count, the mean).
-    Nothing here waits for the GPU, so the host makes the next batch while this one runs."""
+    """Cross-entropy summed over the batch's targets, divided by n_targets (default: their count, the mean); flat
+    is `training_flat` on cfg.device. Nothing here waits for the GPU, so the host queues the next batch while this
+    one runs."""
     items, positions, targets = training_batch(flat, start, stop, cfg.regime)
-    items, positions, targets = (to_device(v, cfg.device) for v in (items, positions, targets))
     model = getattr(net, "module", net)  # the item table lives on the model inside a DDP wrapper
     with precision_context(cfg.device, cfg.precision):
         hidden = net(items).flatten(0, 1)[positions]  # (n, D): only positions with a loss
@@ -112,7 +112,7 @@ def shard(batch: np.ndarray, start: np.ndarray, stop: np.ndarray, cfg: TrainConf
     return mine, count / world
 
 
-def train_epoch(net, opt, flat: np.ndarray, start: np.ndarray, stop: np.ndarray, order: np.ndarray,
+def train_epoch(net, opt, flat: torch.Tensor, start: np.ndarray, stop: np.ndarray, order: np.ndarray,
                 cfg: TrainConfig, *, rank: int = 0, world: int = 1, desc: str = "train") -> float:
     """One pass over `order` (indices into start/stop) in global batches of cfg.batch_size; the mean loss."""
     net.train()
@@ -215,13 +215,14 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
     start, stop = training_windows(data.history, cfg.max_len, cfg.regime)
     if len(start) == 0:
         raise ValueError(f"{prepared_dir}: no training sequence has two events; nothing to learn from")
+    flat = training_flat(data.history, cfg.device)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if state["stale"] >= cfg.patience or state["out_of_time"]:
             break
         torch.manual_seed((cfg.seed + epoch) * world + rank)  # one process: seed + epoch, as before DDP
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(start))
         epoch_began = time.time()
-        loss = train_epoch(trained, opt, data.history.flat, start, stop, order, cfg, rank=rank, world=world,
+        loss = train_epoch(trained, opt, flat, start, stop, order, cfg, rank=rank, world=world,
                            desc=f"epoch {epoch}/{cfg.epochs}")
         train_seconds = time.time() - epoch_began
         if rank == 0:

@@ -12,7 +12,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.launch import fit_on_processes, resolve_nproc, train_args
 from prepared_data import markov_sequences, write_prepared
-from recblr.data import Sequences, training_windows
+from recblr.data import Sequences, training_flat, training_windows
 from recblr.models import build
 from recblr.train import TrainConfig, batch_loss, shard
 
@@ -25,7 +25,8 @@ def test_ranks_split_a_batch_disjointly_and_average_to_its_loss(regime, size):
     seqs = markov_sequences(12, N_ITEMS, 9, seed=1)
     flat = np.array([i for s in seqs for i in s], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
-    start, stop = training_windows(Sequences(flat, offsets), 4, regime)
+    history = Sequences(flat, offsets)
+    start, stop = training_windows(history, 4, regime)
     batch = np.random.default_rng(0).permutation(len(start))[:size]
     cfg = TrainConfig(regime=regime, device="cpu", label_smoothing=0.1)
     torch.manual_seed(0)
@@ -34,6 +35,7 @@ def test_ranks_split_a_batch_disjointly_and_average_to_its_loss(regime, size):
     shares = [shard(batch, start, stop, cfg, rank, world) for rank in range(world)]
     real = [mine for mine, n in shares if n != float("inf")]
     assert sorted(np.concatenate(real).tolist()) == sorted(batch.tolist())  # disjoint, and all of the batch
+    flat = training_flat(history, "cpu")
     ranks_mean = sum(batch_loss(model, flat, start[m], stop[m], cfg, n) for m, n in shares) / world
     torch.testing.assert_close(ranks_mean, batch_loss(model, flat, start[batch], stop[batch], cfg))
 

@@ -10,7 +10,7 @@ from torch.profiler import profile
 
 import recblr.loss
 import recblr.train
-from recblr.data import Sequences, training_windows
+from recblr.data import Sequences, training_flat, training_windows
 from recblr.loss import linear_cross_entropy
 from recblr.models import MODELS, build
 from recblr.train import TrainConfig, batch_loss
@@ -163,7 +163,7 @@ def test_batch_loss_gradients_equal_the_plain_path_for_every_model(model_name, m
         monkeypatch.setattr(recblr.train, "linear_cross_entropy", loss_fn)
         torch.manual_seed(1)  # the same dropout masks
         model.zero_grad(set_to_none=True)
-        batch_loss(model, history.flat, start, stop, cfg).backward()
+        batch_loss(model, training_flat(history, "cpu"), start, stop, cfg).backward()
         grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[1]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from prepared_data import markov_sequences, write_prepared
-from recblr.data import Sequences, gather, load_prepared, training_windows
+from recblr.data import Sequences, gather, load_prepared, training_flat, training_windows
 from recblr.loss import linear_cross_entropy
 from recblr.models import build, load
 from recblr.train import TrainConfig, batch_loss, fit, optimizer, stepped
@@ -65,12 +65,12 @@ def test_batch_loss_equals_per_sample_cross_entropy(regime):
             [F.cross_entropy(logits, targets, reduction="sum")]
     n = len(start) if regime == "prefix" else int((stop - start).sum())
     want = torch.stack(losses).sum() / n
-    torch.testing.assert_close(batch_loss(model, history.flat, start, stop, cfg), want)
+    torch.testing.assert_close(batch_loss(model, training_flat(history, cfg.device), start, stop, cfg), want)
 
 
 @pytest.mark.parametrize("regime", ["prefix", "all"])
 def test_loss_positions_are_the_unpadded_targets_in_row_order(regime):
-    """training_batch's host-made positions pick exactly what masking the padded targets on the device picked,
+    """training_batch's positions pick exactly what masking the padded targets on the device picked,
     in the same order, so the loss and every gradient are bitwise those of the mask."""
     history = ragged(SEQS)
     start, stop = training_windows(history, max_len=4, regime=regime)
@@ -83,7 +83,7 @@ def test_loss_positions_are_the_unpadded_targets_in_row_order(regime):
     masked = linear_cross_entropy(model(items)[targets != 0], model.item_embedding.weight, targets[targets != 0],
                                   cfg.label_smoothing) / int((targets != 0).sum())
     want = torch.autograd.grad(masked, list(model.parameters()))
-    loss = batch_loss(model, history.flat, start, stop, cfg)
+    loss = batch_loss(model, training_flat(history, cfg.device), start, stop, cfg)
     assert torch.equal(loss, masked)
     for got, expected in zip(torch.autograd.grad(loss, list(model.parameters())), want, strict=True):
         assert torch.equal(got, expected)
@@ -246,7 +246,7 @@ def test_compiled_training_step_equals_eager(model_name, device, monkeypatch):
     for compile_ in (False, True):
         cfg = TrainConfig(device=device, compile=compile_)
         model.zero_grad()
-        loss = batch_loss(stepped(model, cfg), history.flat, start, stop, cfg)
+        loss = batch_loss(stepped(model, cfg), training_flat(history, device), start, stop, cfg)
         loss.backward()
         losses.append(loss.detach())
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
@@ -272,7 +272,7 @@ def test_recompute_changes_memory_not_results(model_name, device):
         torch.manual_seed(1)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            loss = batch_loss(stepped(model, cfg), history.flat, start, stop, cfg)
+            loss = batch_loss(stepped(model, cfg), training_flat(history, device), start, stop, cfg)
         loss.backward()
         runs.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], sum(saved)))
     (loss_kept, grads_kept, saved_kept), (loss_re, grads_re, saved_re) = runs
@@ -331,11 +331,12 @@ def test_training_step_never_waits_for_the_gpu(model_name, regime):
     cfg = TrainConfig(device="cuda", regime=regime)
     model = build(model_name, 16, d_model=8).cuda()
     opt = optimizer(model, cfg)
+    flat = training_flat(history, cfg.device)  # once a run, before the first step
     for mode in ("default", "error"):  # the first step compiles kernels and makes the optimizer's state
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode(mode)
         try:
-            batch_loss(model, history.flat, start, stop, cfg).backward()
+            batch_loss(model, flat, start, stop, cfg).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         finally:

@@ -136,10 +136,10 @@ def training_flat(history: Sequences, device) -> torch.Tensor:
 
 
 def to_device(values, device) -> torch.Tensor:
-    """A host array (numpy or CPU tensor) on `device`, without waiting for the GPU. From pageable memory a
-    non-blocking copy returns once the driver has staged the bytes, so the host goes on to the next batch; a
-    blocking copy would first wait for the GPU's queue to drain. Pinning each batch bought nothing measurable
-    (benchmarks/RESULTS.md, "a step that does not wait for the GPU")."""
+    """A host array (numpy or CPU tensor) on `device`, copied non-blocking: evaluation's batches. From pageable
+    memory the driver may still wait for the GPU's queue to drain before a large copy: a 10 MB training batch
+    waited 20 ms behind SASRec's previous step (benchmarks/RESULTS.md, "Training at scale", session 13), which is
+    why training sends only its windows' starts and lengths (`training_batch`)."""
     return torch.as_tensor(values).to(device, non_blocking=True)
 
 

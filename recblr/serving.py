@@ -5,8 +5,8 @@
 next items. On CUDA the whole step (the model's step, which writes the active slots' state in place, and
 `model.top_k`, the fused score + top-k kernel, which writes their top-k in place) is captured once in a CUDA graph
 and replayed; on CUDA each RecBLR block steps in one launch (`kernels.block_step`). On an H100
-(benchmarks/RESULTS.md, "Inference", session 12) 1,024 users step in 0.12 ms with 3,416 items and 0.59-0.63 ms with
-100k, one user in 0.07-0.08 ms. On a CPU, or when capture fails, the same `_step` runs eagerly: the graph only
+(benchmarks/RESULTS.md, "Inference", sessions 12 and 13) 1,024 users step in 0.11 ms with 3,416 items and 0.59-0.63
+ms with 100k, one user in 0.07-0.08 ms. On a CPU, or when capture fails, the same `_step` runs eagerly: the graph only
 replays it.
 
     server = StepServer(model, batch_size=64, k=10)   # RecBLR, GRU4Rec or LRURec, on the device it serves on

@@ -1,5 +1,6 @@
 """What the kernels share: the inputs they take, where they may run (CUDA tensors, or CPU tensors under the
-interpreter, as in the tests), how they allocate outputs and how the reference paths write rows in place."""
+interpreter, as in the tests), how they size grids and allocate outputs, and how the reference paths write rows
+in place."""
 import os
 
 import torch
@@ -13,6 +14,11 @@ def check_device(x, name: str, public: str) -> None:
     """ValueError unless x can go to a Triton kernel; `public` names the function that also takes CPU tensors."""
     if not x.is_cuda and not interpreting():
         raise ValueError(f"{name} needs CUDA tensors (or TRITON_INTERPRET=1); use {public}")
+
+
+def sm_count(device: torch.device) -> int:
+    """The SMs of device's GPU, which the launchers size their grids by; 1 for the interpreter's CPU."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def check_float_inputs(**tensors) -> None:

@@ -1,10 +1,10 @@
-import torch
 import triton
 
 from kernels.bdlru import fused_recurrent
 from kernels.bdlru.chunk import chunk_bdlru
 from kernels.bdlru.fused_recurrent import fused_recurrent_bdlru
 from kernels.bdlru.naive import bdlru_reference, check_inputs
+from kernels.device import sm_count
 
 
 def use_chunk(B, T, D, dtype, n_sm):
@@ -26,8 +26,7 @@ def bdlru(x, r, i, lam, z=None, h0=None, return_state=False):
     """
     if x.is_cuda:
         check_inputs(x, r, i, lam, z, h0)
-        n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count
-        fn = chunk_bdlru if use_chunk(*x.shape, x.dtype, n_sm) else fused_recurrent_bdlru
+        fn = chunk_bdlru if use_chunk(*x.shape, x.dtype, sm_count(x.device)) else fused_recurrent_bdlru
         return fn(x, r, i, lam, z=z, h0=h0, return_state=return_state)
     out = bdlru_reference(x, r, i, lam, z=z, h0=h0, return_state=return_state)
     return (out[0].to(x.dtype), out[1]) if return_state else out.to(x.dtype)

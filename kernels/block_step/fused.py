@@ -24,7 +24,7 @@ import triton.language as tl
 
 from kernels.bdlru.fused_recurrent import _fwd_gates, _softplus
 from kernels.block_step.naive import BlockWeights, check_inputs
-from kernels.device import check_device, empty
+from kernels.device import check_device, empty, sm_count
 
 # Tests set this to fill every output with NaN before the launch, so an element the kernel skips fails.
 POISON_OUTPUTS = False
@@ -169,8 +169,7 @@ def _users_per_program(B: int, device: torch.device) -> int:
     """
     if USERS is not None:
         return USERS
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return 8 if triton.cdiv(B, 8) <= n_sm else 16
+    return 8 if triton.cdiv(B, 8) <= sm_count(device) else 16
 
 
 def _padded(n: int) -> int:

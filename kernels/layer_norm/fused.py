@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.device import check_device, empty
+from kernels.device import check_device, empty, sm_count
 from kernels.layer_norm.naive import check_inputs
 
 # Tests set this to fill every output with NaN before the launch, so an element the kernel skips fails.
@@ -107,8 +107,7 @@ class LayerNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
         (M, D), (BM, BD) = x.shape, _tile(x.shape[1])
-        n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        grid = min(triton.cdiv(M, BM), PROGRAMS_PER_SM * n_sm)
+        grid = min(triton.cdiv(M, BM), PROGRAMS_PER_SM * sm_count(x.device))
         dx = empty(x.shape, x.dtype, x.device, POISON_OUTPUTS)
         parts = empty((grid, 2, D), torch.float32, x.device, POISON_OUTPUTS)
         layer_norm_bwd_kernel[(grid,)](x, weight, dy.reshape(-1, D).contiguous(), mean, rstd, dx, parts, M, D=D,

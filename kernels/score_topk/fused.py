@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.device import check_device, empty, interpreting
+from kernels.device import check_device, empty, interpreting, sm_count
 from kernels.score_topk.naive import check_inputs
 
 # Tests set this to fill the candidate buffers with NaN (values) and -1 (indices) before the launch, so a slot
@@ -181,8 +181,7 @@ def fused_score_topk(hidden, table, k, *, out=None, active=None, index_offset=0)
                          f"kernels.score_topk ranks larger ones with the reference")
     BB, BN, BD, KP = _config(B, D, k)
     n_blocks = triton.cdiv(B, BB)
-    n_sm = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else 1
-    n_ranges, items = _ranges(N, max(n_blocks, 1), BN, n_sm, k)
+    n_ranges, items = _ranges(N, max(n_blocks, 1), BN, sm_count(hidden.device), k)
     cand_v = empty((B, n_ranges, k), torch.float32, hidden.device, POISON_OUTPUTS)
     cand_i = empty((B, n_ranges, k), torch.int32, hidden.device, POISON_OUTPUTS)
     # the interpreter multiplies bfloat16 as the raw bits it stores them in (uint16), so it dots in float32

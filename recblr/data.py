@@ -85,17 +85,25 @@ def load_prepared(prepared_dir: Path) -> Prepared:
 def gather(flat: np.ndarray, start: np.ndarray, stop: np.ndarray) -> torch.Tensor:
     """flat[start[b]:stop[b]] for each b, right-padded with 0 -> LongTensor (B, max length, at least 1)."""
     lengths = stop - start
-    width = max(int(lengths.max(initial=0)), 1)
-    cols = np.arange(width)
-    idx = np.minimum(start[:, None] + cols, max(len(flat) - 1, 0))  # (B, T), clipped where padded
-    items = np.where(cols < lengths[:, None], flat[idx] if len(flat) else 0, 0)
-    return torch.from_numpy(items.astype(np.int64))
+    return _padded_windows(torch.from_numpy(flat), torch.from_numpy(start), torch.from_numpy(lengths),
+                           max(int(lengths.max(initial=0)), 1))
 
 
-def _ragged(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(group, index within it) of every element when group g holds counts[g] elements, group after group."""
-    group = np.repeat(np.arange(len(counts)), counts)
-    return group, np.arange(len(group)) - np.repeat(np.cumsum(counts) - counts, counts)
+def _padded_windows(flat: torch.Tensor, first: torch.Tensor, length: torch.Tensor, width: int) -> torch.Tensor:
+    """flat[first[b]:first[b] + length[b]] for each b, right-padded with 0 to width: (B, width) int64, where
+    flat is."""
+    if len(flat) == 0:
+        return torch.zeros(len(first), width, dtype=torch.long, device=flat.device)
+    cols = torch.arange(width, device=flat.device)
+    at = (first[:, None] + cols).clamp_(max=len(flat) - 1)  # (B, width), clipped where padded
+    return torch.where(cols < length[:, None], flat[at], 0).long()
+
+
+def _ragged(counts: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(group, index within it) of every element when group g holds counts[g] elements, group after group, where
+    counts is. total, the sum of counts, comes from the caller: on a GPU, reading it back would wait for the GPU."""
+    group = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts, output_size=total)
+    return group, torch.arange(total, device=counts.device) - (counts.cumsum(0) - counts)[group]
 
 
 def training_batch(flat: torch.Tensor, start: np.ndarray, stop: np.ndarray,
@@ -116,16 +124,11 @@ def training_batch(flat: torch.Tensor, start: np.ndarray, stop: np.ndarray,
     if flat.is_cuda:  # pinned, the copy is queued without waiting for the GPU's queue to drain
         windows = windows.pin_memory()
     first, length = windows.to(flat.device, non_blocking=True)  # (B,) each
-    cols = torch.arange(width, device=flat.device)
-    at = (first[:, None] + cols).clamp_(max=len(flat) - 1)  # (B, T), clipped where padded
-    items = torch.where(cols < length[:, None], flat[at], 0).long()
+    items = _padded_windows(flat, first, length, width)
     if regime == "prefix":
         return items, torch.arange(len(start), device=flat.device) * width + length - 1, flat[first + length].long()
     if regime == "all":
-        # (row, column) of every real position; output_size: the size is known here, not read back from the GPU
-        row = torch.repeat_interleave(torch.arange(len(start), device=flat.device), length, output_size=n)
-        col = torch.arange(n, device=flat.device) - torch.repeat_interleave(length.cumsum(0) - length, length,
-                                                                            output_size=n)
+        row, col = _ragged(length, n)  # of every real position
         return items, row * width + col, flat[first[row] + col + 1].long()
     raise ValueError(f"regime must be 'prefix' or 'all', got {regime!r}")
 
@@ -152,14 +155,15 @@ def training_windows(history: Sequences, max_len: int, regime: str) -> tuple[np.
     """
     off, lengths = history.offsets[:-1], history.lengths
     if regime == "prefix":
-        user, _ = _ragged(lengths)
+        user = _ragged(torch.from_numpy(lengths), int(lengths.sum()))[0].numpy()
         target = np.arange(len(history.flat))
         keep = target > off[user]  # the first event of a user has nothing before it
         target, user = target[keep], user[keep]
         return np.maximum(off[user], target - max_len), target
     if regime == "all":
         n_windows = np.where(lengths >= 2, -(-(lengths - 1) // max_len), 0)
-        user, k = _ragged(n_windows)  # k: the window's index in its user's, from the end
+        # k: the window's index in its user's, from the end
+        user, k = (t.numpy() for t in _ragged(torch.from_numpy(n_windows), int(n_windows.sum())))
         stop = off[user] + lengths[user] - 1 - k * max_len
         return np.maximum(off[user], stop - max_len), stop
     raise ValueError(f"regime must be 'prefix' or 'all', got {regime!r}")

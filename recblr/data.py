@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+NO_TARGET = -100  # the target of a position that takes no loss: F.cross_entropy's default ignore_index
 
 @dataclass(frozen=True)
 class Sequences:
@@ -130,6 +131,27 @@ def training_batch(flat: torch.Tensor, start: np.ndarray, stop: np.ndarray,
     if regime == "all":
         row, col = _ragged(length, n)  # of every real position
         return items, row * width + col, flat[first[row] + col + 1].long()
+    raise ValueError(f"regime must be 'prefix' or 'all', got {regime!r}")
+
+
+def padded_batch(flat: torch.Tensor, first: torch.Tensor, length: torch.Tensor, width: int,
+                 regime: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`training_batch` at shapes that depend only on (B, width): what a step replayed from a CUDA graph reads.
+
+    first, length (B,): the windows, on flat's device; a row of length 0 (a short last batch's filler) takes no
+    loss. items are (B, width) whatever the lengths. Every position that could take a loss is listed (all B * width
+    for "all", one a row for "prefix"), and the target is NO_TARGET where there is none.
+    """
+    items, last = _padded_windows(flat, first, length, width), len(flat) - 1
+    if regime == "prefix":
+        rows = torch.arange(len(first), device=flat.device)
+        targets = torch.where(length > 0, flat[(first + length).clamp(max=last)].long(), NO_TARGET)
+        return items, rows * width + (length - 1).clamp(min=0), targets
+    if regime == "all":
+        cols = torch.arange(width, device=flat.device)
+        after = flat[(first[:, None] + cols + 1).clamp(max=last)].long()  # (B, width): each position's next item
+        targets = torch.where(cols < length[:, None], after, NO_TARGET).flatten()
+        return items, torch.arange(targets.numel(), device=flat.device), targets
     raise ValueError(f"regime must be 'prefix' or 'all', got {regime!r}")
 
 

@@ -1,14 +1,15 @@
 """The full-softmax loss without its (positions, items) matrix: a chunked linear + cross-entropy.
 
 `linear_cross_entropy(hidden, table, targets)` is `F.cross_entropy(hidden @ table.T, targets, reduction="sum")`
-in value and in gradients, but the logits only ever exist a chunk of rows at a time. The forward computes each
-chunk's loss and, right away, its gradients (the fused linear cross-entropy of Liger-Kernel and of Apple's cut
+in value and in gradients (rows whose target is recblr.data.NO_TARGET, its default ignore_index, count for
+nothing), but the logits only ever exist a chunk of rows at a time. The forward computes each chunk's loss
+and, right away, its gradients (the fused linear cross-entropy of Liger-Kernel and of Apple's cut
 cross-entropy); the backward only scales them by the scalar upstream gradient. What autograd keeps is
 grad_hidden (n, D) and grad_table (V, D) instead of the logits' log-softmax (n, V), and the backward makes no
 (n, V) gradient: at 12,800 positions x 100k items each of those is 5 GB.
 
 Per row, with logits z, eps the label smoothing and PyTorch's definition of it (a (1 - eps) weight on the
-target, eps spread evenly over all V classes, padding included; no ignore_index):
+target, eps spread evenly over all V classes, padding included):
     loss = lse(z) - (1 - eps) z_target - eps mean(z)      dloss/dz = softmax(z) - (1 - eps) onehot - eps / V
 
 Precision is the plain path's under bf16 autocast (scores matmul in bf16, `.float()` on the logits): the
@@ -23,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from recblr.data import NO_TARGET
 from recblr.evaluate import SCORE_BUDGET
 
 
@@ -37,24 +39,26 @@ def _chunked(hidden, table, targets, label_smoothing: float, chunk_size: int, dt
     grad_table = torch.zeros(table.shape, dtype=acc, device=table.device) if grad_table_needed else None  # (V, D)
     for lo in range(0, n, chunk_size):
         rows, target = hidden[lo:lo + chunk_size].to(dtype), targets[lo:lo + chunk_size, None]  # (c, D), (c, 1)
+        keep = (target != NO_TARGET).to(acc)  # (c, 1): 0 drops a row from the loss and from both gradients
+        target = target.clamp(min=0)
         block = (rows @ weights.T).to(acc)  # (c, V): the chunk's logits
-        loss -= (1 - label_smoothing) * block.gather(1, target).sum()
+        per_row = -(1 - label_smoothing) * block.gather(1, target)  # (c, 1)
         if label_smoothing:
-            loss -= label_smoothing * block.mean(1).sum()
+            per_row -= label_smoothing * block.mean(1, keepdim=True)
         # log-sum-exp, then the softmax, in place: no second (c, V) block (but a bf16 copy under autocast)
         top = block.amax(1, keepdim=True)  # (c, 1)
         total = block.sub_(top).exp_().sum(1, keepdim=True)  # (c, 1)
-        loss += (top + total.log()).sum()
+        loss += ((per_row + top + total.log()) * keep).sum()
         if grad_hidden_needed or grad_table_needed:
             block.div_(total)  # dloss/dlogits = softmax - (1 - eps) onehot - eps / V
             block.scatter_add_(1, target, torch.full_like(target, label_smoothing - 1, dtype=acc))
             if label_smoothing:
                 block.sub_(label_smoothing / V)
             block = block.to(dtype)  # the matmuls' dtype, as the plain path's backward under autocast
-            if grad_hidden_needed:
-                grad_hidden[lo:lo + chunk_size] = block @ weights  # (c, D)
+            if grad_hidden_needed:  # the dropped rows' zeros applied to (c, D), not to the (c, V) block
+                grad_hidden[lo:lo + chunk_size] = (block @ weights) * keep.to(dtype)  # (c, D)
             if grad_table_needed:
-                grad_table += block.T @ rows  # (V, D), summed over chunks in `acc`
+                grad_table += block.T @ (rows * keep.to(dtype))  # (V, D), summed over chunks in `acc`
         del block  # freed before the next chunk's is made, not after: one block alive at a time
     return loss, grad_hidden, None if grad_table is None else grad_table.to(table.dtype)
 
@@ -80,9 +84,9 @@ def linear_cross_entropy(hidden: torch.Tensor, table: torch.Tensor, targets: tor
     """F.cross_entropy(hidden @ table.T, targets, label_smoothing=..., reduction="sum"), holding at most
     chunk_size rows of logits (default: as many as keep chunk x V under SCORE_BUDGET).
 
-    hidden (n, D), table (V, D), targets (n,) integers in [0, V). Under autocast the matmuls run in its dtype;
-    outside it hidden and table must share a dtype. Targets are range-checked on the CPU only: on a GPU the
-    check would wait for the device.
+    hidden (n, D), table (V, D), targets (n,) integers in [0, V), or NO_TARGET for a row that counts for nothing.
+    Under autocast the matmuls run in its dtype; outside it hidden and table must share a dtype. Targets are
+    range-checked on the CPU only: on a GPU the check would wait for the device.
     """
     if hidden.dim() != 2 or table.dim() != 2 or hidden.shape[1] != table.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden (n, D) and table (V, D) must share D, got "
@@ -91,9 +95,11 @@ def linear_cross_entropy(hidden: torch.Tensor, table: torch.Tensor, targets: tor
         raise ValueError(f"linear_cross_entropy: targets must be integers of shape ({hidden.shape[0]},), got "
                          f"{targets.dtype} {tuple(targets.shape)}")
     if targets.device.type == "cpu" and len(targets):
-        low, high = int(targets.min()), int(targets.max())
+        kept = targets[targets != NO_TARGET]
+        low, high = (int(kept.min()), int(kept.max())) if len(kept) else (0, 0)
         if low < 0 or high >= len(table):
-            raise ValueError(f"linear_cross_entropy: targets must be in [0, {len(table)}), got [{low}, {high}]")
+            raise ValueError(f"linear_cross_entropy: targets must be in [0, {len(table)}) or {NO_TARGET} (no target), "
+                             f"got [{low}, {high}]")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
     if chunk_size is not None and chunk_size < 1:

@@ -10,7 +10,7 @@ from torch.profiler import profile
 
 import recblr.loss
 import recblr.train
-from recblr.data import Sequences, training_flat, training_windows
+from recblr.data import NO_TARGET, Sequences, training_flat, training_windows
 from recblr.loss import linear_cross_entropy
 from recblr.models import MODELS, build
 from recblr.train import TrainConfig, batch_loss
@@ -45,6 +45,24 @@ def test_value_and_gradients_equal_cross_entropy_on_the_logits(n, chunk_size, la
     got_grads = torch.autograd.grad(got * 0.37, (hidden, table))
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1], ids=["eps0", "eps0.1"])
+@pytest.mark.parametrize("chunk_size", [3, None], ids=["c3", "default"])
+def test_rows_without_a_target_count_for_nothing(label_smoothing, chunk_size):
+    """NO_TARGET rows (a fixed-shape step's padding) leave the value and every gradient as F.cross_entropy's
+    ignore_index does, and get a zero gradient themselves."""
+    hidden, table, targets = inputs(10)
+    targets[[0, 4, 5, 9]] = NO_TARGET
+    want = reference(hidden, table, targets, label_smoothing)  # F.cross_entropy's default ignore_index is -100
+    got = linear_cross_entropy(hidden, table, targets, label_smoothing, chunk_size)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got_grads, want_grads = (torch.autograd.grad(v * 0.37, (hidden, table)) for v in (got, want))
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert not got_grads[0][targets == NO_TARGET].any()
+    all_ignored = torch.full_like(targets, NO_TARGET)
+    assert linear_cross_entropy(hidden, table, all_ignored, label_smoothing, chunk_size).item() == 0.0
 
 
 def test_float32_matches_within_float32_rounding():

@@ -10,7 +10,8 @@ memory is its own and an out-of-memory ends only that row: a few warm-up batches
 --epochs timed epochs of recblr.train.train_epoch (the row is their median), regime "all" (each user's
 history cut into windows of T), batch --batch-size windows (the paper's 512 for XLong). tokens/s counts real
 (non-padding) input positions.
-Peak memory: torch.cuda.max_memory_allocated of the timed epochs on a GPU, the process's peak RSS on a CPU.
+Peak memory: torch.cuda.max_memory_allocated of the worker on a GPU, warm-up included (a CUDA graph's memory is
+allocated when it is captured, in the warm-up), the process's peak RSS on a CPU.
 "sasrec-math" is SASRec with PyTorch's plain T x T attention, like RecBole's SASRec that the paper timed;
 "sasrec" uses scaled_dot_product_attention's fused (flash / memory-efficient) kernels.
 """
@@ -94,19 +95,19 @@ def measure(prepared: Path, model: str, T: int, args) -> dict:
     """One (model, T): warm-up batches, then the timed epochs; runs in a worker process of its own."""
     from recblr.data import load_prepared, training_flat, training_windows
     from recblr.models import build
-    from recblr.train import TrainConfig, optimizer, stepped, train_epoch
+    from recblr.train import TrainConfig, optimizer, stepped, train_epoch, training_step
 
     cuda = args.device.startswith("cuda")
     cfg = TrainConfig(batch_size=args.batch_size, max_len=T, regime="all", device=args.device,
-                      precision=args.precision, epochs=1, compile=args.compile, recompute=args.recompute)
+                      precision=args.precision, epochs=1, compile=args.compile, recompute=args.recompute,
+                      cuda_graph=not args.no_cuda_graph)
     data = load_prepared(prepared)
     torch.manual_seed(0)
     name = "sasrec" if model.startswith("sasrec") else model
     net = build(name, data.n_items, **({"max_len": T} if name == "sasrec" else {})).to(args.device)
     opt = optimizer(net, cfg)
-    net = stepped(net, cfg)
     start, stop = training_windows(data.history, T, "all")
-    flat = training_flat(data.history, args.device)
+    step = training_step(stepped(net, cfg), opt, training_flat(data.history, args.device), cfg)
     order = np.random.default_rng(0).permutation(len(start))
     attention = contextlib.nullcontext()
     if model == "sasrec-math":
@@ -116,21 +117,19 @@ def measure(prepared: Path, model: str, T: int, args) -> dict:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # as fit does
     with attention:
-        train_epoch(net, opt, flat, start, stop, order[:args.warmup * args.batch_size], cfg,
-                    desc=f"{model} T={T} warm-up")
+        train_epoch(step, start, stop, order[:args.warmup * args.batch_size], cfg, desc=f"{model} T={T} warm-up")
         if cuda:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         epochs_s = []
         for _ in range(args.epochs):
             began = time.perf_counter()
-            loss = train_epoch(net, opt, flat, start, stop, order, cfg, desc=f"{model} T={T}")
+            loss = train_epoch(step, start, stop, order, cfg, desc=f"{model} T={T}")
             if cuda:
                 torch.cuda.synchronize()
             epochs_s.append(time.perf_counter() - began)
         seconds = statistics.median(epochs_s)
         if args.profile:
-            profile(net, opt, flat, start, stop, order, cfg, args, name=f"{model}_T{T}")
+            profile(step, start, stop, order, cfg, args, name=f"{model}_T{T}")
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tokens = int((stop - start).sum())
     return {"model": model, "T": T, "epoch_s": seconds, "epochs_s": epochs_s, "tokens": tokens,
@@ -139,7 +138,7 @@ def measure(prepared: Path, model: str, T: int, args) -> dict:
             "precision": args.precision, "device": args.device}
 
 
-def profile(net, opt, flat, start, stop, order, cfg, args, name: str) -> None:
+def profile(step, start, stop, order, cfg, args, name: str) -> None:
     """GPU kernels of `args.profile` training batches, by total device time, to profile_<model>_T<T>.txt."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -148,7 +147,7 @@ def profile(net, opt, flat, start, stop, order, cfg, args, name: str) -> None:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg.device.startswith("cuda") else [])
     with torch_profile(activities=activities) as prof:
-        train_epoch(net, opt, flat, start, stop, order[:args.profile * cfg.batch_size], cfg, desc=f"{name} profile")
+        train_epoch(step, start, stop, order[:args.profile * cfg.batch_size], cfg, desc=f"{name} profile")
         if cfg.device.startswith("cuda"):
             torch.cuda.synchronize()
     sort = "self_cuda_time_total" if cfg.device.startswith("cuda") else "self_cpu_time_total"
@@ -166,13 +165,16 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1000, help="vocabulary: small, so the softmax does not dominate")
     parser.add_argument("--batch-size", type=int, default=512, help="windows per step (the paper's XLong batch)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--warmup", type=int, default=3, help="batches before the timed epochs")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="batches before the timed epochs (a CUDA graph is captured at the 4th)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs; the row is their median")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per (model, length) before it is cut")
     parser.add_argument("--compile", action="store_true",
                         help="TrainConfig.compile: torch.compile every model's training forward")
     parser.add_argument("--recompute", action="store_true",
                         help="TrainConfig.recompute: every model re-runs its blocks in the backward")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="TrainConfig.cuda_graph off: every step issued op by op, as under DDP")
     parser.add_argument("--profile", type=int, default=0, metavar="BATCHES",
                         help="after the timed epochs, profile this many batches to profile_<model>_T<T>.txt")
     parser.add_argument("--data", type=Path, default=Path("benchmarks/out/xlong_synth/prepared"))

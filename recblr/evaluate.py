@@ -33,7 +33,9 @@ def precision_context(device: str, precision: str):
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    # no cast cache: a CUDA graph cannot capture it (recblr.train.GraphedStep), and each weight is cast once a
+    # forward anyway (the item table's second use, the scores, casts its own copy in recblr.loss)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 @torch.no_grad()

@@ -30,14 +30,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from recblr.data import load_prepared, training_batch, training_flat, training_windows
+from recblr.data import load_prepared, padded_batch, training_batch, training_flat, training_windows
 from recblr.evaluate import PRECISIONS, evaluate, precision_context
 from recblr.loss import linear_cross_entropy
 from recblr.models import build, load, resolve_device, save
 
 LOSS_SHOWN_EVERY_S = 1.0  # the progress bar's loss and speed; more often would stall the GPU queue for it
 # fields a resumed run may change: they alter neither the model nor what an epoch computes
-RESUMABLE_CHANGES = {"epochs", "device", "eval_batch_size", "time_budget_s", "recompute"}
+RESUMABLE_CHANGES = {"epochs", "device", "eval_batch_size", "time_budget_s", "recompute", "cuda_graph"}
+CAPTURE_AFTER = 3  # eager steps on a side stream before a CUDA graph is captured, the warm-up torch.cuda.graph asks
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class TrainConfig:
     time_budget_s: Optional[float] = None  # after the first epoch, none starts that would end past this
     compile: bool = False  # torch.compile the training forward: fewer, fused kernels for a compile at start
     recompute: bool = False  # keep each block's input only and re-run the block in the backward: less memory
+    cuda_graph: bool = True  # on one CUDA device without compile or recompute, replay each step from a CUDA graph
 
     def __post_init__(self):
         if self.regime not in ("prefix", "all"):
@@ -84,17 +86,23 @@ class TrainConfig:
         return dataclasses.replace(self, device=device, epochs=epochs)
 
 
+def step_loss(net, items: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+              cfg: TrainConfig) -> torch.Tensor:
+    """Cross-entropy summed over `targets`, taken at `positions` of the flattened (B * T) outputs for `items`."""
+    model = getattr(net, "module", net)  # the item table lives on the model inside a DDP wrapper
+    with precision_context(cfg.device, cfg.precision):
+        hidden = net(items).flatten(0, 1)[positions]  # (n, D): only positions with a loss
+        # model.scores' logits, a chunk of rows at a time: the (n, n_items + 1) matrix is never held
+        return linear_cross_entropy(hidden, model.item_embedding.weight, targets, cfg.label_smoothing)
+
+
 def batch_loss(net, flat: torch.Tensor, start: np.ndarray, stop: np.ndarray, cfg: TrainConfig,
                n_targets: Optional[float] = None) -> torch.Tensor:
     """Cross-entropy summed over the batch's targets, divided by n_targets (default: their count, the mean); flat
     is `training_flat` on cfg.device. Nothing here waits for the GPU, so the host queues the next batch while this
     one runs."""
     items, positions, targets = training_batch(flat, start, stop, cfg.regime)
-    model = getattr(net, "module", net)  # the item table lives on the model inside a DDP wrapper
-    with precision_context(cfg.device, cfg.precision):
-        hidden = net(items).flatten(0, 1)[positions]  # (n, D): only positions with a loss
-        # model.scores' logits, a chunk of rows at a time: the (n, n_items + 1) matrix is never held
-        loss = linear_cross_entropy(hidden, model.item_embedding.weight, targets, cfg.label_smoothing)
+    loss = step_loss(net, items, positions, targets, cfg)
     return loss / (n_targets if n_targets is not None else max(len(positions), 1))
 
 
@@ -112,21 +120,90 @@ def shard(batch: np.ndarray, start: np.ndarray, stop: np.ndarray, cfg: TrainConf
     return mine, count / world
 
 
-def train_epoch(net, opt, flat: torch.Tensor, start: np.ndarray, stop: np.ndarray, order: np.ndarray,
-                cfg: TrainConfig, *, rank: int = 0, world: int = 1, desc: str = "train") -> float:
+class EagerStep:
+    """A training step as PyTorch issues it, op by op: (start, stop, n_targets) -> the batch's loss, detached, after
+    the optimizer's step. Its shapes follow each batch: windows padded to the batch's longest, the loss at the real
+    targets only."""
+
+    def __init__(self, net, opt: torch.optim.Optimizer, flat: torch.Tensor, cfg: TrainConfig):
+        self.net, self.opt, self.flat, self.cfg = net, opt, flat, cfg
+
+    def __call__(self, start: np.ndarray, stop: np.ndarray, n_targets: float) -> torch.Tensor:
+        loss = batch_loss(self.net, self.flat, start, stop, self.cfg, n_targets)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+
+class GraphedStep(EagerStep):
+    """The same step replayed from one CUDA graph: a launch a step instead of several hundred.
+
+    At short lengths the host took 2-7 times as long to issue a step as the GPU to run it (benchmarks/RESULTS.md,
+    "Session 14: training steps replayed from a CUDA graph"). A graph fixes every shape, so each batch is read as
+    `padded_batch`: windows padded to (batch_size, max_len), the loss taken at every position that could have one,
+    with NO_TARGET where there is none. The batch sends only its windows' starts and lengths. The first CAPTURE_AFTER
+    steps run eagerly on a side stream; they are training steps too. The next is captured, then replayed with every
+    later batch. Dropout draws from the CUDA generator, which each replay advances, so `torch.manual_seed` still
+    decides the masks, and an eager warm-up step draws the masks a replay of it would.
+    """
+
+    def __init__(self, net, opt: torch.optim.Optimizer, flat: torch.Tensor, cfg: TrainConfig):
+        super().__init__(net, opt, flat, cfg)
+        self.windows = torch.zeros(2, cfg.batch_size, dtype=torch.long, device=cfg.device)  # first, length
+        self.divisor = torch.ones((), device=cfg.device)
+        self.side = torch.cuda.Stream(cfg.device)
+        self.graph, self.loss, self.eager_steps = None, None, 0
+
+    def _step(self) -> torch.Tensor:
+        first, length = self.windows
+        batch = padded_batch(self.flat, first, length, self.cfg.max_len, self.cfg.regime)
+        loss = step_loss(self.net, *batch, self.cfg) / self.divisor
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def __call__(self, start: np.ndarray, stop: np.ndarray, n_targets: float) -> torch.Tensor:
+        windows = np.zeros((2, self.cfg.batch_size), dtype=np.int64)  # rows past a short batch: length 0, no loss
+        windows[0, :len(start)], windows[1, :len(start)] = start, stop - start
+        self.windows.copy_(torch.from_numpy(windows).pin_memory(), non_blocking=True)
+        self.divisor.fill_(n_targets)
+        if self.graph is None and self.eager_steps < CAPTURE_AFTER:
+            self.eager_steps += 1
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                self.opt.zero_grad(set_to_none=True)
+                loss = self._step()
+            torch.cuda.current_stream().wait_stream(self.side)
+            return loss
+        if self.graph is None:
+            self.opt.zero_grad(set_to_none=True)  # the graph's backward makes the gradients; each replay rewrites them
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.loss = self._step()
+        self.graph.replay()
+        return self.loss
+
+
+def training_step(net, opt: torch.optim.Optimizer, flat: torch.Tensor, cfg: TrainConfig, world: int = 1) -> EagerStep:
+    """The step `train_epoch` runs: replayed from a CUDA graph on one CUDA device (cfg.cuda_graph), else eager (on
+    the CPU, under DDP, compiled or recomputing). `net` is what `stepped` returns."""
+    if cfg.cuda_graph and world == 1 and cfg.device.startswith("cuda") and not (cfg.compile or cfg.recompute):
+        return GraphedStep(net, opt, flat, cfg)
+    return EagerStep(net, opt, flat, cfg)
+
+
+def train_epoch(step: EagerStep, start: np.ndarray, stop: np.ndarray, order: np.ndarray, cfg: TrainConfig, *,
+                rank: int = 0, world: int = 1, desc: str = "train") -> float:
     """One pass over `order` (indices into start/stop) in global batches of cfg.batch_size; the mean loss."""
-    net.train()
+    step.net.train()
     began, shown, n = time.time(), 0.0, 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=cfg.device)  # summed where it is made: no sync a step
     bar = tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch", disable=rank != 0)
     for n, lo in enumerate(bar, 1):
         batch = order[lo:lo + cfg.batch_size]
         mine, n_targets = shard(batch, start, stop, cfg, rank, world)
-        loss = batch_loss(net, flat, start[mine], stop[mine], cfg, n_targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_sum += loss.detach()
+        loss_sum += step(start[mine], stop[mine], n_targets)
         if rank == 0 and time.time() - shown >= LOSS_SHOWN_EVERY_S:  # reading the loss waits for the GPU
             shown = time.time()
             bar.set_postfix(loss=f"{loss_sum.item() / n:.4f}", seq_s=f"{(lo + len(batch)) / (shown - began):.0f}")
@@ -180,7 +257,8 @@ def optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in net.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    # capturable: the step count stays on the device, so a CUDA graph can hold the optimizer's step
+    return torch.optim.AdamW(groups, lr=cfg.lr, capturable=cfg.device.startswith("cuda"))
 
 
 def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, world):
@@ -215,15 +293,14 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
     start, stop = training_windows(data.history, cfg.max_len, cfg.regime)
     if len(start) == 0:
         raise ValueError(f"{prepared_dir}: no training sequence has two events; nothing to learn from")
-    flat = training_flat(data.history, cfg.device)
+    step = training_step(trained, opt, training_flat(data.history, cfg.device), cfg, world)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if state["stale"] >= cfg.patience or state["out_of_time"]:
             break
         torch.manual_seed((cfg.seed + epoch) * world + rank)  # one process: seed + epoch, as before DDP
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(start))
         epoch_began = time.time()
-        loss = train_epoch(trained, opt, flat, start, stop, order, cfg, rank=rank, world=world,
-                           desc=f"epoch {epoch}/{cfg.epochs}")
+        loss = train_epoch(step, start, stop, order, cfg, rank=rank, world=world, desc=f"epoch {epoch}/{cfg.epochs}")
         train_seconds = time.time() - epoch_began
         if rank == 0:
             with precision_context(cfg.device, cfg.precision):

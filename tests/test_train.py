@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from prepared_data import markov_sequences, write_prepared
-from recblr.data import Sequences, gather, load_prepared, training_flat, training_windows
+from recblr.data import Sequences, gather, load_prepared, padded_batch, training_batch, training_flat, training_windows
 from recblr.loss import linear_cross_entropy
 from recblr.models import build, load
-from recblr.train import TrainConfig, batch_loss, fit, optimizer, stepped
+import recblr.train
+from recblr.train import (CAPTURE_AFTER, EagerStep, GraphedStep, TrainConfig, batch_loss, fit, optimizer, shard,
+                          step_loss, stepped)
 
 N_ITEMS = 24
 SMALL = {"d_model": 16, "dropout": 0.1}
@@ -87,6 +89,27 @@ def test_loss_positions_are_the_unpadded_targets_in_row_order(regime):
     assert torch.equal(loss, masked)
     for got, expected in zip(torch.autograd.grad(loss, list(model.parameters())), want, strict=True):
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("regime", ["prefix", "all"])
+def test_fixed_shape_batch_takes_the_same_loss(regime):
+    """padded_batch (what a CUDA graph replays: every window padded to max_len, a short batch filled with empty
+    rows, NO_TARGET where no loss is taken) gives training_batch's loss and gradients."""
+    history = ragged(SEQS)
+    start, stop = training_windows(history, max_len=4, regime=regime)
+    torch.manual_seed(0)
+    model = build("recblr", 16, d_model=8, dropout=0.0)
+    cfg = TrainConfig(regime=regime, device="cpu", max_len=4)
+    flat = training_flat(history, cfg.device)
+    first = torch.as_tensor(np.concatenate([start, [0, 0]]))  # two empty rows, as in a short last batch
+    length = torch.as_tensor(np.concatenate([stop - start, [0, 0]]))
+    fixed = padded_batch(flat, first, length, cfg.max_len, regime)
+    assert fixed[0].shape == (len(first), cfg.max_len)
+    want = step_loss(model, *training_batch(flat, start, stop, regime), cfg)
+    got = step_loss(model, *fixed, cfg)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(*(torch.autograd.grad(v, list(model.parameters())) for v in (got, want)), strict=True):
+        torch.testing.assert_close(g, w)
 
 
 @pytest.fixture(scope="module")
@@ -341,3 +364,66 @@ def test_training_step_never_waits_for_the_gpu(model_name, regime):
             opt.zero_grad(set_to_none=True)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def steps_over(step, start, stop, cfg, passes=2, error_after=None):
+    """The losses of `passes` passes of `step` over the windows in order; the steps past error_after run with the
+    sync debug mode at "error", so any wait for the GPU raises."""
+    losses, order = [], np.tile(np.arange(len(start)), passes)
+    for n, lo in enumerate(range(0, len(order), cfg.batch_size)):
+        mine, n_targets = shard(order[lo:lo + cfg.batch_size], start, stop, cfg, 0, 1)
+        torch.cuda.set_sync_debug_mode("error" if error_after is not None and n > error_after else "default")
+        try:
+            loss = step(start[mine], stop[mine], n_targets)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        losses.append(loss.clone())  # a replay rewrites its loss in place
+    return torch.stack(losses)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("regime", ["prefix", "all"])
+@pytest.mark.parametrize("model_name", ["recblr", "sasrec", "gru4rec", "lrurec"])
+def test_graphed_steps_equal_eager_steps(model_name, regime, monkeypatch):
+    """Without dropout, steps replayed from a CUDA graph (fixed shapes, short batches filled with empty rows) give
+    the eager steps' losses and weights, and a replay never waits for the GPU."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    history = ragged(SEQS * 8)
+    start, stop = training_windows(history, max_len=4, regime=regime)
+    cfg = TrainConfig(device="cuda", regime=regime, max_len=4, batch_size=6)  # the last batch of a pass is short
+    no_dropout = {"dropout": 0.0, **({"attn_dropout": 0.0} if model_name == "sasrec" else {})}
+    torch.manual_seed(0)
+    init = build(model_name, 16, d_model=8, **no_dropout).state_dict()
+    runs = []
+    for kind in (EagerStep, GraphedStep):
+        model = build(model_name, 16, d_model=8, **no_dropout).cuda().train()
+        model.load_state_dict(init)
+        step = kind(model, optimizer(model, cfg), training_flat(history, cfg.device), cfg)
+        losses = steps_over(step, start, stop, cfg, error_after=CAPTURE_AFTER if kind is GraphedStep else None)
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (eager_losses, eager_weights), (graph_losses, graph_weights) = runs
+    assert step.graph is not None and len(graph_losses) > CAPTURE_AFTER + 2  # replayed, more than once
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-5, atol=1e-6)
+    for g, e in zip(graph_weights, eager_weights, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_replays_draw_the_dropout_masks_of_eager_steps(monkeypatch):
+    """With dropout, a replay draws what the same step run eagerly draws from the same seed: so the eager warm-up
+    steps of a resumed run continue an unbroken run's replays exactly."""
+    history = ragged(SEQS * 8)
+    start, stop = training_windows(history, max_len=4, regime="all")
+    cfg = TrainConfig(device="cuda", max_len=4, batch_size=6)
+    runs = []
+    for capture_after in (1 << 30, recblr.train.CAPTURE_AFTER):  # never captured, then the default
+        monkeypatch.setattr(recblr.train, "CAPTURE_AFTER", capture_after)
+        torch.manual_seed(0)
+        model = build("recblr", 16, d_model=8, dropout=0.3).cuda().train()
+        step = GraphedStep(model, optimizer(model, cfg), training_flat(history, cfg.device), cfg)
+        torch.manual_seed(1)
+        runs.append(steps_over(step, start, stop, cfg))
+    assert step.graph is not None
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-6)

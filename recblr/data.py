@@ -134,13 +134,15 @@ def training_batch(flat: torch.Tensor, start: np.ndarray, stop: np.ndarray,
     raise ValueError(f"regime must be 'prefix' or 'all', got {regime!r}")
 
 
-def padded_batch(flat: torch.Tensor, first: torch.Tensor, length: torch.Tensor, width: int,
-                 regime: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`training_batch` at shapes that depend only on (B, width): what a step replayed from a CUDA graph reads.
+def padded_batch(flat: torch.Tensor, first: torch.Tensor, length: torch.Tensor, width: int, regime: str,
+                 capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`training_batch` at shapes that depend only on (B, width, capacity): what a step replayed from a CUDA graph
+    reads.
 
     first, length (B,): the windows, on flat's device; a row of length 0 (a short last batch's filler) takes no
-    loss. items are (B, width) whatever the lengths. Every position that could take a loss is listed (all B * width
-    for "all", one a row for "prefix"), and the target is NO_TARGET where there is none.
+    loss. items are (B, width) whatever the lengths. "all" lists its loss positions row by row as training_batch
+    does, in `capacity` slots (at least the batch's count), the slots past them with target NO_TARGET; "prefix"
+    takes one a row.
     """
     items, last = _padded_windows(flat, first, length, width), len(flat) - 1
     if regime == "prefix":
@@ -148,10 +150,13 @@ def padded_batch(flat: torch.Tensor, first: torch.Tensor, length: torch.Tensor, 
         targets = torch.where(length > 0, flat[(first + length).clamp(max=last)].long(), NO_TARGET)
         return items, rows * width + (length - 1).clamp(min=0), targets
     if regime == "all":
-        cols = torch.arange(width, device=flat.device)
-        after = flat[(first[:, None] + cols + 1).clamp(max=last)].long()  # (B, width): each position's next item
-        targets = torch.where(cols < length[:, None], after, NO_TARGET).flatten()
-        return items, torch.arange(targets.numel(), device=flat.device), targets
+        ends = length.cumsum(0)  # (B,): where each row's positions end among the slots
+        slot = torch.arange(capacity, device=flat.device)
+        row = torch.searchsorted(ends, slot, right=True).clamp_(max=len(first) - 1)
+        col = slot - (ends - length)[row]
+        real = slot < ends[-1]
+        targets = torch.where(real, flat[(first[row] + col + 1).clamp(0, last)].long(), NO_TARGET)
+        return items, torch.where(real, row * width + col, 0), targets
     raise ValueError(f"regime must be 'prefix' or 'all', got {regime!r}")
 
 

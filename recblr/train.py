@@ -39,6 +39,7 @@ LOSS_SHOWN_EVERY_S = 1.0  # the progress bar's loss and speed; more often would 
 # fields a resumed run may change: they alter neither the model nor what an epoch computes
 RESUMABLE_CHANGES = {"epochs", "device", "eval_batch_size", "time_budget_s", "recompute", "cuda_graph"}
 CAPTURE_AFTER = 3  # eager steps on a side stream before a CUDA graph is captured, the warm-up torch.cuda.graph asks
+LOSS_SLOTS_STEP = 1 / 16  # a graph's loss slots grow in steps of this share of batch_size * max_len
 
 
 @dataclass(frozen=True)
@@ -141,11 +142,12 @@ class GraphedStep(EagerStep):
 
     At short lengths the host took 2-7 times as long to issue a step as the GPU to run it (benchmarks/RESULTS.md,
     "Session 14: training steps replayed from a CUDA graph"). A graph fixes every shape, so each batch is read as
-    `padded_batch`: windows padded to (batch_size, max_len), the loss taken at every position that could have one,
-    with NO_TARGET where there is none. The batch sends only its windows' starts and lengths. The first CAPTURE_AFTER
-    steps run eagerly on a side stream; they are training steps too. The next is captured, then replayed with every
-    later batch. Dropout draws from the CUDA generator, which each replay advances, so `torch.manual_seed` still
-    decides the masks, and an eager warm-up step draws the masks a replay of it would.
+    `padded_batch`: windows padded to (batch_size, max_len), and in "all" the loss positions in a fixed number of
+    slots, a little more than the batch's count. A batch with more positions than slots is captured anew with more.
+    The batch sends only its windows' starts and lengths. The first CAPTURE_AFTER steps run eagerly on a side stream;
+    they are training steps too. The next is captured, then replayed with every later batch. Dropout draws from the
+    CUDA generator, which each replay advances, so `torch.manual_seed` still decides the masks, and an eager warm-up
+    step draws the masks a replay of it would.
     """
 
     def __init__(self, net, opt: torch.optim.Optimizer, flat: torch.Tensor, cfg: TrainConfig):
@@ -153,11 +155,11 @@ class GraphedStep(EagerStep):
         self.windows = torch.zeros(2, cfg.batch_size, dtype=torch.long, device=cfg.device)  # first, length
         self.divisor = torch.ones((), device=cfg.device)
         self.side = torch.cuda.Stream(cfg.device)
-        self.graph, self.loss, self.eager_steps = None, None, 0
+        self.graph, self.loss, self.eager_steps, self.slots = None, None, 0, 0
 
     def _step(self) -> torch.Tensor:
         first, length = self.windows
-        batch = padded_batch(self.flat, first, length, self.cfg.max_len, self.cfg.regime)
+        batch = padded_batch(self.flat, first, length, self.cfg.max_len, self.cfg.regime, self.slots)
         loss = step_loss(self.net, *batch, self.cfg) / self.divisor
         loss.backward()
         self.opt.step()
@@ -168,6 +170,11 @@ class GraphedStep(EagerStep):
         windows[0, :len(start)], windows[1, :len(start)] = start, stop - start
         self.windows.copy_(torch.from_numpy(windows).pin_memory(), non_blocking=True)
         self.divisor.fill_(n_targets)
+        positions = int(windows[1].sum())
+        if positions > self.slots:  # padding costs the loss: a step's slots follow the batches seen, plus a margin
+            full = self.cfg.batch_size * self.cfg.max_len
+            step = max(1, int(full * LOSS_SLOTS_STEP))
+            self.slots, self.graph = min(full, (positions // step + 2) * step), None
         if self.graph is None and self.eager_steps < CAPTURE_AFTER:
             self.eager_steps += 1
             self.side.wait_stream(torch.cuda.current_stream())

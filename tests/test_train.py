@@ -94,7 +94,7 @@ def test_loss_positions_are_the_unpadded_targets_in_row_order(regime):
 @pytest.mark.parametrize("regime", ["prefix", "all"])
 def test_fixed_shape_batch_takes_the_same_loss(regime):
     """padded_batch (what a CUDA graph replays: every window padded to max_len, a short batch filled with empty
-    rows, NO_TARGET where no loss is taken) gives training_batch's loss and gradients."""
+    rows, spare loss slots with NO_TARGET) gives training_batch's loss and gradients."""
     history = ragged(SEQS)
     start, stop = training_windows(history, max_len=4, regime=regime)
     torch.manual_seed(0)
@@ -103,8 +103,10 @@ def test_fixed_shape_batch_takes_the_same_loss(regime):
     flat = training_flat(history, cfg.device)
     first = torch.as_tensor(np.concatenate([start, [0, 0]]))  # two empty rows, as in a short last batch
     length = torch.as_tensor(np.concatenate([stop - start, [0, 0]]))
-    fixed = padded_batch(flat, first, length, cfg.max_len, regime)
+    slots = int(length.sum()) + 3  # "all" lists its positions in more slots than it has
+    fixed = padded_batch(flat, first, length, cfg.max_len, regime, slots)
     assert fixed[0].shape == (len(first), cfg.max_len)
+    assert len(fixed[2]) == (slots if regime == "all" else len(first))
     want = step_loss(model, *training_batch(flat, start, stop, regime), cfg)
     got = step_loss(model, *fixed, cfg)
     torch.testing.assert_close(got, want)

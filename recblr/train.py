@@ -170,7 +170,7 @@ class GraphedStep(EagerStep):
         windows[0, :len(start)], windows[1, :len(start)] = start, stop - start
         self.windows.copy_(torch.from_numpy(windows).pin_memory(), non_blocking=True)
         self.divisor.fill_(n_targets)
-        positions = int(windows[1].sum())
+        positions = int(windows[1].sum()) if self.cfg.regime == "all" else self.cfg.batch_size  # "prefix": one a row
         if positions > self.slots:  # padding costs the loss: a step's slots follow the batches seen, plus a margin
             full = self.cfg.batch_size * self.cfg.max_len
             step = max(1, int(full * LOSS_SLOTS_STEP))

@@ -46,7 +46,8 @@ def worker(prepared: Path, model: str, out: Path, args) -> None:
 def recipe(args) -> dict:
     """The TrainConfig fields given on the command line; the others keep TrainConfig's defaults."""
     given = {"regime": args.regime, "batch_size": args.batch_size, "label_smoothing": args.label_smoothing,
-             "lr": args.lr, "weight_decay": args.weight_decay, "patience": args.patience, "cuda_graph": args.cuda_graph}
+             "lr": args.lr, "weight_decay": args.weight_decay, "patience": args.patience, "cuda_graph": args.cuda_graph,
+             "batch_by_length": args.batch_by_length}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -94,6 +95,8 @@ def main() -> None:
     parser.add_argument("--patience", type=int, help="default: TrainConfig's")
     parser.add_argument("--cuda-graph", type=lambda v: v.lower() in ("1", "true", "on"),
                         help="true / false: TrainConfig.cuda_graph (default: TrainConfig's, on)")
+    parser.add_argument("--batch-by-length", type=lambda v: v.lower() in ("1", "true", "on"),
+                        help="true / false: TrainConfig.batch_by_length (default: TrainConfig's)")
     parser.add_argument("--deadline", type=float, default=480.0, help="each run's time budget, seconds")
     parser.add_argument("--worker", nargs=2, metavar=("PREPARED", "MODEL"), help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # a worker's one seed

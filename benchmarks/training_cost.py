@@ -95,12 +95,12 @@ def measure(prepared: Path, model: str, T: int, args) -> dict:
     """One (model, T): warm-up batches, then the timed epochs; runs in a worker process of its own."""
     from recblr.data import load_prepared, training_flat, training_windows
     from recblr.models import build
-    from recblr.train import TrainConfig, optimizer, stepped, train_epoch, training_step
+    from recblr.train import TrainConfig, epoch_order, optimizer, stepped, train_epoch, training_step
 
     cuda = args.device.startswith("cuda")
     cfg = TrainConfig(batch_size=args.batch_size, max_len=T, regime="all", device=args.device,
                       precision=args.precision, epochs=1, compile=args.compile, recompute=args.recompute,
-                      cuda_graph=not args.no_cuda_graph)
+                      cuda_graph=not args.no_cuda_graph, batch_by_length=args.by_length)
     data = load_prepared(prepared)
     torch.manual_seed(0)
     name = "sasrec" if model.startswith("sasrec") else model
@@ -108,7 +108,7 @@ def measure(prepared: Path, model: str, T: int, args) -> dict:
     opt = optimizer(net, cfg)
     start, stop = training_windows(data.history, T, "all")
     step = training_step(stepped(net, cfg), opt, training_flat(data.history, args.device), cfg)
-    order = np.random.default_rng(0).permutation(len(start))
+    order = epoch_order(stop - start, cfg, 0)
     attention = contextlib.nullcontext()
     if model == "sasrec-math":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -175,6 +175,8 @@ def main() -> None:
                         help="TrainConfig.recompute: every model re-runs its blocks in the backward")
     parser.add_argument("--no-cuda-graph", action="store_true",
                         help="TrainConfig.cuda_graph off: every step issued op by op, as under DDP")
+    parser.add_argument("--by-length", action="store_true",
+                        help="TrainConfig.batch_by_length: batches of windows of similar length")
     parser.add_argument("--profile", type=int, default=0, metavar="BATCHES",
                         help="after the timed epochs, profile this many batches to profile_<model>_T<T>.txt")
     parser.add_argument("--data", type=Path, default=Path("benchmarks/out/xlong_synth/prepared"))

@@ -142,6 +142,7 @@ def train(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training forward (default off): faster epochs after a compile of about 40 s; for long runs on a GPU."),
     recompute: Optional[bool] = typer.Option(None, "--recompute/--no-recompute", help="Keep only each block's input and re-run the block in the backward (default off): 0.57x the GPU memory for 1.3x the time at T=1000 on an H100; for long sequences."),
     cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="Replay each training step from a CUDA graph (default on; it applies on one GPU without --compile or --recompute): the host issues one launch a step instead of hundreds."),
+    batch_by_length: Optional[bool] = typer.Option(None, "--batch-by-length/--no-batch-by-length", help="Batch windows of similar length together (default off): less padding, so faster epochs where lengths vary."),
     set_: list[str] = typer.Option([], "--set", help="Model config override FIELD=VALUE, repeatable (e.g. dropout=0.5)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.pt."),
     as_json: bool = AsJson,
@@ -160,7 +161,7 @@ def train(
                         "label_smoothing": label_smoothing, "max_len": max_len, "regime": regime,
                         "patience": patience, "seed": seed, "device": device, "precision": precision,
                         "eval_batch_size": eval_batch_size, "time_budget_s": time_budget_s, "compile": compile,
-                        "recompute": recompute, "cuda_graph": cuda_graph})
+                        "recompute": recompute, "cuda_graph": cuda_graph, "batch_by_length": batch_by_length})
     try:
         result = fit(data_dir / "prepared", run_dir or data_dir / "runs" / model, model,
                      overrides=_parse_sets(set_), train=cfg, resume=resume)
@@ -247,6 +248,7 @@ def run_all(
     time_budget_s: Optional[float] = typer.Option(None, "--time-budget-s", help="Training's time budget: no epoch starts that would end past it."),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the training forward, as `recblr train --compile`."),
     recompute: bool = typer.Option(False, "--recompute/--no-recompute", help="Less GPU memory for some more time, as `recblr train --recompute`."),
+    batch_by_length: bool = typer.Option(False, "--batch-by-length/--no-batch-by-length", help="Batches of similar-length windows, as `recblr train --batch-by-length`."),
     min_count: int = typer.Option(5, "--min-count", help="k of the k-core filter."),
     max_quarantined: float = typer.Option(0.05, "--max-quarantined", help="Largest share of rejected rows."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
@@ -258,7 +260,7 @@ def run_all(
     from pipeline.run import run_pipeline
 
     train = {"epochs": epochs, "max_len": max_len, "time_budget_s": time_budget_s, "compile": compile,
-             "recompute": recompute}
+             "recompute": recompute, "batch_by_length": batch_by_length}
     out = run_pipeline(data_dir, run_key=run_key, source=str(source) if source else None, fmt=fmt, model=model,
                        train=train, overrides=_parse_sets(set_), min_count=min_count,
                        max_quarantined=max_quarantined, tracking_uri=tracking_uri, model_name=model_name,

@@ -135,8 +135,8 @@ def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "re
     """Train on the run's prepared data, logging to a fresh MLflow run; the weights land in <partition>/model.
 
     train: TrainConfig fields by name, None for its default (see recblr.train.TrainConfig for what each
-    means). The pipeline's callers pass epochs, max_len, time_budget_s, compile and recompute: the DAG's
-    TRAIN_PARAMS and `recblr run`'s options of the same names.
+    means). The pipeline's callers pass epochs, max_len, time_budget_s, compile, recompute and batch_by_length:
+    the DAG's TRAIN_PARAMS and `recblr run`'s options of the same names.
     overrides: model config fields by name.
     nproc_per_node: DDP ranks, one per GPU ("auto": every visible GPU); 1 trains in this process.
     """
@@ -206,7 +206,7 @@ def run_pipeline(data_dir: Path, *, run_key: str | None = None, source: str | No
     """All steps in order, training on nproc_per_node DDP ranks: what the DAG does, without Airflow.
 
     train: TrainConfig fields by name, as for train_step (`recblr run` passes epochs, max_len, time_budget_s,
-    compile and recompute; recblr.train.TrainConfig says what they mean).
+    compile, recompute and batch_by_length; recblr.train.TrainConfig says what they mean).
     """
     from pipeline.launch import resolve_nproc
     from pipeline.tracking import resolve_tracking_uri

@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 import torch
 
 NO_TARGET = -100  # the target of a position that takes no loss: F.cross_entropy's default ignore_index
+# similar_length_batches sorts pools of this many batches: more would sort better but mix the epoch less
+LENGTH_POOL_BATCHES = 16
 
 @dataclass(frozen=True)
 class Sequences:
@@ -196,3 +198,20 @@ def training_windows(history: Sequences, max_len: int, regime: str) -> tuple[np.
         stop = off[user] + lengths[user] - 1 - k * max_len
         return np.maximum(off[user], stop - max_len), stop
     raise ValueError(f"regime must be 'prefix' or 'all', got {regime!r}")
+
+
+def similar_length_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int,
+                           rng: np.random.Generator) -> np.ndarray:
+    """`order` rearranged so that each run of batch_size holds windows of similar length: a batch is padded to its
+    longest, so sorted batches spend far less on padding (benchmarks/RESULTS.md, "Session 17").
+
+    order is taken in pools of LENGTH_POOL_BATCHES batches, each pool sorted longest first (stably: equal lengths
+    keep order's random order), cut into batches, and the full batches shuffled with rng. The one short batch, if
+    any, stays last, so slicing the result by batch_size still yields whole batches.
+    """
+    pool = LENGTH_POOL_BATCHES * batch_size
+    pools = np.split(order, range(pool, len(order), pool))
+    ranked = np.concatenate([p[np.argsort(-lengths[p], kind="stable")] for p in pools]) if len(order) else order
+    n_full = len(order) // batch_size
+    full = ranked[:n_full * batch_size].reshape(n_full, batch_size)
+    return np.concatenate([full[rng.permutation(n_full)].ravel(), ranked[n_full * batch_size:]])

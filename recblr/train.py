@@ -30,7 +30,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from recblr.data import load_prepared, padded_batch, training_batch, training_flat, training_windows
+from recblr.data import (load_prepared, padded_batch, similar_length_batches, training_batch, training_flat,
+                         training_windows)
 from recblr.evaluate import PRECISIONS, evaluate, precision_context
 from recblr.loss import linear_cross_entropy
 from recblr.models import build, load, resolve_device, save
@@ -42,6 +43,14 @@ CAPTURE_AFTER = 3  # eager steps on a side stream before a CUDA graph is capture
 # a graph's loss slots grow in steps of this share of batch_size * max_len: spare slots cost loss work at every
 # replay, a re-capture costs once (1/64 against 1/16: T = 4096 epochs 1.22 -> 1.17 s on an H100)
 LOSS_SLOTS_STEP = 1 / 64
+# a graphed step pads its windows to the least width that holds the batch's longest, of max_len divided by powers of
+# this ratio down to about MIN_GRAPH_WIDTH: one graph a width, each padding at most ratio - 1 more than a batch needs
+GRAPH_WIDTH_RATIO = 2 ** 0.5
+MIN_GRAPH_WIDTH = 8
+# past this many positions a batch (batch_size x max_len) the GPU sets the pace, and a graph would only add padding:
+# on an H100, at 512 x 1000 the eager step was 2-4% faster (6% with batch_by_length); at 512 x 500 the two were even
+# (the graph 6% faster with batch_by_length); benchmarks/RESULTS.md, "Session 17"
+GRAPH_MAX_POSITIONS = 2 ** 18
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward: fewer, fused kernels for a compile at start
     recompute: bool = False  # keep each block's input only and re-run the block in the backward: less memory
     cuda_graph: bool = True  # on one CUDA device without compile or recompute, replay each step from a CUDA graph
+    batch_by_length: bool = False  # batches of windows of similar length (recblr.data.similar_length_batches)
 
     def __post_init__(self):
         if self.regime not in ("prefix", "all"):
@@ -109,14 +119,26 @@ def batch_loss(net, flat: torch.Tensor, start: np.ndarray, stop: np.ndarray, cfg
     return loss / (n_targets if n_targets is not None else max(len(positions), 1))
 
 
-def shard(batch: np.ndarray, start: np.ndarray, stop: np.ndarray, cfg: TrainConfig, rank: int, world: int):
-    """This rank's samples of a global batch and the divisor that makes the ranks' mean loss the batch's mean.
+def epoch_order(lengths: np.ndarray, cfg: TrainConfig, epoch: int) -> np.ndarray:
+    """The order in which epoch `epoch` takes the windows of these lengths, batch_size at a time: a permutation drawn
+    from (seed, epoch) alone, so a resumed run replays it; with cfg.batch_by_length, rearranged into batches of
+    similar lengths."""
+    rng = np.random.default_rng([cfg.seed, epoch])
+    order = rng.permutation(len(lengths))
+    return similar_length_batches(order, lengths, cfg.batch_size, rng) if cfg.batch_by_length else order
+
+
+def shard(batch: np.ndarray, start: np.ndarray, stop: np.ndarray, cfg: TrainConfig, rank: int, world: int,
+          count: Optional[float] = None):
+    """This rank's samples of a global batch and the divisor that makes the ranks' mean loss the batch's mean, or
+    the batch's sum over `count` when given.
 
     DDP averages gradients over ranks, so each rank divides its sum by (global target count / world).
     A last batch smaller than the world leaves some ranks empty: they run one sample at zero weight, so
     every rank still joins each gradient all-reduce.
     """
-    count = len(batch) if cfg.regime == "prefix" else int((stop[batch] - start[batch]).sum())
+    if count is None:
+        count = len(batch) if cfg.regime == "prefix" else int((stop[batch] - start[batch]).sum())
     mine = batch[rank::world]
     if len(mine) == 0:
         return batch[:1], float("inf")
@@ -140,15 +162,17 @@ class EagerStep:
 
 
 class GraphedStep(EagerStep):
-    """The same step replayed from one CUDA graph: a launch a step instead of several hundred.
+    """The same step replayed from CUDA graphs: a launch a step instead of several hundred.
 
     At short lengths the host took 2-7 times as long to issue a step as the GPU to run it (benchmarks/RESULTS.md,
     "Session 14: training steps replayed from a CUDA graph"). A graph fixes every shape, so each batch is read as
-    `padded_batch`: windows padded to (batch_size, max_len), and in "all" the loss positions in a fixed number of
-    slots, a little more than the batch's count. A batch with more positions than slots is captured anew with more.
-    The batch sends only its windows' starts and lengths. The first CAPTURE_AFTER steps run eagerly on a side stream;
-    they are training steps too. The next is captured, then replayed with every later batch. Dropout draws from the
-    CUDA generator, which each replay advances, so `torch.manual_seed` still decides the masks, and an eager warm-up
+    `padded_batch`: windows padded to (batch_size, width), width the least of `graph_widths` that holds the batch's
+    longest, and in "all" the loss positions in a fixed number of slots, a little more than the batch's count. Each
+    width has a graph of its own; they never run at once, so they share one memory pool. A batch with more positions
+    than its width's slots is captured anew with more. The batch sends only its windows' starts and lengths.
+    The first CAPTURE_AFTER steps, and the first step at each width, run eagerly on a side stream; they are training
+    steps too. The next at that width is captured, then replayed with every later batch of that width. Dropout draws
+    from the CUDA generator, which each replay advances, so `torch.manual_seed` still decides the masks, and an eager
     step draws the masks a replay of it would.
     """
 
@@ -157,11 +181,15 @@ class GraphedStep(EagerStep):
         self.windows = torch.zeros(2, cfg.batch_size, dtype=torch.long, device=cfg.device)  # first, length
         self.divisor = torch.ones((), device=cfg.device)
         self.side = torch.cuda.Stream(cfg.device)
-        self.graph, self.loss, self.eager_steps, self.slots = None, None, 0, 0
+        self.pool = torch.cuda.graph_pool_handle()
+        self.widths = graph_widths(cfg.max_len)
+        self.graphs: dict[int, tuple] = {}  # width -> its graph, the graph's loss, the graph's slots
+        self.slots: dict[int, int] = {}  # width -> the loss slots its next graph or eager step gets
+        self.eager_steps, self.warm = 0, set()  # eager steps so far, widths stepped eagerly
 
-    def _step(self) -> torch.Tensor:
+    def _step(self, width: int) -> torch.Tensor:
         first, length = self.windows
-        batch = padded_batch(self.flat, first, length, self.cfg.max_len, self.cfg.regime, self.slots)
+        batch = padded_batch(self.flat, first, length, width, self.cfg.regime, self.slots[width])
         loss = step_loss(self.net, *batch, self.cfg) / self.divisor
         loss.backward()
         self.opt.step()
@@ -172,46 +200,68 @@ class GraphedStep(EagerStep):
         windows[0, :len(start)], windows[1, :len(start)] = start, stop - start
         self.windows.copy_(torch.from_numpy(windows).pin_memory(), non_blocking=True)
         self.divisor.fill_(n_targets)
+        width = int(self.widths[np.searchsorted(self.widths, windows[1].max())])
         positions = int(windows[1].sum()) if self.cfg.regime == "all" else self.cfg.batch_size  # "prefix": one a row
-        if positions > self.slots:  # padding costs the loss: a step's slots follow the batches seen, plus a margin
-            full = self.cfg.batch_size * self.cfg.max_len
+        if positions > self.slots.get(width, 0):  # padding costs the loss: slots follow the batches seen, plus a margin
+            full = self.cfg.batch_size * width
             step = max(1, int(full * LOSS_SLOTS_STEP))
-            self.slots, self.graph = min(full, (positions // step + 2) * step), None
-        if self.graph is None and self.eager_steps < CAPTURE_AFTER:
+            self.slots[width] = min(full, (positions // step + 2) * step)
+        graph, loss, slots = self.graphs.get(width, (None, None, 0))
+        if slots < self.slots[width] and (self.eager_steps < CAPTURE_AFTER or width not in self.warm):
             self.eager_steps += 1
+            self.warm.add(width)  # kernels for this width are compiled outside any capture
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
                 self.opt.zero_grad(set_to_none=True)
-                loss = self._step()
+                loss = self._step(width)
             torch.cuda.current_stream().wait_stream(self.side)
             return loss
-        if self.graph is None:
+        if slots < self.slots[width]:  # no graph yet, or one with too few slots; an old one is dropped only once the
+            # new one is made, since the shared pool dies with its last graph
             self.opt.zero_grad(set_to_none=True)  # the graph's backward makes the gradients; each replay rewrites them
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.loss = self._step()
-        self.graph.replay()
-        return self.loss
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                loss = self._step(width)
+            self.graphs[width] = graph, loss, self.slots[width]
+        graph.replay()
+        return loss
+
+
+def graph_widths(max_len: int) -> np.ndarray:
+    """The window widths a graphed step pads to, ascending: max_len / GRAPH_WIDTH_RATIO**k, rounded up, for k = 0, 1,
+    ... until one is MIN_GRAPH_WIDTH or less."""
+    n = int(np.ceil(np.log(max(max_len / MIN_GRAPH_WIDTH, 1)) / np.log(GRAPH_WIDTH_RATIO)))
+    return np.unique(np.ceil(max_len / GRAPH_WIDTH_RATIO ** np.arange(n + 1)).astype(np.int64))
 
 
 def training_step(net, opt: torch.optim.Optimizer, flat: torch.Tensor, cfg: TrainConfig, world: int = 1) -> EagerStep:
-    """The step `train_epoch` runs: replayed from a CUDA graph on one CUDA device (cfg.cuda_graph), else eager (on
-    the CPU, under DDP, compiled or recomputing). `net` is what `stepped` returns."""
-    if cfg.cuda_graph and world == 1 and cfg.device.startswith("cuda") and not (cfg.compile or cfg.recompute):
+    """The step `train_epoch` runs: replayed from CUDA graphs on one CUDA device (cfg.cuda_graph) for batches of up
+    to GRAPH_MAX_POSITIONS positions, else eager (on the CPU, under DDP, compiled, recomputing or long windows). `net`
+    is what `stepped` returns."""
+    if (cfg.cuda_graph and world == 1 and cfg.device.startswith("cuda") and not (cfg.compile or cfg.recompute)
+            and cfg.batch_size * cfg.max_len <= GRAPH_MAX_POSITIONS):
         return GraphedStep(net, opt, flat, cfg)
     return EagerStep(net, opt, flat, cfg)
 
 
 def train_epoch(step: EagerStep, start: np.ndarray, stop: np.ndarray, order: np.ndarray, cfg: TrainConfig, *,
                 rank: int = 0, world: int = 1, desc: str = "train") -> float:
-    """One pass over `order` (indices into start/stop) in global batches of cfg.batch_size; the mean loss."""
+    """One pass over `order` (indices into start/stop) in global batches of cfg.batch_size; the mean loss.
+
+    Batches of similar lengths (cfg.batch_by_length) hold unequal numbers of targets in "all": each batch's sum is
+    divided by the epoch's mean count instead of its own, so every target weighs what it weighs in random batches,
+    instead of the few targets of short windows outweighing the many of long ones.
+    """
     step.net.train()
     began, shown, n = time.time(), 0.0, 0
+    per_batch = None
+    if cfg.batch_by_length and cfg.regime == "all":
+        per_batch = float((stop[order] - start[order]).sum()) / max(-(-len(order) // cfg.batch_size), 1)
     loss_sum = torch.zeros((), dtype=torch.float64, device=cfg.device)  # summed where it is made: no sync a step
     bar = tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch", disable=rank != 0)
     for n, lo in enumerate(bar, 1):
         batch = order[lo:lo + cfg.batch_size]
-        mine, n_targets = shard(batch, start, stop, cfg, rank, world)
+        mine, n_targets = shard(batch, start, stop, cfg, rank, world, per_batch)
         loss_sum += step(start[mine], stop[mine], n_targets)
         if rank == 0 and time.time() - shown >= LOSS_SHOWN_EVERY_S:  # reading the loss waits for the GPU
             shown = time.time()
@@ -307,7 +357,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
         if state["stale"] >= cfg.patience or state["out_of_time"]:
             break
         torch.manual_seed((cfg.seed + epoch) * world + rank)  # one process: seed + epoch, as before DDP
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(start))
+        order = epoch_order(stop - start, cfg, epoch)
         epoch_began = time.time()
         loss = train_epoch(step, start, stop, order, cfg, rank=rank, world=world, desc=f"epoch {epoch}/{cfg.epochs}")
         train_seconds = time.time() - epoch_began

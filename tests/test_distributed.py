@@ -77,7 +77,7 @@ def test_every_train_config_field_reaches_recblr_train_as_an_option(tmp_path):
 
     changed = TrainConfig(epochs=7, batch_size=8, lr=0.5, weight_decay=0.1, label_smoothing=0.0, max_len=9,
                           regime="prefix", patience=3, seed=1, device="cpu", eval_batch_size=16, precision="bf16",
-                          time_budget_s=60.0, compile=True, recompute=True, cuda_graph=False)
+                          time_budget_s=60.0, compile=True, recompute=True, cuda_graph=False, batch_by_length=True)
     assert all(getattr(changed, f.name) != f.default for f in dataclasses.fields(TrainConfig))
     args = train_args(tmp_path, tmp_path / "run", "sasrec", {"dropout": 0.5, "norm": "rms"}, changed)
     parsed = get_command(app).commands["train"].make_context("train", args[1:]).params

@@ -32,7 +32,8 @@ def test_every_recblr_run_option_named_as_a_train_config_field_reaches_run_pipel
     from pipeline.cli import app
     from pipeline.launch import cli_option
 
-    changed = {"epochs": 7, "max_len": 9, "time_budget_s": 60.0, "compile": True, "recompute": True}
+    changed = {"epochs": 7, "max_len": 9, "time_budget_s": 60.0, "compile": True, "recompute": True,
+               "batch_by_length": True}
     options = {p.name for p in get_command(app).commands["run"].params}
     assert options & {f.name for f in dataclasses.fields(TrainConfig)} == set(changed)
     assert all(TrainConfig.__dataclass_fields__[name].default != value for name, value in changed.items())

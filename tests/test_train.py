@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from prepared_data import markov_sequences, write_prepared
-from recblr.data import Sequences, gather, load_prepared, padded_batch, training_batch, training_flat, training_windows
+from recblr.data import (LENGTH_POOL_BATCHES, Sequences, gather, load_prepared, padded_batch, similar_length_batches,
+                         training_batch, training_flat, training_windows)
 from recblr.loss import linear_cross_entropy
 from recblr.models import build, load
 import recblr.train
-from recblr.train import (CAPTURE_AFTER, EagerStep, GraphedStep, TrainConfig, batch_loss, fit, optimizer, shard,
-                          step_loss, stepped)
+from recblr.train import (EagerStep, GraphedStep, TrainConfig, batch_loss, epoch_order, fit,
+                          graph_widths, optimizer, shard, step_loss, stepped, train_epoch, training_step)
 
 N_ITEMS = 24
 SMALL = {"d_model": 16, "dropout": 0.1}
@@ -115,6 +116,72 @@ def test_fixed_shape_batch_takes_the_same_loss(regime):
         torch.testing.assert_close(g, w)
 
 
+def test_similar_length_batches_sort_pools_and_shuffle_whole_batches():
+    lengths = np.random.default_rng(0).integers(1, 200, size=10 * LENGTH_POOL_BATCHES * 8 + 5)
+    order = np.random.default_rng(1).permutation(len(lengths))
+    got = similar_length_batches(order, lengths, 8, np.random.default_rng(2))
+    assert sorted(got) == list(range(len(lengths)))  # every window once
+    batches = [got[lo:lo + 8] for lo in range(0, len(got), 8)]
+    assert len(batches[-1]) == 5 and all(len(b) == 8 for b in batches[:-1])  # the short batch stays last
+    pools = [order[lo:lo + 8 * LENGTH_POOL_BATCHES] for lo in range(0, len(order), 8 * LENGTH_POOL_BATCHES)]
+    pool_of = {int(w): n for n, p in enumerate(pools) for w in p}
+    assert all(len({pool_of[int(w)] for w in b}) == 1 for b in batches)  # a batch is cut from one pool
+    spread = lambda bs: np.mean([np.ptp(lengths[b]) for b in bs])  # noqa: E731
+    random_batches = [order[lo:lo + 8] for lo in range(0, len(order), 8)]
+    assert spread(batches) < spread(random_batches) / 10
+    assert [pool_of[int(b[0])] for b in batches[:-1]] != sorted(pool_of[int(b[0])] for b in batches[:-1])  # shuffled
+    # equal lengths keep the permutation's order, so ties are broken by the seed, not by window index
+    ties = similar_length_batches(order, np.ones_like(lengths), 8, np.random.default_rng(2))
+    assert sorted(map(tuple, ties[:-5].reshape(-1, 8))) == sorted(map(tuple, order[:-5].reshape(-1, 8)))
+
+
+def test_epoch_order_is_a_seeded_permutation_that_batch_by_length_rearranges():
+    lengths = np.random.default_rng(0).integers(1, 50, size=1000)
+    plain, by_length = TrainConfig(batch_size=16), TrainConfig(batch_size=16, batch_by_length=True)
+    assert np.array_equal(epoch_order(lengths, plain, 3), np.random.default_rng([42, 3]).permutation(1000))
+    assert np.array_equal(epoch_order(lengths, by_length, 3), epoch_order(lengths, by_length, 3))
+    assert not np.array_equal(epoch_order(lengths, by_length, 3), epoch_order(lengths, by_length, 4))
+    assert sorted(epoch_order(lengths, by_length, 3)) == list(range(1000))
+
+
+def test_graph_widths_shrink_by_a_fixed_ratio_from_max_len():
+    assert graph_widths(50).tolist() == [7, 9, 13, 18, 25, 36, 50]
+    widths = graph_widths(4096)
+    assert widths[-1] == 4096 and widths[0] <= recblr.train.MIN_GRAPH_WIDTH < widths[1]
+    assert np.all(widths[1:] <= np.ceil(widths[:-1] * recblr.train.GRAPH_WIDTH_RATIO))  # padding at most ratio - 1
+    assert graph_widths(4).tolist() == [4] and graph_widths(1).tolist() == [1]
+
+
+class Recorder(EagerStep):
+    """A step that only records what train_epoch hands it."""
+
+    def __init__(self, cfg):
+        self.net, self.cfg, self.calls = torch.nn.Linear(1, 1), cfg, []
+
+    def __call__(self, start, stop, n_targets):
+        self.calls.append((int((stop - start).sum()), n_targets))
+        return torch.zeros(())
+
+
+@pytest.mark.parametrize("regime", ["prefix", "all"])
+def test_batches_of_similar_length_weigh_every_target_alike(regime):
+    """Random batches divide by their own count; batches of similar length (few targets in short ones) divide
+    their sum by the epoch's mean count in "all", so each target weighs the same in both orders."""
+    history = ragged([list(range(1, n + 2)) for n in np.random.default_rng(0).integers(1, 30, size=200)])
+    start, stop = training_windows(history, max_len=30, regime=regime)
+    for by_length in (False, True):
+        cfg = TrainConfig(device="cpu", regime=regime, batch_size=16, batch_by_length=by_length)
+        step = Recorder(cfg)
+        train_epoch(step, start, stop, epoch_order(stop - start, cfg, 1), cfg)
+        counts, divisors = map(np.array, zip(*step.calls))
+        if regime == "prefix":
+            assert np.array_equal(divisors, [min(16, len(start) - lo) for lo in range(0, len(start), 16)])
+        elif by_length:
+            assert np.allclose(divisors, (stop - start).sum() / len(counts)) and np.ptp(counts) > counts.mean()
+        else:
+            assert np.array_equal(divisors, counts)
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     return write_prepared(tmp_path_factory.mktemp("train") / "prepared", markov_sequences(150, N_ITEMS, 10), N_ITEMS)
@@ -160,17 +227,19 @@ class Killed(Exception):
     pass
 
 
-def test_a_killed_run_resumes_to_the_same_result(prepared, tmp_path):
-    straight = fit(prepared, tmp_path / "a", overrides=SMALL, train=quick())
+@pytest.mark.parametrize("batch_by_length", [False, True])
+def test_a_killed_run_resumes_to_the_same_result(prepared, tmp_path, batch_by_length):
+    quick_run = lambda: quick(batch_by_length=batch_by_length)  # noqa: E731
+    straight = fit(prepared, tmp_path / "a", overrides=SMALL, train=quick_run())
 
     def kill_after_2(epoch, record):
         if epoch == 2:
             raise Killed
 
     with pytest.raises(Killed):
-        fit(prepared, tmp_path / "b", overrides=SMALL, train=quick(), on_epoch=kill_after_2)
+        fit(prepared, tmp_path / "b", overrides=SMALL, train=quick_run(), on_epoch=kill_after_2)
     seen = []
-    resumed = fit(prepared, tmp_path / "b", overrides=SMALL, train=quick(), resume=True,
+    resumed = fit(prepared, tmp_path / "b", overrides=SMALL, train=quick_run(), resume=True,
                   on_epoch=lambda epoch, record: seen.append(epoch))
     assert seen == [3]
     strip = lambda h: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in h]  # noqa: E731
@@ -369,18 +438,21 @@ def test_training_step_never_waits_for_the_gpu(model_name, regime):
             torch.cuda.set_sync_debug_mode("default")
 
 
-def steps_over(step, start, stop, cfg, passes=2, error_after=None):
-    """The losses of `passes` passes of `step` over the windows in order; the steps past error_after run with the
-    sync debug mode at "error", so any wait for the GPU raises."""
-    losses, order = [], np.tile(np.arange(len(start)), passes)
-    for n, lo in enumerate(range(0, len(order), cfg.batch_size)):
-        mine, n_targets = shard(order[lo:lo + cfg.batch_size], start, stop, cfg, 0, 1)
-        torch.cuda.set_sync_debug_mode("error" if error_after is not None and n > error_after else "default")
-        try:
-            loss = step(start[mine], stop[mine], n_targets)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        losses.append(loss.clone())  # a replay rewrites its loss in place
+def steps_over(step, start, stop, cfg, order=None, passes=3, check_last_pass=False):
+    """The losses of `passes` passes of `step` over the windows in `order` (default: as listed); with
+    check_last_pass the last pass, when every width has its graph, runs with the sync debug mode at "error", so any
+    wait for the GPU raises."""
+    order = np.arange(len(start)) if order is None else order
+    losses = []
+    for n in range(passes):
+        for lo in range(0, len(order), cfg.batch_size):
+            mine, n_targets = shard(order[lo:lo + cfg.batch_size], start, stop, cfg, 0, 1)
+            torch.cuda.set_sync_debug_mode("error" if check_last_pass and n == passes - 1 else "default")
+            try:
+                loss = step(start[mine], stop[mine], n_targets)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            losses.append(loss.clone())  # a replay rewrites its loss in place
     return torch.stack(losses)
 
 
@@ -388,13 +460,17 @@ def steps_over(step, start, stop, cfg, passes=2, error_after=None):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("regime", ["prefix", "all"])
 @pytest.mark.parametrize("model_name", ["recblr", "sasrec", "gru4rec", "lrurec"])
-def test_graphed_steps_equal_eager_steps(model_name, regime, monkeypatch):
-    """Without dropout, steps replayed from a CUDA graph (fixed shapes, short batches filled with empty rows) give
-    the eager steps' losses and weights, and a replay never waits for the GPU."""
+@pytest.mark.parametrize("batch_by_length", [False, True])
+def test_graphed_steps_equal_eager_steps(model_name, regime, batch_by_length, monkeypatch):
+    """Without dropout, steps replayed from CUDA graphs (fixed shapes, short batches filled with empty rows, a graph
+    a width) give the eager steps' losses and weights, and a replay never waits for the GPU."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(recblr.train, "MIN_GRAPH_WIDTH", 1)  # widths 1, 2, 3 and 4
     history = ragged(SEQS * 8)
     start, stop = training_windows(history, max_len=4, regime=regime)
-    cfg = TrainConfig(device="cuda", regime=regime, max_len=4, batch_size=6)  # the last batch of a pass is short
+    # the last batch of a pass is short; batches of similar length span the widths 1-4
+    cfg = TrainConfig(device="cuda", regime=regime, max_len=4, batch_size=6, batch_by_length=batch_by_length)
+    order = epoch_order(stop - start, cfg, 1)
     no_dropout = {"dropout": 0.0, **({"attn_dropout": 0.0} if model_name == "sasrec" else {})}
     torch.manual_seed(0)
     init = build(model_name, 16, d_model=8, **no_dropout).state_dict()
@@ -403,13 +479,26 @@ def test_graphed_steps_equal_eager_steps(model_name, regime, monkeypatch):
         model = build(model_name, 16, d_model=8, **no_dropout).cuda().train()
         model.load_state_dict(init)
         step = kind(model, optimizer(model, cfg), training_flat(history, cfg.device), cfg)
-        losses = steps_over(step, start, stop, cfg, error_after=CAPTURE_AFTER if kind is GraphedStep else None)
+        losses = steps_over(step, start, stop, cfg, order, check_last_pass=kind is GraphedStep)
         runs.append((losses, [p.detach().clone() for p in model.parameters()]))
     (eager_losses, eager_weights), (graph_losses, graph_weights) = runs
-    assert step.graph is not None and len(graph_losses) > CAPTURE_AFTER + 2  # replayed, more than once
+    assert len(step.graphs) >= (3 if batch_by_length else 1)  # by the last pass, every width replays its graph
     torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-5, atol=1e-6)
     for g, e in zip(graph_weights, eager_weights, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_steps_are_graphed_only_while_batches_are_small():
+    """Past GRAPH_MAX_POSITIONS a batch the GPU sets the pace, so the step stays eager; cuda_graph=False always is."""
+    model = build("recblr", 16, d_model=8).cuda()
+    flat = training_flat(ragged(SEQS), "cuda")
+    cases = [({"batch_size": 256, "max_len": 50}, GraphedStep), ({"batch_size": 512, "max_len": 1000}, EagerStep),
+             ({"batch_size": 256, "max_len": 50, "cuda_graph": False}, EagerStep)]
+    for fields, kind in cases:
+        cfg = TrainConfig(device="cuda", **fields)
+        assert type(training_step(model, optimizer(model, cfg), flat, cfg)) is kind
 
 
 @pytest.mark.gpu
@@ -428,5 +517,5 @@ def test_replays_draw_the_dropout_masks_of_eager_steps(monkeypatch):
         step = GraphedStep(model, optimizer(model, cfg), training_flat(history, cfg.device), cfg)
         torch.manual_seed(1)
         runs.append(steps_over(step, start, stop, cfg))
-    assert step.graph is not None
+    assert step.graphs
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-6)

@@ -211,7 +211,7 @@ def similar_length_batches(order: np.ndarray, lengths: np.ndarray, batch_size: i
     """
     pool = LENGTH_POOL_BATCHES * batch_size
     pools = np.split(order, range(pool, len(order), pool))
-    ranked = np.concatenate([p[np.argsort(-lengths[p], kind="stable")] for p in pools]) if len(order) else order
+    ranked = np.concatenate([p[np.argsort(-lengths[p], kind="stable")] for p in pools])
     n_full = len(order) // batch_size
     full = ranked[:n_full * batch_size].reshape(n_full, batch_size)
     return np.concatenate([full[rng.permutation(n_full)].ravel(), ranked[n_full * batch_size:]])

@@ -185,7 +185,7 @@ class GraphedStep(EagerStep):
         self.widths = graph_widths(cfg.max_len)
         self.graphs: dict[int, tuple] = {}  # width -> its graph, the graph's loss, the graph's slots
         self.slots: dict[int, int] = {}  # width -> the loss slots its next graph or eager step gets
-        self.eager_steps, self.warm = 0, set()  # eager steps so far, widths stepped eagerly
+        self.eager_steps = 0
 
     def _step(self, width: int) -> torch.Tensor:
         first, length = self.windows
@@ -202,22 +202,22 @@ class GraphedStep(EagerStep):
         self.divisor.fill_(n_targets)
         width = int(self.widths[np.searchsorted(self.widths, windows[1].max())])
         positions = int(windows[1].sum()) if self.cfg.regime == "all" else self.cfg.batch_size  # "prefix": one a row
+        first_at_width = width not in self.slots
         if positions > self.slots.get(width, 0):  # padding costs the loss: slots follow the batches seen, plus a margin
             full = self.cfg.batch_size * width
             step = max(1, int(full * LOSS_SLOTS_STEP))
             self.slots[width] = min(full, (positions // step + 2) * step)
         graph, loss, slots = self.graphs.get(width, (None, None, 0))
-        if slots < self.slots[width] and (self.eager_steps < CAPTURE_AFTER or width not in self.warm):
-            self.eager_steps += 1
-            self.warm.add(width)  # kernels for this width are compiled outside any capture
-            self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side):
-                self.opt.zero_grad(set_to_none=True)
-                loss = self._step(width)
-            torch.cuda.current_stream().wait_stream(self.side)
-            return loss
-        if slots < self.slots[width]:  # no graph yet, or one with too few slots; an old one is dropped only once the
-            # new one is made, since the shared pool dies with its last graph
+        if slots < self.slots[width]:  # no graph for this width yet, or one with too few slots
+            if self.eager_steps < CAPTURE_AFTER or first_at_width:  # a new width's kernels compile outside a capture
+                self.eager_steps += 1
+                self.side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.side):
+                    self.opt.zero_grad(set_to_none=True)
+                    loss = self._step(width)
+                torch.cuda.current_stream().wait_stream(self.side)
+                return loss
+            # an old graph is dropped only once the new one is made: the shared pool dies with its last graph
             self.opt.zero_grad(set_to_none=True)  # the graph's backward makes the gradients; each replay rewrites them
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):

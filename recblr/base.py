@@ -33,11 +33,12 @@ class SequentialRecommender(nn.Module):
         keeps only its input and runs its forward again in the backward, with the same dropout masks: the
         activations of one block are held at a time instead of all of them, for one more forward a block."""
         for block in blocks:
-            if self.recompute and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = self.recompute_block(block, x) if self.recompute and self.training and torch.is_grad_enabled() \
+                else block(x)
         return x
+
+    def recompute_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(block, x, use_reentrant=False)
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., n_items + 1) logits against the tied item table.

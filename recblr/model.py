@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from kernels import BlockWeights, bdlru, block_step, causal_conv_silu
 from recblr.base import LayerNorm, SequentialRecommender
@@ -60,21 +61,26 @@ class GatedRecurrentLayer(nn.Module):
         self.lam = nn.Parameter(init_lambda(e, cfg.lambda_init))  # (E*D,)
         self.out_proj = nn.Linear(e, d, bias=False)
 
-    def forward(self, u: torch.Tensor, return_state: bool = False):
-        """u (B, T, D) -> (B, T, D); with return_state also the state `step` continues from."""
+    def forward(self, u: torch.Tensor, state: tuple | None = None, return_state: bool = False):
+        """u (B, T, D) -> (B, T, D), from the state that `step` keeps (zeros when None); with return_state also
+        the state after the last position."""
         T = u.shape[1]
         x_in, z = self.in_proj(u).chunk(2, dim=-1)  # (B, T, E*D) each, row stride 2*E*D
+        window, h0 = state if state is not None else (None, None)
+        if window is not None:  # the conv sees the k pre-conv inputs before t = 0 instead of zeros
+            x_in = torch.cat([window.transpose(1, 2), x_in], dim=1)  # (B, k + T, E*D)
         if self.conv is not None:  # x_in is read in place; x comes back contiguous for the gates
-            x = causal_conv_silu(x_in, self.conv.weight[:, 0], self.conv.bias)  # (B, T, E*D)
+            x = causal_conv_silu(x_in, self.conv.weight[:, 0], self.conv.bias)  # (B, k + T, E*D)
         else:
             x = F.silu(x_in)
+        x = x[:, x.shape[1] - T:]  # (B, T, E*D)
         r, i = self.gates(x).chunk(2, dim=-1)  # (B, T, E*D) each
         if not return_state:
-            return self.out_proj(bdlru(x, r, i, self.lam, z=z))  # (B, T, D)
-        y, h = bdlru(x, r, i, self.lam, z=z, return_state=True)
+            return self.out_proj(bdlru(x, r, i, self.lam, z=z, h0=h0))  # (B, T, D)
+        y, h = bdlru(x, r, i, self.lam, z=z, h0=h0, return_state=True)
         k = self.conv.kernel_size[0] - 1 if self.conv is not None else 0
         # the last k pre-conv inputs (zeros before t=0), copied so the (B, E*D, T) buffer can be freed
-        window = F.pad(x_in.transpose(1, 2), (k, 0))[..., T:].clone()  # (B, E*D, k)
+        window = F.pad(x_in.transpose(1, 2), (k, 0))[..., x_in.shape[1]:].clone()  # (B, E*D, k)
         return self.out_proj(y), (window, h)
 
 
@@ -98,8 +104,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
         return self.feed_forward(self.ln_1(x + self.drop(self.recurrent(x))))
 
-    def prefill(self, x: torch.Tensor):  # (B, T, D) -> (B, T, D), layer state after the last position
-        y, state = self.recurrent(x, return_state=True)
+    def prefill(self, x: torch.Tensor, state: tuple | None = None):
+        """x (B, T, D) after the positions that left the layer state `state` (None: none) -> (B, T, D), and the
+        layer state after the last position."""
+        y, state = self.recurrent(x, state, return_state=True)
         return self.feed_forward(self.ln_1(x + self.drop(y))), state
 
     def step_weights(self) -> BlockWeights:
@@ -110,6 +118,11 @@ class Block(nn.Module):
             ln_1=(self.ln_1.weight, self.ln_1.bias),
             ffn=None if ffn is None else (ffn[0].weight, ffn[0].bias, ffn[3].weight, ffn[3].bias),
             ln_2=None if self.ln_2 is None else (self.ln_2.weight, self.ln_2.bias), eps=self.ln_1.eps)
+
+
+# positions of a block that its backward recomputes at once under TrainConfig.recompute: fewer hold less memory
+# and launch more kernels
+RECOMPUTE_SPAN = 128
 
 
 class RecBLR(SequentialRecommender):
@@ -128,6 +141,16 @@ class RecBLR(SequentialRecommender):
         """items (B, T) right-padded with 0 -> hidden (B, T, D); position t sees items[:, :t+1] only."""
         x = self.ln(self.drop(self.item_embedding(items)))  # (B, T, D)
         return self.run_blocks(self.blocks, x)
+
+    def recompute_block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) through the block in spans of RECOMPUTE_SPAN positions, each keeping only its input and the
+        layer state the span before left: a recurrence needs nothing else from earlier positions, so the backward
+        holds one span's activations instead of the block's. Same maths as `block(x)`; dropout draws per span."""
+        spans, state = [], None
+        for start in range(0, x.shape[1], RECOMPUTE_SPAN):
+            y, state = checkpoint(block.prefill, x[:, start:start + RECOMPUTE_SPAN], state, use_reentrant=False)
+            spans.append(y)
+        return torch.cat(spans, dim=1)
 
     def prefill(self, items: torch.Tensor) -> list:
         """The state after every event of items (B, T), no padding: equal to `step` over each column,

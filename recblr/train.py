@@ -49,7 +49,9 @@ GRAPH_WIDTH_RATIO = 2 ** 0.5
 MIN_GRAPH_WIDTH = 8
 # past this many positions a batch (batch_size x max_len) the GPU sets the pace, and a graph would only add padding:
 # on an H100, at 512 x 1000 the eager step was 2-4% faster (6% with batch_by_length); at 512 x 500 the two were even
-# (the graph 6% faster with batch_by_length); benchmarks/RESULTS.md, "Session 17"
+# (the graph 6% faster with batch_by_length); benchmarks/RESULTS.md, "Session 17". A recomputing step is graphed at
+# any size: RecBLR's spans launch a block's kernels T / RECOMPUTE_SPAN times, and eagerly the host set the pace, 2.9x
+# slower at 512 x 1000 ("Session 18"); SASRec's lost 4% to the padding
 GRAPH_MAX_POSITIONS = 2 ** 18
 
 
@@ -77,8 +79,8 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16": autocast for training and evaluation (the kernel then reads bf16)
     time_budget_s: Optional[float] = None  # after the first epoch, none starts that would end past this
     compile: bool = False  # torch.compile the training forward: fewer, fused kernels for a compile at start
-    recompute: bool = False  # keep each block's input only and re-run the block in the backward: less memory
-    cuda_graph: bool = True  # on one CUDA device without compile or recompute, replay each step from a CUDA graph
+    recompute: bool = False  # keep each block's input only and re-run the block (RecBLR: a span) in the backward
+    cuda_graph: bool = True  # on one CUDA device without compile, replay each step from a CUDA graph
     batch_by_length: bool = False  # batches of windows of similar length (recblr.data.similar_length_batches)
 
     def __post_init__(self):
@@ -236,10 +238,10 @@ def graph_widths(max_len: int) -> np.ndarray:
 
 def training_step(net, opt: torch.optim.Optimizer, flat: torch.Tensor, cfg: TrainConfig, world: int = 1) -> EagerStep:
     """The step `train_epoch` runs: replayed from CUDA graphs on one CUDA device (cfg.cuda_graph) for batches of up
-    to GRAPH_MAX_POSITIONS positions, else eager (on the CPU, under DDP, compiled, recomputing or long windows). `net`
-    is what `stepped` returns."""
-    if (cfg.cuda_graph and world == 1 and cfg.device.startswith("cuda") and not (cfg.compile or cfg.recompute)
-            and cfg.batch_size * cfg.max_len <= GRAPH_MAX_POSITIONS):
+    to GRAPH_MAX_POSITIONS positions or when recomputing, else eager (on the CPU, under DDP, compiled or long
+    windows). `net` is what `stepped` returns."""
+    if (cfg.cuda_graph and world == 1 and cfg.device.startswith("cuda") and not cfg.compile
+            and (cfg.recompute or cfg.batch_size * cfg.max_len <= GRAPH_MAX_POSITIONS)):
         return GraphedStep(net, opt, flat, cfg)
     return EagerStep(net, opt, flat, cfg)
 

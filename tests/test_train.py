@@ -17,6 +17,8 @@ from recblr.data import (LENGTH_POOL_BATCHES, Sequences, gather, load_prepared, 
                          training_batch, training_flat, training_windows)
 from recblr.loss import linear_cross_entropy
 from recblr.models import build, load
+import recblr.base
+import recblr.model
 import recblr.train
 from recblr.train import (EagerStep, GraphedStep, TrainConfig, batch_loss, epoch_order, fit,
                           graph_widths, optimizer, shard, step_loss, stepped, train_epoch, training_step)
@@ -350,31 +352,58 @@ def test_compiled_training_step_equals_eager(model_name, device, monkeypatch):
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
 
 
+def loss_grads_saved(model, cfg: TrainConfig, max_len: int):
+    """One batch of SEQS: its loss, the gradients, and how many elements autograd saved for the backward."""
+    history = ragged(SEQS)
+    start, stop = training_windows(history, max_len=max_len, regime="all")
+    model.zero_grad()
+    torch.manual_seed(1)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = batch_loss(stepped(model, cfg), training_flat(history, cfg.device), start, stop, cfg)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], sum(saved)
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("model_name", ["recblr", "sasrec", "lrurec"])
-def test_recompute_changes_memory_not_results(model_name, device):
+def test_recompute_changes_memory_not_results(model_name, device, monkeypatch):
     """TrainConfig.recompute re-runs each block in the backward instead of keeping its activations: the loss
-    and every gradient stay the same, dropout included (the recomputed forward draws the same masks)."""
-    history = ragged(SEQS)
-    start, stop = training_windows(history, max_len=4, regime="all")
+    and every gradient stay the same, dropout included (the recomputed forward draws the same masks). RecBLR
+    recomputes a block in spans of positions (here 3, the last one short), compared with the same spans kept."""
     model = build(model_name, 16, d_model=8, dropout=0.3).to(device)
     # the embedding's CUDA backward adds rows with atomics, in no fixed order
     exact = {"rtol": 0, "atol": 0} if device == "cpu" else {"rtol": 1e-5, "atol": 1e-7}
-    runs = []
-    for recompute in (False, True):
-        cfg = TrainConfig(device=device, recompute=recompute)
-        model.zero_grad()
-        torch.manual_seed(1)
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            loss = batch_loss(stepped(model, cfg), training_flat(history, device), start, stop, cfg)
-        loss.backward()
-        runs.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], sum(saved)))
-    (loss_kept, grads_kept, saved_kept), (loss_re, grads_re, saved_re) = runs
+    cfg = TrainConfig(device=device, recompute=True)
+    if model_name == "recblr":
+        monkeypatch.setattr(recblr.model, "RECOMPUTE_SPAN", 3)
+        with monkeypatch.context() as keep:
+            keep.setattr(recblr.model, "checkpoint", lambda fn, *args, use_reentrant: fn(*args))
+            loss_kept, grads_kept, saved_kept = loss_grads_saved(model, cfg, max_len=7)
+    else:
+        loss_kept, grads_kept, saved_kept = loss_grads_saved(model, dataclasses.replace(cfg, recompute=False), 7)
+    loss_re, grads_re, saved_re = loss_grads_saved(model, cfg, max_len=7)
     assert model.recompute and saved_re < saved_kept / 2
     torch.testing.assert_close(loss_re, loss_kept, **exact)
     for recomputed, kept in zip(grads_re, grads_kept, strict=True):
         torch.testing.assert_close(recomputed, kept, **exact)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("overrides", [{}, {"use_conv": False}], ids=["conv", "no_conv"])
+def test_recompute_spans_continue_the_recurrence(overrides, device, monkeypatch):
+    """A RecBLR span starts from the conv window and BD-LRU state the span before left, so without dropout the
+    spans compute what the whole block does: spans of 3 over windows of 7 against recompute off."""
+    monkeypatch.setattr(recblr.model, "RECOMPUTE_SPAN", 3)
+    model = build("recblr", 16, d_model=8, dropout=0.0, **overrides).to(device)
+    with torch.no_grad():  # weights well away from the init's N(0, 0.02), so that each earlier input moves the loss
+        for p in model.parameters():
+            p.normal_(std=0.5)
+    whole, spans = (loss_grads_saved(model, TrainConfig(device=device, recompute=on), max_len=7)[:2]
+                    for on in (False, True))
+    torch.testing.assert_close(spans[0], whole[0])
+    for in_spans, in_whole in zip(spans[1], whole[1], strict=True):
+        torch.testing.assert_close(in_spans, in_whole, atol=1e-6, rtol=1e-5)
 
 
 def test_recompute_refused_without_blocks():
@@ -491,14 +520,40 @@ def test_graphed_steps_equal_eager_steps(model_name, regime, batch_by_length, mo
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_steps_are_graphed_only_while_batches_are_small():
-    """Past GRAPH_MAX_POSITIONS a batch the GPU sets the pace, so the step stays eager; cuda_graph=False always is."""
+    """Past GRAPH_MAX_POSITIONS a batch the GPU sets the pace, so the step stays eager, unless it recomputes (the
+    launches of RecBLR's spans); cuda_graph=False always is eager."""
     model = build("recblr", 16, d_model=8).cuda()
     flat = training_flat(ragged(SEQS), "cuda")
     cases = [({"batch_size": 256, "max_len": 50}, GraphedStep), ({"batch_size": 512, "max_len": 1000}, EagerStep),
+             ({"batch_size": 512, "max_len": 1000, "recompute": True}, GraphedStep),
              ({"batch_size": 256, "max_len": 50, "cuda_graph": False}, EagerStep)]
     for fields, kind in cases:
         cfg = TrainConfig(device="cuda", **fields)
         assert type(training_step(model, optimizer(model, cfg), flat, cfg)) is kind
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model_name", ["recblr", "sasrec"])
+def test_replayed_recompute_redraws_the_masks_of_its_forward(model_name, monkeypatch):
+    """A replayed step that recomputes its blocks (RecBLR: in spans of 3 here) draws in the backward the dropout masks
+    its forward drew: it trains exactly as the same graphed step keeping its activations."""
+    monkeypatch.setattr(recblr.model, "RECOMPUTE_SPAN", 3)
+    history = ragged(SEQS * 8)
+    start, stop = training_windows(history, max_len=7, regime="all")
+    cfg = TrainConfig(device="cuda", max_len=7, batch_size=6, recompute=True)
+    runs = []
+    for keep in (True, False):
+        with monkeypatch.context() as patch:
+            if keep:
+                for module in (recblr.base, recblr.model):
+                    patch.setattr(module, "checkpoint", lambda fn, *args, use_reentrant: fn(*args))
+            torch.manual_seed(0)
+            model = build(model_name, 16, d_model=8, dropout=0.3).cuda()
+            step = training_step(stepped(model, cfg), optimizer(model, cfg), training_flat(history, "cuda"), cfg)
+            runs.append(steps_over(step, start, stop, cfg))
+            assert isinstance(step, GraphedStep) and step.graphs
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -33,7 +33,8 @@ def run(prepared: Path, out: Path, regime: str, precision: str, args) -> dict:
 
     cfg = TrainConfig(regime=regime, precision=precision, max_len=args.max_len, epochs=args.epochs,
                       patience=args.patience, device=args.device, time_budget_s=args.budget_s, compile=args.compile,
-                      cuda_graph=not args.no_cuda_graph, batch_by_length=args.by_length, seed=args.seed,
+                      cuda_graph=not args.no_cuda_graph, batch_by_length=args.by_length, recompute=args.recompute,
+                      seed=args.seed,
                       **RECIPES[regime])
     began, curve = time.perf_counter(), []
 
@@ -68,6 +69,8 @@ def main() -> None:
                         help="TrainConfig.cuda_graph off: every training step issued op by op")
     parser.add_argument("--by-length", action="store_true",
                         help="TrainConfig.batch_by_length: batches of windows of similar length")
+    parser.add_argument("--recompute", action="store_true",
+                        help="TrainConfig.recompute: RecBLR re-runs its blocks in spans in the backward")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--target", type=float, help="validation NDCG@10 to reach (default: see the docstring)")
     parser.add_argument("--data", type=Path, default=Path("benchmarks/out/ml1m_synth/prepared"))

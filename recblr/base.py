@@ -38,6 +38,7 @@ class SequentialRecommender(nn.Module):
         return x
 
     def recompute_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The block whole; a recurrent model can recompute it in spans of positions instead (RecBLR)."""
         return checkpoint(block, x, use_reentrant=False)
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,7 @@ def run(prepared: Path, out: Path, regime: str, precision: str, args) -> dict:
     cfg = TrainConfig(regime=regime, precision=precision, max_len=args.max_len, epochs=args.epochs,
                       patience=args.patience, device=args.device, time_budget_s=args.budget_s, compile=args.compile,
                       cuda_graph=not args.no_cuda_graph, batch_by_length=args.by_length, recompute=args.recompute,
-                      seed=args.seed,
-                      **RECIPES[regime])
+                      seed=args.seed, **RECIPES[regime])
     began, curve = time.perf_counter(), []
 
     def on_epoch(epoch: int, record: dict) -> None:

@@ -352,6 +352,12 @@ def test_compiled_training_step_equals_eager(model_name, device, monkeypatch):
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
 
 
+def keep_activations(patch: pytest.MonkeyPatch) -> None:
+    """Blocks and RecBLR's spans run as they do under recompute, but keep their activations instead of re-running."""
+    for module in (recblr.base, recblr.model):
+        patch.setattr(module, "checkpoint", lambda fn, *args, use_reentrant: fn(*args))
+
+
 def loss_grads_saved(model, cfg: TrainConfig, max_len: int):
     """One batch of SEQS: its loss, the gradients, and how many elements autograd saved for the backward."""
     history = ragged(SEQS)
@@ -377,8 +383,8 @@ def test_recompute_changes_memory_not_results(model_name, device, monkeypatch):
     cfg = TrainConfig(device=device, recompute=True)
     if model_name == "recblr":
         monkeypatch.setattr(recblr.model, "RECOMPUTE_SPAN", 3)
-        with monkeypatch.context() as keep:
-            keep.setattr(recblr.model, "checkpoint", lambda fn, *args, use_reentrant: fn(*args))
+        with monkeypatch.context() as patch:
+            keep_activations(patch)
             loss_kept, grads_kept, saved_kept = loss_grads_saved(model, cfg, max_len=7)
     else:
         loss_kept, grads_kept, saved_kept = loss_grads_saved(model, dataclasses.replace(cfg, recompute=False), 7)
@@ -546,8 +552,7 @@ def test_replayed_recompute_redraws_the_masks_of_its_forward(model_name, monkeyp
     for keep in (True, False):
         with monkeypatch.context() as patch:
             if keep:
-                for module in (recblr.base, recblr.model):
-                    patch.setattr(module, "checkpoint", lambda fn, *args, use_reentrant: fn(*args))
+                keep_activations(patch)
             torch.manual_seed(0)
             model = build(model_name, 16, d_model=8, dropout=0.3).cuda()
             step = training_step(stepped(model, cfg), optimizer(model, cfg), training_flat(history, "cuda"), cfg)

@@ -27,6 +27,7 @@ class SequentialRecommender(nn.Module):
     item_embedding: nn.Embedding  # (n_items + 1, D), row 0 is padding and stays zero
     supports_recompute = False  # True where forward runs its blocks through `run_blocks`
     recompute = False  # set for training by TrainConfig.recompute (recblr.train.stepped)
+    graphed = False  # set by recblr.train.stepped where steps replay from CUDA graphs, so launches cost no host time
 
     def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, D) through each block in turn. Under `recompute`, while training with gradients, a block

@@ -123,6 +123,10 @@ class Block(nn.Module):
 # positions of a block that its backward recomputes at once under TrainConfig.recompute: fewer hold less memory
 # and launch more kernels
 RECOMPUTE_SPAN = 128
+# a step issued eagerly on CUDA spends about 8 ms of host time on a span's ~120 launches (forward, recompute and
+# backward), longer than the GPU takes below about this many positions a span (batch x span); so there spans hold
+# at least these (benchmarks/RESULTS.md, "Session 19")
+EAGER_SPAN_POSITIONS = 2 ** 18
 
 
 class RecBLR(SequentialRecommender):
@@ -143,12 +147,16 @@ class RecBLR(SequentialRecommender):
         return self.run_blocks(self.blocks, x)
 
     def recompute_block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D) through the block in spans of RECOMPUTE_SPAN positions, each keeping only its input and the
-        layer state the span before left: a recurrence needs nothing else from earlier positions, so the backward
-        holds one span's activations instead of the block's. Same maths as `block(x)`; dropout draws per span."""
+        """x (B, T, D) through the block in spans of RECOMPUTE_SPAN positions (in an eager CUDA step, of at least
+        EAGER_SPAN_POSITIONS positions), each keeping only its input and the layer state the span before left: a
+        recurrence needs nothing else from earlier positions, so the backward holds one span's activations instead of
+        the block's. Same maths as `block(x)`; dropout draws per span."""
+        span = RECOMPUTE_SPAN
+        if x.is_cuda and not self.graphed:  # launches cost host time: spans long enough for the GPU to set the pace
+            span = max(span, -(-EAGER_SPAN_POSITIONS // x.shape[0]))
         spans, state = [], None
-        for start in range(0, x.shape[1], RECOMPUTE_SPAN):
-            y, state = checkpoint(block.prefill, x[:, start:start + RECOMPUTE_SPAN], state, use_reentrant=False)
+        for start in range(0, x.shape[1], span):
+            y, state = checkpoint(block.prefill, x[:, start:start + span], state, use_reentrant=False)
             spans.append(y)
         return torch.cat(spans, dim=1)
 

@@ -236,14 +236,17 @@ def graph_widths(max_len: int) -> np.ndarray:
     return np.unique(np.ceil(max_len / GRAPH_WIDTH_RATIO ** np.arange(n + 1)).astype(np.int64))
 
 
+def graphs_steps(cfg: TrainConfig, world: int = 1) -> bool:
+    """Whether training steps replay from CUDA graphs: on one CUDA device (cfg.cuda_graph) for batches of up to
+    GRAPH_MAX_POSITIONS positions or when recomputing; else they run eagerly (on the CPU, under DDP, compiled or
+    long windows)."""
+    return (cfg.cuda_graph and world == 1 and cfg.device.startswith("cuda") and not cfg.compile
+            and (cfg.recompute or cfg.batch_size * cfg.max_len <= GRAPH_MAX_POSITIONS))
+
+
 def training_step(net, opt: torch.optim.Optimizer, flat: torch.Tensor, cfg: TrainConfig, world: int = 1) -> EagerStep:
-    """The step `train_epoch` runs: replayed from CUDA graphs on one CUDA device (cfg.cuda_graph) for batches of up
-    to GRAPH_MAX_POSITIONS positions or when recomputing, else eager (on the CPU, under DDP, compiled or long
-    windows). `net` is what `stepped` returns."""
-    if (cfg.cuda_graph and world == 1 and cfg.device.startswith("cuda") and not cfg.compile
-            and (cfg.recompute or cfg.batch_size * cfg.max_len <= GRAPH_MAX_POSITIONS)):
-        return GraphedStep(net, opt, flat, cfg)
-    return EagerStep(net, opt, flat, cfg)
+    """The step `train_epoch` runs, graphed where `graphs_steps` says. `net` is what `stepped` returns."""
+    return (GraphedStep if graphs_steps(cfg, world) else EagerStep)(net, opt, flat, cfg)
 
 
 def train_epoch(step: EagerStep, start: np.ndarray, stop: np.ndarray, order: np.ndarray, cfg: TrainConfig, *,
@@ -277,11 +280,11 @@ def train_epoch(step: EagerStep, start: np.ndarray, stop: np.ndarray, order: np.
 def stepped(net: torch.nn.Module, cfg: TrainConfig, world: int = 1) -> torch.nn.Module:
     """What training steps: `net` wrapped in DDP across ranks (it broadcasts rank 0's weights now and
     all-reduces gradients in backward), and compiled when cfg.compile; `net` recomputes its blocks in the
-    backward when cfg.recompute."""
+    backward when cfg.recompute, in spans sized for how the step is issued (`graphs_steps`)."""
     if cfg.recompute and not net.supports_recompute:
         raise ValueError(f"TrainConfig: recompute needs a model made of blocks (recblr, sasrec, lrurec), "
                          f"not {type(net).__name__}")
-    net.recompute = cfg.recompute
+    net.recompute, net.graphed = cfg.recompute, graphs_steps(cfg, world)
     if world > 1:
         net = DistributedDataParallel(net, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith(
             "cuda") else None)

@@ -540,6 +540,26 @@ def test_steps_are_graphed_only_while_batches_are_small():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_eager_steps_recompute_in_longer_spans(monkeypatch):
+    """A graphed step recomputes RecBLR in spans of RECOMPUTE_SPAN; an eager one (here under cuda_graph=False), whose
+    every launch costs host time, in spans of at least EAGER_SPAN_POSITIONS positions: 6 windows x 4 here."""
+    monkeypatch.setattr(recblr.model, "RECOMPUTE_SPAN", 2)
+    monkeypatch.setattr(recblr.model, "EAGER_SPAN_POSITIONS", 6 * 4)
+    spans = []
+    monkeypatch.setattr(recblr.model, "checkpoint", lambda fn, x, *args, **kw: spans.append(x.shape[1]) or fn(x, *args))
+    history = ragged(SEQS * 2)
+    start, stop = training_windows(history, max_len=7, regime="all")
+    assert len(start) == 6 and (stop - start).max() == 6
+    for graph, want in ((True, [2, 2, 2]), (False, [4, 2])):
+        cfg = TrainConfig(device="cuda", max_len=7, batch_size=6, recompute=True, cuda_graph=graph)
+        model = stepped(build("recblr", 16, d_model=8, n_layers=1).cuda(), cfg)
+        spans.clear()
+        batch_loss(model, training_flat(history, "cuda"), start, stop, cfg).backward()
+        assert model.graphed is graph and spans == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("model_name", ["recblr", "sasrec"])
 def test_replayed_recompute_redraws_the_masks_of_its_forward(model_name, monkeypatch):
     """A replayed step that recomputes its blocks (RecBLR: in spans of 3 here) draws in the backward the dropout masks

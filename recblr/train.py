@@ -288,8 +288,14 @@ def stepped(net: torch.nn.Module, cfg: TrainConfig, world: int = 1) -> torch.nn.
     if world > 1:
         net = DistributedDataParallel(net, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith(
             "cuda") else None)
+    if not cfg.compile:
+        return net
+    # dynamic=True would also make Python floats (dropout's p) graph inputs, which the subgraph of a checkpointed
+    # RecBLR span cannot take ("lift_tracked_freevar_to_input should not be called on root SubgraphTracer", torch
+    # 2.11 and 2.13); they are constants of the model, so they are specialised
+    torch._dynamo.config.specialize_float = True
     # dynamic: one graph serves every window length a batch pads to, instead of a compile per length
-    return torch.compile(net, dynamic=True) if cfg.compile else net
+    return torch.compile(net, dynamic=True)
 
 
 def fit(prepared_dir: Path, run_dir: Path, model: str = "recblr", *, overrides: Optional[dict] = None,

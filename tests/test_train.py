@@ -328,12 +328,15 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recompute"])
 @pytest.mark.parametrize("model_name", ["recblr", "sasrec"])
-def test_compiled_training_step_equals_eager(model_name, device, monkeypatch):
+def test_compiled_training_step_equals_eager(model_name, recompute, device, monkeypatch):
     """TrainConfig.compile changes how the step runs, not what it computes: same loss, same gradients
-    (on CUDA the compiled graph calls the BD-LRU Triton kernel)."""
+    (on CUDA the compiled graph calls the BD-LRU Triton kernel), with the blocks recomputed too (RecBLR in spans of
+    2 here, which compile traces one after another)."""
     if device == "cuda":  # TF32 would round eager and compiled matmuls apart
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(recblr.model, "RECOMPUTE_SPAN", 2)
     history = ragged(SEQS)
     start, stop = training_windows(history, max_len=4, regime="all")
     torch.manual_seed(0)
@@ -341,7 +344,7 @@ def test_compiled_training_step_equals_eager(model_name, device, monkeypatch):
     model = build(model_name, 16, d_model=8, **no_dropout).to(device)
     losses, grads = [], []
     for compile_ in (False, True):
-        cfg = TrainConfig(device=device, compile=compile_)
+        cfg = TrainConfig(device=device, compile=compile_, recompute=recompute)
         model.zero_grad()
         loss = batch_loss(stepped(model, cfg), training_flat(history, device), start, stop, cfg)
         loss.backward()

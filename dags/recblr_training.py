@@ -89,8 +89,9 @@ def _run():
                                description="Training seconds; after the first epoch none starts that would end "
                                            "past it, and the best epoch so far is kept. null = no budget."),
         "compile": Param(False, type="boolean",
-                         description="torch.compile the training forward: about 40 s of compilation for 1.2x "
-                                     "faster epochs on a GPU (benchmarks/RESULTS.md); for long runs."),
+                         description="torch.compile the training forward: about 40 s of compilation for 1.15x "
+                                     "faster epochs on long windows; slower than the CUDA graph it turns off "
+                                     "where that applies (benchmarks/RESULTS.md); for long runs on long windows."),
         "recompute": Param(False, type="boolean",
                            description="Re-run each block (RecBLR: spans of 128 positions, longer in eager steps) "
                                        "in the backward instead of keeping its activations: RecBLR peaks at 0.19x "

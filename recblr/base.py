@@ -11,6 +11,14 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import layer_norm, score_topk
 
+# positions of a recurrent block that its backward recomputes at once under TrainConfig.recompute: fewer hold less
+# memory and launch more kernels
+RECOMPUTE_SPAN = 128
+# a step issued eagerly on CUDA spends about 8 ms of host time on a RecBLR span's ~120 launches (forward, recompute and
+# backward), longer than the GPU takes below about this many positions a span (batch x span); so there spans hold
+# at least these (benchmarks/RESULTS.md, "Session 19")
+EAGER_SPAN_POSITIONS = 2 ** 18
+
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same parameters, same checkpoints) through `kernels.layer_norm`: on CUDA one Triton pass each
@@ -39,8 +47,22 @@ class SequentialRecommender(nn.Module):
         return x
 
     def recompute_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The block whole; a recurrent model can recompute it in spans of positions instead (RecBLR)."""
-        return checkpoint(block, x, use_reentrant=False)
+        """x (B, T, D) through the block, keeping only what its backward re-runs from: the block whole, or, where
+        the block carries a state from position to position (`block.prefill(x, state) -> (y, state)`: RecBLR,
+        LRURec), in spans of RECOMPUTE_SPAN positions (in an eager CUDA step, of at least EAGER_SPAN_POSITIONS
+        positions). A span keeps only its input and the state the span before left: a recurrence needs nothing else
+        from earlier positions, so the backward holds one span's activations instead of the block's. Same maths as
+        `block(x)`; dropout draws per span. Attention needs every earlier key and value, so SASRec re-runs whole."""
+        if not hasattr(block, "prefill"):
+            return checkpoint(block, x, use_reentrant=False)
+        span = RECOMPUTE_SPAN
+        if x.is_cuda and not self.graphed:  # launches cost host time: spans long enough for the GPU to set the pace
+            span = max(span, -(-EAGER_SPAN_POSITIONS // x.shape[0]))
+        spans, state = [], None
+        for start in range(0, x.shape[1], span):
+            y, state = checkpoint(block.prefill, x[:, start:start + span], state, use_reentrant=False)
+            spans.append(y)
+        return torch.cat(spans, dim=1)
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., n_items + 1) logits against the tied item table.

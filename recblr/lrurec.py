@@ -78,8 +78,14 @@ class LRULayer(nn.Module):
     def output(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:  # (..., D), (..., N) -> (..., D)
         return self.ln(x + self.drop(self.out_proj(torch.cat([h.real, h.imag], dim=-1).to(x.dtype))))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
-        return self.output(x, lru_scan(self.inputs(x), self.lam()))
+    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None):
+        """x (B, T, D) after the positions that left the state h0 (B, N) complex (None: none) -> (B, T, D), and the
+        state after the last position."""
+        b, lam = self.inputs(x), self.lam()  # (B, T, N), (N,)
+        if h0 is not None:  # h_0 = lam * h0 + b_0, so the scan from zero continues from h0
+            b = torch.cat([b[:, :1] + lam * h0[:, None], b[:, 1:]], dim=1)
+        h = lru_scan(b, lam)  # (B, T, N)
+        return self.output(x, h), h[:, -1]
 
     def step(self, x: torch.Tensor, h: torch.Tensor):  # (B, D), (B, N) -> (B, D), (B, N)
         h = self.lam() * h + self.inputs(x)
@@ -97,13 +103,21 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.ln = LayerNorm(d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
-        h = self.lru(x)
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.ln(h + self.drop(self.ffn(h)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        return self.feed_forward(self.lru(x)[0])
+
+    def prefill(self, x: torch.Tensor, state: torch.Tensor | None = None):
+        """x (B, T, D) after the positions that left the LRU state `state` (B, N) (None: none) -> (B, T, D), and
+        the state after the last position."""
+        h, state = self.lru(x, state)
+        return self.feed_forward(h), state
 
     def step(self, x: torch.Tensor, state: torch.Tensor):  # (B, D), (B, N) -> (B, D), (B, N)
         h, state = self.lru.step(x, state)
-        return self.ln(h + self.drop(self.ffn(h))), state
+        return self.feed_forward(h), state
 
 
 class LRURec(SequentialRecommender):
@@ -128,6 +142,16 @@ class LRURec(SequentialRecommender):
         """items (B, T) right-padded with 0 -> hidden (B, T, D); position t sees items[:, :t+1] only."""
         x = self.ln(self.drop(self.item_embedding(items)))  # (B, T, D)
         return self.run_blocks(self.blocks, x)
+
+    def prefill(self, items: torch.Tensor) -> torch.Tensor:
+        """The LRU states (n_layers, B, N) after every event of items (B, T), no padding: equal to `step` over each
+        column, at the cost of one parallel forward instead of T dependent steps."""
+        x = self.ln(self.drop(self.item_embedding(items)))  # (B, T, D)
+        state = []
+        for block in self.blocks:
+            x, layer_state = block.prefill(x)
+            state.append(layer_state)
+        return torch.stack(state)
 
     def allocate_state(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The LRU states (n_layers, B, N) complex, zero before the first event."""

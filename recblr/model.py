@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from kernels import BlockWeights, bdlru, block_step, causal_conv_silu
 from recblr.base import LayerNorm, SequentialRecommender
@@ -120,15 +119,6 @@ class Block(nn.Module):
             ln_2=None if self.ln_2 is None else (self.ln_2.weight, self.ln_2.bias), eps=self.ln_1.eps)
 
 
-# positions of a block that its backward recomputes at once under TrainConfig.recompute: fewer hold less memory
-# and launch more kernels
-RECOMPUTE_SPAN = 128
-# a step issued eagerly on CUDA spends about 8 ms of host time on a span's ~120 launches (forward, recompute and
-# backward), longer than the GPU takes below about this many positions a span (batch x span); so there spans hold
-# at least these (benchmarks/RESULTS.md, "Session 19")
-EAGER_SPAN_POSITIONS = 2 ** 18
-
-
 class RecBLR(SequentialRecommender):
     supports_recompute = True
 
@@ -145,20 +135,6 @@ class RecBLR(SequentialRecommender):
         """items (B, T) right-padded with 0 -> hidden (B, T, D); position t sees items[:, :t+1] only."""
         x = self.ln(self.drop(self.item_embedding(items)))  # (B, T, D)
         return self.run_blocks(self.blocks, x)
-
-    def recompute_block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D) through the block in spans of RECOMPUTE_SPAN positions (in an eager CUDA step, of at least
-        EAGER_SPAN_POSITIONS positions), each keeping only its input and the layer state the span before left: a
-        recurrence needs nothing else from earlier positions, so the backward holds one span's activations instead of
-        the block's. Same maths as `block(x)`; dropout draws per span."""
-        span = RECOMPUTE_SPAN
-        if x.is_cuda and not self.graphed:  # launches cost host time: spans long enough for the GPU to set the pace
-            span = max(span, -(-EAGER_SPAN_POSITIONS // x.shape[0]))
-        spans, state = [], None
-        for start in range(0, x.shape[1], span):
-            y, state = checkpoint(block.prefill, x[:, start:start + span], state, use_reentrant=False)
-            spans.append(y)
-        return torch.cat(spans, dim=1)
 
     def prefill(self, items: torch.Tensor) -> list:
         """The state after every event of items (B, T), no padding: equal to `step` over each column,

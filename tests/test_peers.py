@@ -124,6 +124,21 @@ def test_lru_ring_init_and_gamma_normalisation():
     assert layer.lam().angle().abs().max() > 1.0  # rotations, not only decays: the complex part is used
 
 
+@pytest.mark.parametrize("length", [1, 2, 11])
+def test_lrurec_prefill_equals_stepping_every_event(length):
+    """One parallel scan gives the states T steps give, and the next step from it equals the full forward."""
+    torch.manual_seed(0)
+    model = build("lrurec", N_ITEMS, d_model=16).eval()
+    items = random_items(3, length + 1)
+    with torch.no_grad():
+        stepped = model.allocate_state(3)
+        for t in range(length):
+            model.step(items[:, t], stepped)
+        filled = model.prefill(items[:, :length])
+        torch.testing.assert_close(filled, stepped, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(model.step(items[:, length], filled), model(items)[:, -1], atol=1e-5, rtol=1e-5)
+
+
 def test_sasrec_refuses_sequences_longer_than_its_position_table():
     model = build("sasrec", N_ITEMS, max_len=8)
     with pytest.raises(ValueError, match="max_len 8"):

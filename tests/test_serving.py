@@ -10,7 +10,7 @@ from recblr.models import build
 from recblr.serving import StepServer, leaves
 
 N_ITEMS, K = 40, 5
-# RecBLR with and without its conv window, and the peers that step (they prefill by stepping)
+# RecBLR with and without its conv window, and the peers that step (GRU4Rec prefills by stepping, LRURec in parallel)
 MODELS = {"recblr": ("recblr", {}), "recblr_no_conv": ("recblr", {"use_conv": False}),
           "gru4rec": ("gru4rec", {}), "lrurec": ("lrurec", {})}
 # shorter than RecBLR's conv window, as long, longer; two users share a length; one has no history

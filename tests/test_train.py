@@ -336,7 +336,7 @@ def test_compiled_training_step_equals_eager(model_name, recompute, device, monk
     2 here, which compile traces one after another)."""
     if device == "cuda":  # TF32 would round eager and compiled matmuls apart
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(recblr.model, "RECOMPUTE_SPAN", 2)
+    monkeypatch.setattr(recblr.base, "RECOMPUTE_SPAN", 2)
     history = ragged(SEQS)
     start, stop = training_windows(history, max_len=4, regime="all")
     torch.manual_seed(0)
@@ -356,9 +356,8 @@ def test_compiled_training_step_equals_eager(model_name, recompute, device, monk
 
 
 def keep_activations(patch: pytest.MonkeyPatch) -> None:
-    """Blocks and RecBLR's spans run as they do under recompute, but keep their activations instead of re-running."""
-    for module in (recblr.base, recblr.model):
-        patch.setattr(module, "checkpoint", lambda fn, *args, use_reentrant: fn(*args))
+    """Blocks and spans run as they do under recompute, but keep their activations instead of re-running."""
+    patch.setattr(recblr.base, "checkpoint", lambda fn, *args, use_reentrant: fn(*args))
 
 
 def loss_grads_saved(model, cfg: TrainConfig, max_len: int):
@@ -378,14 +377,14 @@ def loss_grads_saved(model, cfg: TrainConfig, max_len: int):
 @pytest.mark.parametrize("model_name", ["recblr", "sasrec", "lrurec"])
 def test_recompute_changes_memory_not_results(model_name, device, monkeypatch):
     """TrainConfig.recompute re-runs each block in the backward instead of keeping its activations: the loss
-    and every gradient stay the same, dropout included (the recomputed forward draws the same masks). RecBLR
-    recomputes a block in spans of positions (here 3, the last one short), compared with the same spans kept."""
+    and every gradient stay the same, dropout included (the recomputed forward draws the same masks). RecBLR and
+    LRURec recompute a block in spans of positions (here 4 over windows of 6), compared with the same spans kept."""
     model = build(model_name, 16, d_model=8, dropout=0.3).to(device)
     # the embedding's CUDA backward adds rows with atomics, in no fixed order
     exact = {"rtol": 0, "atol": 0} if device == "cpu" else {"rtol": 1e-5, "atol": 1e-7}
     cfg = TrainConfig(device=device, recompute=True)
-    if model_name == "recblr":
-        monkeypatch.setattr(recblr.model, "RECOMPUTE_SPAN", 3)
+    if model_name != "sasrec":
+        monkeypatch.setattr(recblr.base, "RECOMPUTE_SPAN", 4)
         with monkeypatch.context() as patch:
             keep_activations(patch)
             loss_kept, grads_kept, saved_kept = loss_grads_saved(model, cfg, max_len=7)
@@ -399,12 +398,14 @@ def test_recompute_changes_memory_not_results(model_name, device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("overrides", [{}, {"use_conv": False}], ids=["conv", "no_conv"])
-def test_recompute_spans_continue_the_recurrence(overrides, device, monkeypatch):
-    """A RecBLR span starts from the conv window and BD-LRU state the span before left, so without dropout the
-    spans compute what the whole block does: spans of 3 over windows of 7 against recompute off."""
-    monkeypatch.setattr(recblr.model, "RECOMPUTE_SPAN", 3)
-    model = build("recblr", 16, d_model=8, dropout=0.0, **overrides).to(device)
+@pytest.mark.parametrize("model_name, overrides", [("recblr", {}), ("recblr", {"use_conv": False}), ("lrurec", {})],
+                         ids=["recblr", "recblr_no_conv", "lrurec"])
+def test_recompute_spans_continue_the_recurrence(model_name, overrides, device, monkeypatch):
+    """A span starts from the state the span before left (RecBLR: the conv window and the BD-LRU state; LRURec: the
+    LRU state), so without dropout the spans compute what the whole block does: spans of 4 over windows of 6 against
+    recompute off."""
+    monkeypatch.setattr(recblr.base, "RECOMPUTE_SPAN", 4)
+    model = build(model_name, 16, d_model=8, dropout=0.0, **overrides).to(device)
     with torch.no_grad():  # weights well away from the init's N(0, 0.02), so that each earlier input moves the loss
         for p in model.parameters():
             p.normal_(std=0.5)
@@ -546,10 +547,10 @@ def test_steps_are_graphed_only_while_batches_are_small():
 def test_eager_steps_recompute_in_longer_spans(monkeypatch):
     """A graphed step recomputes RecBLR in spans of RECOMPUTE_SPAN; an eager one (here under cuda_graph=False), whose
     every launch costs host time, in spans of at least EAGER_SPAN_POSITIONS positions: 6 windows x 4 here."""
-    monkeypatch.setattr(recblr.model, "RECOMPUTE_SPAN", 2)
-    monkeypatch.setattr(recblr.model, "EAGER_SPAN_POSITIONS", 6 * 4)
+    monkeypatch.setattr(recblr.base, "RECOMPUTE_SPAN", 2)
+    monkeypatch.setattr(recblr.base, "EAGER_SPAN_POSITIONS", 6 * 4)
     spans = []
-    monkeypatch.setattr(recblr.model, "checkpoint", lambda fn, x, *args, **kw: spans.append(x.shape[1]) or fn(x, *args))
+    monkeypatch.setattr(recblr.base, "checkpoint", lambda fn, x, *args, **kw: spans.append(x.shape[1]) or fn(x, *args))
     history = ragged(SEQS * 2)
     start, stop = training_windows(history, max_len=7, regime="all")
     assert len(start) == 6 and (stop - start).max() == 6
@@ -563,11 +564,11 @@ def test_eager_steps_recompute_in_longer_spans(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("model_name", ["recblr", "sasrec"])
+@pytest.mark.parametrize("model_name", ["recblr", "sasrec", "lrurec"])
 def test_replayed_recompute_redraws_the_masks_of_its_forward(model_name, monkeypatch):
-    """A replayed step that recomputes its blocks (RecBLR: in spans of 3 here) draws in the backward the dropout masks
+    """A replayed step that recomputes its blocks (RecBLR, LRURec: in spans of 3 here) draws in the backward the dropout masks
     its forward drew: it trains exactly as the same graphed step keeping its activations."""
-    monkeypatch.setattr(recblr.model, "RECOMPUTE_SPAN", 3)
+    monkeypatch.setattr(recblr.base, "RECOMPUTE_SPAN", 3)
     history = ragged(SEQS * 8)
     start, stop = training_windows(history, max_len=7, regime="all")
     cfg = TrainConfig(device="cuda", max_len=7, batch_size=6, recompute=True)

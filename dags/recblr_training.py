@@ -93,9 +93,9 @@ def _run():
                                      "faster epochs on long windows; slower than the CUDA graph it turns off "
                                      "where that applies (benchmarks/RESULTS.md); for long runs on long windows."),
         "recompute": Param(False, type="boolean",
-                           description="Re-run each block (RecBLR: spans of 128 positions, longer in eager steps) "
-                                       "in the backward instead of keeping its activations: RecBLR peaks at 0.19x "
-                                       "the GPU memory for 1.8x the time at length 1000 on an H100."),
+                           description="Re-run each block (RecBLR, LRURec: spans of 128 positions, longer in "
+                                       "eager steps) in the backward instead of keeping its activations: RecBLR "
+                                       "peaks at 0.19x the GPU memory for 1.8x the time at length 1000 on an H100."),
         "batch_by_length": Param(False, type="boolean",
                                  description="Batch windows of similar length together: less padding, so 1.4x "
                                              "faster epochs at length 1000 on an H100; for long, uneven histories."),

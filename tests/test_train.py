@@ -566,8 +566,8 @@ def test_eager_steps_recompute_in_longer_spans(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("model_name", ["recblr", "sasrec", "lrurec"])
 def test_replayed_recompute_redraws_the_masks_of_its_forward(model_name, monkeypatch):
-    """A replayed step that recomputes its blocks (RecBLR, LRURec: in spans of 3 here) draws in the backward the dropout masks
-    its forward drew: it trains exactly as the same graphed step keeping its activations."""
+    """A replayed step that recomputes its blocks (RecBLR, LRURec: in spans of 3 here) draws in the backward the
+    dropout masks its forward drew: it trains exactly as the same graphed step keeping its activations."""
     monkeypatch.setattr(recblr.base, "RECOMPUTE_SPAN", 3)
     history = ragged(SEQS * 8)
     start, stop = training_windows(history, max_len=7, regime="all")

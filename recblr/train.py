@@ -16,6 +16,7 @@ checkpoint and model.pt, and broadcasts the early-stopping state; the other rank
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -321,6 +322,37 @@ def fit(prepared_dir: Path, run_dir: Path, model: str = "recblr", *, overrides: 
             dist.destroy_process_group()
 
 
+class OutOfGPUMemory(RuntimeError):
+    """torch.OutOfMemoryError, saying what ran out and which settings need less memory."""
+
+
+@contextlib.contextmanager
+def memory_advice(cfg: TrainConfig, during: str, tries: list[str]):
+    """Re-raise a torch.OutOfMemoryError inside as OutOfGPUMemory: what ran `during` it, the device's peak, `tries`."""
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        used = ""
+        if cfg.device.startswith("cuda"):
+            device = torch.device(cfg.device)
+            used = (f" ({torch.cuda.max_memory_allocated(device) / 2**30:.1f} of "
+                    f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GB allocated at the peak)")
+        raise OutOfGPUMemory(f"{cfg.device} ran out of memory during {during}{used}; try "
+                             + ", or ".join(tries)) from err
+
+
+def memory_savers(net: torch.nn.Module, cfg: TrainConfig) -> list[str]:
+    """The training settings that need less memory than cfg's, the largest saving first."""
+    savers = []
+    if getattr(net, "supports_recompute", False) and not cfg.recompute:
+        savers.append("--recompute (RecBLR at T = 1000: 0.19x the memory for 1.8x the time)")
+    if cfg.precision == "fp32":
+        savers.append("--precision bf16")
+    if not cfg.batch_by_length:
+        savers.append("--batch-by-length (less padding)")
+    return savers + [f"a smaller --batch-size (now {cfg.batch_size}) or --max-len (now {cfg.max_len})"]
+
+
 def optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW, decaying only tensors of two or more dimensions (as nanoGPT): biases, LayerNorm and the
     per-channel decay rates Lambda keep their scale. With weight_decay 0 it is the paper's Adam."""
@@ -364,16 +396,20 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
     if len(start) == 0:
         raise ValueError(f"{prepared_dir}: no training sequence has two events; nothing to learn from")
     step = training_step(trained, opt, training_flat(data.history, cfg.device), cfg, world)
+    eval_savers = [f"a smaller --eval-batch-size (now {cfg.eval_batch_size} users a chunk)"]
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if state["stale"] >= cfg.patience or state["out_of_time"]:
             break
         torch.manual_seed((cfg.seed + epoch) * world + rank)  # one process: seed + epoch, as before DDP
         order = epoch_order(stop - start, cfg, epoch)
         epoch_began = time.time()
-        loss = train_epoch(step, start, stop, order, cfg, rank=rank, world=world, desc=f"epoch {epoch}/{cfg.epochs}")
+        with memory_advice(cfg, f"training epoch {epoch}, batches of {cfg.batch_size} windows of up to "
+                                f"{cfg.max_len}", memory_savers(net, cfg)):
+            loss = train_epoch(step, start, stop, order, cfg, rank=rank, world=world,
+                               desc=f"epoch {epoch}/{cfg.epochs}")
         train_seconds = time.time() - epoch_began
         if rank == 0:
-            with precision_context(cfg.device, cfg.precision):
+            with precision_context(cfg.device, cfg.precision), memory_advice(cfg, "validation", eval_savers):
                 valid = evaluate(net, data, "valid", max_len=cfg.max_len, batch_size=cfg.eval_batch_size)
             record = {"epoch": epoch, "loss": loss, "seconds": time.time() - epoch_began,
                       "train_seconds": train_seconds, **{f"val_{k}": v for k, v in valid.items()}}
@@ -405,7 +441,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
         return None
     best = load(model_path, map_location=cfg.device)
     kwargs = {"max_len": cfg.max_len, "batch_size": cfg.eval_batch_size}
-    with precision_context(cfg.device, cfg.precision):
+    with precision_context(cfg.device, cfg.precision), memory_advice(cfg, "the final evaluation", eval_savers):
         valid, test = (evaluate(best, data, split, **kwargs) for split in ("valid", "test"))
     stopped = ("early stopping" if state["stale"] >= cfg.patience else
                "time budget" if state["out_of_time"] and state["epoch"] < cfg.epochs else "epoch cap")

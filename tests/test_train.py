@@ -285,6 +285,30 @@ def test_cli_train_then_evaluate(prepared, tmp_path):
     assert out.exit_code == 0 and json.loads(out.stdout.strip().splitlines()[-1])["hr_at_10"] < evaluated["hr_at_10"]
 
 
+def oom(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.parametrize("model_name", ["recblr", "gru4rec"])
+def test_running_out_of_memory_says_what_needs_less(prepared, tmp_path, model_name, monkeypatch):
+    monkeypatch.setattr(recblr.train, "train_epoch", oom)
+    with pytest.raises(recblr.train.OutOfGPUMemory, match=r"during training epoch 1, batches of 64 windows of up to 8"
+                       r"; try .*--batch-by-length \(less padding\), or a smaller --batch-size \(now 64\)") as err:
+        fit(prepared, tmp_path / "run", model_name, overrides=SMALL, train=quick())
+    assert ("--recompute" in str(err.value)) is (model_name == "recblr")  # GRU4Rec has no blocks to recompute
+    assert isinstance(err.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_running_out_of_memory_in_validation_names_the_eval_batch(prepared, tmp_path, monkeypatch):
+    from pipeline.cli import app
+
+    monkeypatch.setattr(recblr.train, "evaluate", oom)
+    out = CliRunner().invoke(app, ["train", "--data-dir", str(prepared.parent), "--run-dir", str(tmp_path / "run"),
+                                   "--epochs", "1", "--max-len", "8", "--device", "cpu", "--eval-batch-size", "32"])
+    assert "during validation; try a smaller --eval-batch-size (now 32 users a chunk)" in str(out.exception)
+    assert type(out.exception).__name__ == "PipelineError"
+
+
 def test_cli_names_a_missing_prepared_dir(tmp_path):
     from pipeline.cli import main
 

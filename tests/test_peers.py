@@ -237,6 +237,25 @@ def test_compare_rejects_unknown_models_and_fields_before_training(tmp_path):
     assert not (data_dir / "compare").exists()
 
 
+def test_compare_names_the_model_that_ran_out_of_memory(tmp_path, monkeypatch):
+    import recblr.train
+    from mlflow import MlflowClient
+
+    from pipeline.compare import compare
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    data_dir = tmp_path / "toy"
+    write_prepared(data_dir / "prepared", markov_sequences(20, N_ITEMS, 5), N_ITEMS)
+    monkeypatch.setattr(recblr.train, "train_epoch", oom)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    with pytest.raises(PipelineError, match=r"compare gru4rec: \w+ ran out of memory during training epoch 1"):
+        compare(data_dir, ["gru4rec"], epochs=1, tracking_uri=uri)
+    runs = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])
+    assert runs and {run.info.status for run in runs} == {"FAILED"}  # the parent and the model's child
+
+
 @pytest.mark.parametrize("bad", ["n_layers=3", "sasrec.n_layers", ".n_layers=3"], ids=["no-model", "no-value", "empty-model"])
 def test_compare_set_needs_model_dot_field(tmp_path, bad):
     from typer.testing import CliRunner

@@ -64,6 +64,15 @@ class SequentialRecommender(nn.Module):
             spans.append(y)
         return torch.cat(spans, dim=1)
 
+    def prefill_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> list:
+        """x (B, T, D) through each block's `prefill` from no state -> the state each block holds after the last
+        position: what `step` over every position would leave, for one parallel forward instead of T steps."""
+        states = []
+        for block in blocks:
+            x, state = block.prefill(x)
+            states.append(state)
+        return states
+
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., n_items + 1) logits against the tied item table.
 

@@ -146,12 +146,7 @@ class LRURec(SequentialRecommender):
     def prefill(self, items: torch.Tensor) -> torch.Tensor:
         """The LRU states (n_layers, B, N) after every event of items (B, T), no padding: equal to `step` over each
         column, at the cost of one parallel forward instead of T dependent steps."""
-        x = self.ln(self.drop(self.item_embedding(items)))  # (B, T, D)
-        state = []
-        for block in self.blocks:
-            x, layer_state = block.prefill(x)
-            state.append(layer_state)
-        return torch.stack(state)
+        return torch.stack(self.prefill_blocks(self.blocks, self.ln(self.drop(self.item_embedding(items)))))
 
     def allocate_state(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The LRU states (n_layers, B, N) complex, zero before the first event."""

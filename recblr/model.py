@@ -139,12 +139,7 @@ class RecBLR(SequentialRecommender):
     def prefill(self, items: torch.Tensor) -> list:
         """The state after every event of items (B, T), no padding: equal to `step` over each column,
         at the cost of one parallel forward instead of T dependent steps."""
-        x = self.ln(self.drop(self.item_embedding(items)))  # (B, T, D)
-        state = []
-        for block in self.blocks:
-            x, layer_state = block.prefill(x)
-            state.append(layer_state)
-        return state
+        return self.prefill_blocks(self.blocks, self.ln(self.drop(self.item_embedding(items))))
 
     def allocate_state(self, batch_size: int, device: torch.device | str = "cpu") -> list:
         """Per layer: the conv's last k-1 inputs and the BD-LRU hidden state, all zero (no history yet)."""

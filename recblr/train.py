@@ -80,7 +80,7 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16": autocast for training and evaluation (the kernel then reads bf16)
     time_budget_s: Optional[float] = None  # after the first epoch, none starts that would end past this
     compile: bool = False  # torch.compile the training forward: fewer, fused kernels for a compile at start
-    recompute: bool = False  # keep each block's input only and re-run the block (RecBLR: a span) in the backward
+    recompute: bool = False  # keep each block's input only and re-run it (RecBLR, LRURec: a span) in the backward
     cuda_graph: bool = True  # on one CUDA device without compile, replay each step from a CUDA graph
     batch_by_length: bool = False  # batches of windows of similar length (recblr.data.similar_length_batches)
 
@@ -396,6 +396,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
     if len(start) == 0:
         raise ValueError(f"{prepared_dir}: no training sequence has two events; nothing to learn from")
     step = training_step(trained, opt, training_flat(data.history, cfg.device), cfg, world)
+    train_savers = memory_savers(net, cfg)
     eval_savers = [f"a smaller --eval-batch-size (now {cfg.eval_batch_size} users a chunk)"]
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if state["stale"] >= cfg.patience or state["out_of_time"]:
@@ -404,7 +405,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
         order = epoch_order(stop - start, cfg, epoch)
         epoch_began = time.time()
         with memory_advice(cfg, f"training epoch {epoch}, batches of {cfg.batch_size} windows of up to "
-                                f"{cfg.max_len}", memory_savers(net, cfg)):
+                                f"{cfg.max_len}", train_savers):
             loss = train_epoch(step, start, stop, order, cfg, rank=rank, world=world,
                                desc=f"epoch {epoch}/{cfg.epochs}")
         train_seconds = time.time() - epoch_began

@@ -332,8 +332,6 @@ def test_load_prepared_rejects_out_of_range_items(tmp_path):
 
 
 def test_bf16_autocast_feeds_the_scan_bf16_and_learns_like_fp32(prepared, tmp_path, monkeypatch):
-    import recblr.model
-
     dtypes = set()
     scan = recblr.model.bdlru
     monkeypatch.setattr(recblr.model, "bdlru", lambda x, *a, **k: (dtypes.add(x.dtype), scan(x, *a, **k))[1])

@@ -41,6 +41,9 @@ LOSS_SHOWN_EVERY_S = 1.0  # the progress bar's loss and speed; more often would 
 # fields a resumed run may change: they alter neither the model nor what an epoch computes
 RESUMABLE_CHANGES = {"epochs", "device", "eval_batch_size", "time_budget_s", "recompute", "cuda_graph"}
 CAPTURE_AFTER = 3  # eager steps on a side stream before a CUDA graph is captured, the warm-up torch.cuda.graph asks
+# under DDP: its reducer rebuilds its buckets and times itself with CUDA events in its first 10 iterations, which a
+# capture cannot hold (PyTorch's CUDA graph notes, "Usage with DistributedDataParallel", ask for 11)
+DDP_CAPTURE_AFTER = 11
 # a graph's loss slots grow in steps of this share of batch_size * max_len: spare slots cost loss work at every
 # replay, a re-capture costs once (1/64 against 1/16: T = 4096 epochs 1.22 -> 1.17 s on an H100)
 LOSS_SLOTS_STEP = 1 / 64
@@ -48,11 +51,11 @@ LOSS_SLOTS_STEP = 1 / 64
 # this ratio down to about MIN_GRAPH_WIDTH: one graph a width, each padding at most ratio - 1 more than a batch needs
 GRAPH_WIDTH_RATIO = 2 ** 0.5
 MIN_GRAPH_WIDTH = 8
-# past this many positions a batch (batch_size x max_len) the GPU sets the pace, and a graph would only add padding:
-# on an H100, at 512 x 1000 the eager step was 2-4% faster (6% with batch_by_length); at 512 x 500 the two were even
-# (the graph 6% faster with batch_by_length); benchmarks/RESULTS.md, "Session 17". A recomputing step is graphed at
-# any size: RecBLR's spans launch a block's kernels T / RECOMPUTE_SPAN times, and eagerly the host set the pace, 2.9x
-# slower at 512 x 1000 ("Session 18"); SASRec's lost 4% to the padding
+# past this many positions a rank's batch (batch_size / world x max_len) the GPU sets the pace, and a graph would only
+# add padding: on an H100, at 512 x 1000 the eager step was 2-4% faster (6% with batch_by_length); at 512 x 500 the two
+# were even (the graph 6% faster with batch_by_length); benchmarks/RESULTS.md, "Session 17". A recomputing step is
+# graphed at any size: RecBLR's spans launch a block's kernels T / RECOMPUTE_SPAN times, and eagerly the host set the
+# pace, 2.9x slower at 512 x 1000 ("Session 18"); SASRec's lost 4% to the padding
 GRAPH_MAX_POSITIONS = 2 ** 18
 
 
@@ -81,7 +84,7 @@ class TrainConfig:
     time_budget_s: Optional[float] = None  # after the first epoch, none starts that would end past this
     compile: bool = False  # torch.compile the training forward: fewer, fused kernels for a compile at start
     recompute: bool = False  # keep each block's input only and re-run it (RecBLR, LRURec: a span) in the backward
-    cuda_graph: bool = True  # on one CUDA device without compile, replay each step from a CUDA graph
+    cuda_graph: bool = True  # on CUDA devices without compile, replay each step from a CUDA graph (DDP's too)
     batch_by_length: bool = False  # batches of windows of similar length (recblr.data.similar_length_batches)
 
     def __post_init__(self):
@@ -131,33 +134,35 @@ def epoch_order(lengths: np.ndarray, cfg: TrainConfig, epoch: int) -> np.ndarray
     return similar_length_batches(order, lengths, cfg.batch_size, rng) if cfg.batch_by_length else order
 
 
-def shard(batch: np.ndarray, start: np.ndarray, stop: np.ndarray, cfg: TrainConfig, rank: int, world: int,
-          count: Optional[float] = None):
-    """This rank's samples of a global batch and the divisor that makes the ranks' mean loss the batch's mean, or
-    the batch's sum over `count` when given.
+def shard(start: np.ndarray, stop: np.ndarray, cfg: TrainConfig, rank: int, world: int,
+          count: Optional[float] = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """This rank's windows of a global batch's (start, stop), and the divisor that makes the ranks' mean loss the
+    batch's mean, or the batch's sum over `count` when given.
 
     DDP averages gradients over ranks, so each rank divides its sum by (global target count / world).
-    A last batch smaller than the world leaves some ranks empty: they run one sample at zero weight, so
+    A last batch smaller than the world leaves some ranks empty: they run one window at zero weight, so
     every rank still joins each gradient all-reduce.
     """
     if count is None:
-        count = len(batch) if cfg.regime == "prefix" else int((stop[batch] - start[batch]).sum())
-    mine = batch[rank::world]
-    if len(mine) == 0:
-        return batch[:1], float("inf")
-    return mine, count / world
+        count = len(start) if cfg.regime == "prefix" else int((stop - start).sum())
+    if rank >= len(start):
+        return start[:1], stop[:1], float("inf")
+    return start[rank::world], stop[rank::world], count / world
 
 
 class EagerStep:
-    """A training step as PyTorch issues it, op by op: (start, stop, n_targets) -> the batch's loss, detached, after
-    the optimizer's step. Its shapes follow each batch: windows padded to the batch's longest, the loss at the real
-    targets only."""
+    """A training step as PyTorch issues it, op by op: a global batch's windows (start, stop) -> the batch's loss,
+    detached, after the optimizer's step. This rank trains on its `shard` of the batch; the summed loss is divided by
+    `count` when given, else by the batch's number of targets (its mean). Shapes follow each batch: windows padded to
+    the longest of the rank's share, the loss at the real targets only."""
 
-    def __init__(self, net, opt: torch.optim.Optimizer, flat: torch.Tensor, cfg: TrainConfig):
-        self.net, self.opt, self.flat, self.cfg = net, opt, flat, cfg
+    def __init__(self, net, opt: torch.optim.Optimizer, flat: torch.Tensor, cfg: TrainConfig, rank: int = 0,
+                 world: int = 1):
+        self.net, self.opt, self.flat, self.cfg, self.rank, self.world = net, opt, flat, cfg, rank, world
 
-    def __call__(self, start: np.ndarray, stop: np.ndarray, n_targets: float) -> torch.Tensor:
-        loss = batch_loss(self.net, self.flat, start, stop, self.cfg, n_targets)
+    def __call__(self, start: np.ndarray, stop: np.ndarray, count: Optional[float] = None) -> torch.Tensor:
+        start, stop, divisor = shard(start, stop, self.cfg, self.rank, self.world, count)
+        loss = batch_loss(self.net, self.flat, start, stop, self.cfg, divisor)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -168,20 +173,25 @@ class GraphedStep(EagerStep):
     """The same step replayed from CUDA graphs: a launch a step instead of several hundred.
 
     At short lengths the host took 2-7 times as long to issue a step as the GPU to run it (benchmarks/RESULTS.md,
-    "Session 14: training steps replayed from a CUDA graph"). A graph fixes every shape, so each batch is read as
-    `padded_batch`: windows padded to (batch_size, width), width the least of `graph_widths` that holds the batch's
-    longest, and in "all" the loss positions in a fixed number of slots, a little more than the batch's count. Each
-    width has a graph of its own; they never run at once, so they share one memory pool. A batch with more positions
-    than its width's slots is captured anew with more. The batch sends only its windows' starts and lengths.
-    The first CAPTURE_AFTER steps, and the first step at each width, run eagerly on a side stream; they are training
-    steps too. The next at that width is captured, then replayed with every later batch of that width. Dropout draws
-    from the CUDA generator, which each replay advances, so `torch.manual_seed` still decides the masks, and an eager
-    step draws the masks a replay of it would.
+    "Session 14: training steps replayed from a CUDA graph"). A graph fixes every shape, so each rank's share is read
+    as `padded_batch`: windows padded to (rows, width), rows a rank's share of batch_size, width the least of
+    `graph_widths` that holds the batch's longest, and in "all" the loss positions in a fixed number of slots, a little
+    more than the largest share's count. Each width has a graph of its own; they never run at once, so they share one
+    memory pool. A batch with more positions than its width's slots is captured anew with more. The batch sends only
+    its windows' starts and lengths.
+    The first CAPTURE_AFTER steps (DDP_CAPTURE_AFTER under DDP), and the first step at each width, run eagerly on a
+    side stream; they are training steps too. The next at that width is captured, then replayed with every later
+    batch of that width. Under DDP the graphs hold the gradients' all-reduce; NCCL lets a rank replay a captured
+    collective only where every rank replays the graph of the same capture, so widths and slots follow the whole
+    batch, never one rank's share. Dropout draws from the CUDA generator, which each replay advances, so
+    `torch.manual_seed` still decides the masks, and an eager step draws the masks a replay of it would.
     """
 
-    def __init__(self, net, opt: torch.optim.Optimizer, flat: torch.Tensor, cfg: TrainConfig):
-        super().__init__(net, opt, flat, cfg)
-        self.windows = torch.zeros(2, cfg.batch_size, dtype=torch.long, device=cfg.device)  # first, length
+    def __init__(self, net, opt: torch.optim.Optimizer, flat: torch.Tensor, cfg: TrainConfig, rank: int = 0,
+                 world: int = 1):
+        super().__init__(net, opt, flat, cfg, rank, world)
+        self.rows = -(-cfg.batch_size // world)
+        self.windows = torch.zeros(2, self.rows, dtype=torch.long, device=cfg.device)  # first, length
         self.divisor = torch.ones((), device=cfg.device)
         self.side = torch.cuda.Stream(cfg.device)
         self.pool = torch.cuda.graph_pool_handle()
@@ -198,21 +208,25 @@ class GraphedStep(EagerStep):
         self.opt.step()
         return loss.detach()
 
-    def __call__(self, start: np.ndarray, stop: np.ndarray, n_targets: float) -> torch.Tensor:
-        windows = np.zeros((2, self.cfg.batch_size), dtype=np.int64)  # rows past a short batch: length 0, no loss
-        windows[0, :len(start)], windows[1, :len(start)] = start, stop - start
+    def __call__(self, start: np.ndarray, stop: np.ndarray, count: Optional[float] = None) -> torch.Tensor:
+        shares = [shard(start, stop, self.cfg, rank, self.world, count) for rank in range(self.world)]
+        mine_start, mine_stop, divisor = shares[self.rank]
+        windows = np.zeros((2, self.rows), dtype=np.int64)  # rows past a short share: length 0, no loss
+        windows[0, :len(mine_start)], windows[1, :len(mine_start)] = mine_start, mine_stop - mine_start
         self.windows.copy_(torch.from_numpy(windows).pin_memory(), non_blocking=True)
-        self.divisor.fill_(n_targets)
-        width = int(self.widths[np.searchsorted(self.widths, windows[1].max())])
-        positions = int(windows[1].sum()) if self.cfg.regime == "all" else self.cfg.batch_size  # "prefix": one a row
+        self.divisor.fill_(divisor)
+        width = int(self.widths[np.searchsorted(self.widths, (stop - start).max())])
+        # "prefix": one loss a row
+        positions = max(int((b - a).sum()) for a, b, _ in shares) if self.cfg.regime == "all" else self.rows
         first_at_width = width not in self.slots
         if positions > self.slots.get(width, 0):  # padding costs the loss: slots follow the batches seen, plus a margin
-            full = self.cfg.batch_size * width
+            full = self.rows * width
             step = max(1, int(full * LOSS_SLOTS_STEP))
             self.slots[width] = min(full, (positions // step + 2) * step)
         graph, loss, slots = self.graphs.get(width, (None, None, 0))
         if slots < self.slots[width]:  # no graph for this width yet, or one with too few slots
-            if self.eager_steps < CAPTURE_AFTER or first_at_width:  # a new width's kernels compile outside a capture
+            warm_up = CAPTURE_AFTER if self.world == 1 else DDP_CAPTURE_AFTER
+            if self.eager_steps < warm_up or first_at_width:  # a new width's kernels compile outside a capture
                 self.eager_steps += 1
                 self.side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(self.side):
@@ -238,20 +252,21 @@ def graph_widths(max_len: int) -> np.ndarray:
 
 
 def graphs_steps(cfg: TrainConfig, world: int = 1) -> bool:
-    """Whether training steps replay from CUDA graphs: on one CUDA device (cfg.cuda_graph) for batches of up to
-    GRAPH_MAX_POSITIONS positions or when recomputing; else they run eagerly (on the CPU, under DDP, compiled or
-    long windows)."""
-    return (cfg.cuda_graph and world == 1 and cfg.device.startswith("cuda") and not cfg.compile
-            and (cfg.recompute or cfg.batch_size * cfg.max_len <= GRAPH_MAX_POSITIONS))
+    """Whether training steps replay from CUDA graphs: on CUDA devices (cfg.cuda_graph) for a rank's batches of up to
+    GRAPH_MAX_POSITIONS positions or when recomputing; else they run eagerly (on the CPU, compiled or long windows)."""
+    rows = -(-cfg.batch_size // world)
+    return (cfg.cuda_graph and cfg.device.startswith("cuda") and not cfg.compile
+            and (cfg.recompute or rows * cfg.max_len <= GRAPH_MAX_POSITIONS))
 
 
-def training_step(net, opt: torch.optim.Optimizer, flat: torch.Tensor, cfg: TrainConfig, world: int = 1) -> EagerStep:
-    """The step `train_epoch` runs, graphed where `graphs_steps` says. `net` is what `stepped` returns."""
-    return (GraphedStep if graphs_steps(cfg, world) else EagerStep)(net, opt, flat, cfg)
+def training_step(net, opt: torch.optim.Optimizer, flat: torch.Tensor, cfg: TrainConfig, rank: int = 0,
+                  world: int = 1) -> EagerStep:
+    """The step `train_epoch` runs on this rank, graphed where `graphs_steps` says. `net` is what `stepped` returns."""
+    return (GraphedStep if graphs_steps(cfg, world) else EagerStep)(net, opt, flat, cfg, rank, world)
 
 
 def train_epoch(step: EagerStep, start: np.ndarray, stop: np.ndarray, order: np.ndarray, cfg: TrainConfig, *,
-                rank: int = 0, world: int = 1, desc: str = "train") -> float:
+                desc: str = "train") -> float:
     """One pass over `order` (indices into start/stop) in global batches of cfg.batch_size; the mean loss.
 
     Batches of similar lengths (cfg.batch_by_length) hold unequal numbers of targets in "all": each batch's sum is
@@ -264,17 +279,16 @@ def train_epoch(step: EagerStep, start: np.ndarray, stop: np.ndarray, order: np.
     if cfg.batch_by_length and cfg.regime == "all":
         per_batch = float((stop[order] - start[order]).sum()) / max(-(-len(order) // cfg.batch_size), 1)
     loss_sum = torch.zeros((), dtype=torch.float64, device=cfg.device)  # summed where it is made: no sync a step
-    bar = tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch", disable=rank != 0)
+    bar = tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch", disable=step.rank != 0)
     for n, lo in enumerate(bar, 1):
         batch = order[lo:lo + cfg.batch_size]
-        mine, n_targets = shard(batch, start, stop, cfg, rank, world, per_batch)
-        loss_sum += step(start[mine], stop[mine], n_targets)
-        if rank == 0 and time.time() - shown >= LOSS_SHOWN_EVERY_S:  # reading the loss waits for the GPU
+        loss_sum += step(start[batch], stop[batch], per_batch)
+        if step.rank == 0 and time.time() - shown >= LOSS_SHOWN_EVERY_S:  # reading the loss waits for the GPU
             shown = time.time()
             bar.set_postfix(loss=f"{loss_sum.item() / n:.4f}", seq_s=f"{(lo + len(batch)) / (shown - began):.0f}")
-    if world > 1:  # the batch mean is the mean of the ranks' losses (see shard)
+    if step.world > 1:  # the batch mean is the mean of the ranks' losses (see shard)
         dist.all_reduce(loss_sum)
-        loss_sum /= world
+        loss_sum /= step.world
     return loss_sum.item() / max(n, 1)
 
 
@@ -286,9 +300,18 @@ def stepped(net: torch.nn.Module, cfg: TrainConfig, world: int = 1) -> torch.nn.
         raise ValueError(f"TrainConfig: recompute needs a model made of blocks (recblr, sasrec, lrurec), "
                          f"not {type(net).__name__}")
     net.recompute, net.graphed = cfg.recompute, graphs_steps(cfg, world)
-    if world > 1:
-        net = DistributedDataParallel(net, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith(
-            "cuda") else None)
+    if world > 1 and cfg.device.startswith("cuda"):
+        # built on a side stream, as PyTorch's CUDA graph notes ask, so that a graph can capture its gradient hooks
+        side = torch.cuda.Stream(cfg.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            net = DistributedDataParallel(net, device_ids=[torch.device(cfg.device).index])
+        torch.cuda.current_stream().wait_stream(side)
+        # DDP times itself with CUDA events in its first 10 iterations (DDP_CAPTURE_AFTER lets them pass) and every
+        # 100th after; a capture cannot hold those events, and graphs are captured at later iterations too
+        net._set_ddp_runtime_logging_sample_rate(2 ** 31 - 1)
+    elif world > 1:
+        net = DistributedDataParallel(net)
     if not cfg.compile:
         return net
     # dynamic=True would also make Python floats (dropout's p) graph inputs, which the subgraph of a checkpointed
@@ -315,11 +338,12 @@ def fit(prepared_dir: Path, run_dir: Path, model: str = "recblr", *, overrides: 
         if cfg.device.startswith("cuda"):
             torch.cuda.set_device(cfg.device)
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    try:
-        return _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, world)
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
+    result = _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, world)
+    # not on an error: its traceback keeps the step's CUDA graphs alive, and NCCL hangs destroying a communicator
+    # that live graphs captured; the failing rank exits, and torchrun stops the others
+    if owns_group:
+        dist.destroy_process_group()
+    return result
 
 
 class OutOfGPUMemory(RuntimeError):
@@ -395,7 +419,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
     start, stop = training_windows(data.history, cfg.max_len, cfg.regime)
     if len(start) == 0:
         raise ValueError(f"{prepared_dir}: no training sequence has two events; nothing to learn from")
-    step = training_step(trained, opt, training_flat(data.history, cfg.device), cfg, world)
+    step = training_step(trained, opt, training_flat(data.history, cfg.device), cfg, rank, world)
     train_savers = memory_savers(net, cfg)
     eval_savers = [f"a smaller --eval-batch-size (now {cfg.eval_batch_size} users a chunk)"]
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
@@ -406,8 +430,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
         epoch_began = time.time()
         with memory_advice(cfg, f"training epoch {epoch}, batches of {cfg.batch_size} windows of up to "
                                 f"{cfg.max_len}", train_savers):
-            loss = train_epoch(step, start, stop, order, cfg, rank=rank, world=world,
-                               desc=f"epoch {epoch}/{cfg.epochs}")
+            loss = train_epoch(step, start, stop, order, cfg, desc=f"epoch {epoch}/{cfg.epochs}")
         train_seconds = time.time() - epoch_began
         if rank == 0:
             with precision_context(cfg.device, cfg.precision), memory_advice(cfg, "validation", eval_savers):

@@ -8,35 +8,43 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from pipeline.errors import PipelineError
 from pipeline.launch import fit_on_processes, resolve_nproc, train_args
 from prepared_data import markov_sequences, write_prepared
 from recblr.data import Sequences, training_flat, training_windows
 from recblr.models import build
-from recblr.train import TrainConfig, batch_loss, shard
+from recblr.train import (DDP_CAPTURE_AFTER, TrainConfig, batch_loss, epoch_order, optimizer, shard, stepped,
+                          training_step)
 
 N_ITEMS = 24
+
+
+def ragged_markov(n_users: int, longest: int, seed: int = 0) -> Sequences:
+    rng = np.random.default_rng(seed)
+    seqs = [s[:rng.integers(2, longest + 1)] for s in markov_sequences(n_users, N_ITEMS, longest, seed)]
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
+    return Sequences(np.array([i for s in seqs for i in s], dtype=np.int64), offsets)
 
 
 @pytest.mark.parametrize("regime", ["prefix", "all"])
 @pytest.mark.parametrize("size", [9, 2], ids=["full", "smaller-than-world"])
 def test_ranks_split_a_batch_disjointly_and_average_to_its_loss(regime, size):
-    seqs = markov_sequences(12, N_ITEMS, 9, seed=1)
-    flat = np.array([i for s in seqs for i in s], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
-    history = Sequences(flat, offsets)
+    history = ragged_markov(12, 9, seed=1)
     start, stop = training_windows(history, 4, regime)
     batch = np.random.default_rng(0).permutation(len(start))[:size]
     cfg = TrainConfig(regime=regime, device="cpu", label_smoothing=0.1)
     torch.manual_seed(0)
     model = build("recblr", N_ITEMS, d_model=8, dropout=0.0)
     world = 3
-    shares = [shard(batch, start, stop, cfg, rank, world) for rank in range(world)]
-    real = [mine for mine, n in shares if n != float("inf")]
-    assert sorted(np.concatenate(real).tolist()) == sorted(batch.tolist())  # disjoint, and all of the batch
+    shares = [shard(start[batch], stop[batch], cfg, rank, world) for rank in range(world)]
+    real = [np.stack([a, b], 1) for a, b, n in shares if n != float("inf")]
+    windows = np.stack([start[batch], stop[batch]], 1)
+    assert sorted(np.concatenate(real).tolist()) == sorted(windows.tolist())  # disjoint, and all of the batch
     flat = training_flat(history, "cpu")
-    ranks_mean = sum(batch_loss(model, flat, start[m], stop[m], cfg, n) for m, n in shares) / world
+    ranks_mean = sum(batch_loss(model, flat, a, b, cfg, n) for a, b, n in shares) / world
     torch.testing.assert_close(ranks_mean, batch_loss(model, flat, start[batch], stop[batch], cfg))
 
 
@@ -94,3 +102,52 @@ def test_nproc_per_node_is_a_positive_count_or_auto(given, count):
 def test_nproc_per_node_rejects_anything_else(given):
     with pytest.raises(PipelineError, match="nproc_per_node"):
         resolve_nproc(given)
+
+
+def ddp_run(rank: int, world: int, history: Sequences, cfg: TrainConfig, passes: int) -> dict:
+    """`passes` passes of this rank's steps over the windows: its losses, its weights after them, its step's type and
+    its graphs' count."""
+    start, stop = training_windows(history, cfg.max_len, cfg.regime)
+    order = epoch_order(stop - start, cfg, 1)
+    torch.manual_seed(0)
+    model = build("recblr", N_ITEMS, d_model=8, dropout=0.0).to(cfg.device)
+    step = training_step(stepped(model, cfg, world), optimizer(model, cfg), training_flat(history, cfg.device), cfg,
+                         rank, world)
+    losses = [step(start[batch], stop[batch]).clone()  # a replay rewrites its loss in place
+              for _ in range(passes) for batch in np.split(order, range(cfg.batch_size, len(order), cfg.batch_size))]
+    return {"losses": torch.stack(losses).cpu(), "weights": [p.detach().cpu() for p in model.parameters()],
+            "step": type(step).__name__, "graphs": len(getattr(step, "graphs", ()))}
+
+
+def ddp_steps(rank: int, world: int, store: Path, history: Sequences, cfg: TrainConfig, passes: int):
+    """One rank of test_graphed_ddp_steps_train_as_eager_ddp_steps: `ddp_run` with eager, then graphed steps."""
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world)
+    # ddp_run returns before the group is destroyed: NCCL hangs destroying a communicator that live graphs captured
+    runs = {graphed: ddp_run(rank, world, history, dataclasses.replace(cfg, device=f"cuda:{rank}",
+                                                                        cuda_graph=graphed), passes)
+            for graphed in (False, True)}
+    torch.save(runs, store.parent / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("regime", ["prefix", "all"])
+def test_graphed_ddp_steps_train_as_eager_ddp_steps(tmp_path, regime):
+    """Two ranks replaying CUDA graphs that hold DDP's gradient all-reduce train as two eager DDP ranks, without
+    dropout: the same losses, and the same weights on both ranks. Batches of similar length give the ranks shares of
+    unequal lengths at several widths; in "all", a batch of one window leaves rank 1 an empty share."""
+    history = ragged_markov(199, 20)  # "all": a window a user, 22 batches of 9 and one of 1
+    cfg = TrainConfig(regime=regime, max_len=20, batch_size=9, batch_by_length=True, lr=5e-3)
+    passes = 3
+    mp.spawn(ddp_steps, args=(2, tmp_path / "store", history, cfg, passes), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for runs in ranks:
+        assert (runs[False]["step"], runs[True]["step"]) == ("EagerStep", "GraphedStep")
+        assert runs[True]["graphs"] >= 2 and len(runs[True]["losses"]) > DDP_CAPTURE_AFTER + 2 * runs[True]["graphs"]
+        torch.testing.assert_close(runs[True]["losses"], runs[False]["losses"], rtol=1e-5, atol=1e-6)
+        for g, e in zip(runs[True]["weights"], runs[False]["weights"], strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    for a, b in zip(ranks[0][True]["weights"], ranks[1][True]["weights"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the all-reduce ran inside the replays

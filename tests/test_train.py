@@ -158,10 +158,11 @@ class Recorder(EagerStep):
     """A step that only records what train_epoch hands it."""
 
     def __init__(self, cfg):
-        self.net, self.cfg, self.calls = torch.nn.Linear(1, 1), cfg, []
+        super().__init__(torch.nn.Linear(1, 1), None, None, cfg)
+        self.calls = []
 
-    def __call__(self, start, stop, n_targets):
-        self.calls.append((int((stop - start).sum()), n_targets))
+    def __call__(self, start, stop, count=None):
+        self.calls.append((int((stop - start).sum()), shard(start, stop, self.cfg, 0, 1, count)[2]))
         return torch.zeros(())
 
 
@@ -507,10 +508,10 @@ def steps_over(step, start, stop, cfg, order=None, passes=3, check_last_pass=Fal
     losses = []
     for n in range(passes):
         for lo in range(0, len(order), cfg.batch_size):
-            mine, n_targets = shard(order[lo:lo + cfg.batch_size], start, stop, cfg, 0, 1)
+            batch = order[lo:lo + cfg.batch_size]
             torch.cuda.set_sync_debug_mode("error" if check_last_pass and n == passes - 1 else "default")
             try:
-                loss = step(start[mine], stop[mine], n_targets)
+                loss = step(start[batch], stop[batch])
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             losses.append(loss.clone())  # a replay rewrites its loss in place

@@ -141,7 +141,7 @@ def train(
     time_budget_s: Optional[float] = typer.Option(None, "--time-budget-s", help="Start no epoch that would end past this many seconds; the best epoch so far is the result."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training forward (default off; it turns the CUDA graph off): 1.15x faster epochs on long windows after a compile of about 40 s, slower where the CUDA graph applies; for long runs on long windows."),
     recompute: Optional[bool] = typer.Option(None, "--recompute/--no-recompute", help="Keep only each block's input and re-run the block in the backward (RecBLR, LRURec: in spans of 128 positions, of 2^18 positions where steps run eagerly; default off): RecBLR at T=1000 on an H100 peaks at 0.19x the GPU memory for 1.8x the time; for long sequences."),
-    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="Replay each training step from a CUDA graph (default on; it applies on one GPU without --compile): the host issues one launch a step instead of hundreds."),
+    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="Replay each training step from a CUDA graph (default on, DDP ranks included; not with --compile): the host issues one launch a step instead of hundreds."),
     batch_by_length: Optional[bool] = typer.Option(None, "--batch-by-length/--no-batch-by-length", help="Batch windows of similar length together (default off): less padding, so faster epochs where lengths vary."),
     set_: list[str] = typer.Option([], "--set", help="Model config override FIELD=VALUE, repeatable (e.g. dropout=0.5)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.pt."),

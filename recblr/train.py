@@ -307,8 +307,9 @@ def stepped(net: torch.nn.Module, cfg: TrainConfig, world: int = 1) -> torch.nn.
         with torch.cuda.stream(side):
             net = DistributedDataParallel(net, device_ids=[torch.device(cfg.device).index])
         torch.cuda.current_stream().wait_stream(side)
-        # DDP times itself with CUDA events in its first 10 iterations (DDP_CAPTURE_AFTER lets them pass) and every
-        # 100th after; a capture cannot hold those events, and graphs are captured at later iterations too
+        # DDP times itself with CUDA events in its first 10 iterations and every 100th after. Captures come after the
+        # first DDP_CAPTURE_AFTER, but a new width's may fall on any later one, so the sampling is turned off rather
+        # than trusted inside a capture
         net._set_ddp_runtime_logging_sample_rate(2 ** 31 - 1)
     elif world > 1:
         net = DistributedDataParallel(net)

@@ -41,8 +41,8 @@ LOSS_SHOWN_EVERY_S = 1.0  # the progress bar's loss and speed; more often would 
 # fields a resumed run may change: they alter neither the model nor what an epoch computes
 RESUMABLE_CHANGES = {"epochs", "device", "eval_batch_size", "time_budget_s", "recompute", "cuda_graph"}
 CAPTURE_AFTER = 3  # eager steps on a side stream before a CUDA graph is captured, the warm-up torch.cuda.graph asks
-# under DDP: its reducer rebuilds its buckets and times itself with CUDA events in its first 10 iterations, which a
-# capture cannot hold (PyTorch's CUDA graph notes, "Usage with DistributedDataParallel", ask for 11)
+# under DDP, as PyTorch's CUDA graph notes ("Usage with DistributedDataParallel") ask: its reducer rebuilds its
+# buckets and times itself with CUDA events in its first 10 iterations
 DDP_CAPTURE_AFTER = 11
 # a graph's loss slots grow in steps of this share of batch_size * max_len: spare slots cost loss work at every
 # replay, a re-capture costs once (1/64 against 1/16: T = 4096 epochs 1.22 -> 1.17 s on an H100)
@@ -150,6 +150,11 @@ def shard(start: np.ndarray, stop: np.ndarray, cfg: TrainConfig, rank: int, worl
     return start[rank::world], stop[rank::world], count / world
 
 
+def rows_per_rank(cfg: TrainConfig, world: int) -> int:
+    """The most windows a rank's `shard` of a global batch holds."""
+    return -(-cfg.batch_size // world)
+
+
 class EagerStep:
     """A training step as PyTorch issues it, op by op: a global batch's windows (start, stop) -> the batch's loss,
     detached, after the optimizer's step. This rank trains on its `shard` of the batch; the summed loss is divided by
@@ -190,7 +195,7 @@ class GraphedStep(EagerStep):
     def __init__(self, net, opt: torch.optim.Optimizer, flat: torch.Tensor, cfg: TrainConfig, rank: int = 0,
                  world: int = 1):
         super().__init__(net, opt, flat, cfg, rank, world)
-        self.rows = -(-cfg.batch_size // world)
+        self.rows = rows_per_rank(cfg, world)
         self.windows = torch.zeros(2, self.rows, dtype=torch.long, device=cfg.device)  # first, length
         self.divisor = torch.ones((), device=cfg.device)
         self.side = torch.cuda.Stream(cfg.device)
@@ -254,9 +259,8 @@ def graph_widths(max_len: int) -> np.ndarray:
 def graphs_steps(cfg: TrainConfig, world: int = 1) -> bool:
     """Whether training steps replay from CUDA graphs: on CUDA devices (cfg.cuda_graph) for a rank's batches of up to
     GRAPH_MAX_POSITIONS positions or when recomputing; else they run eagerly (on the CPU, compiled or long windows)."""
-    rows = -(-cfg.batch_size // world)
     return (cfg.cuda_graph and cfg.device.startswith("cuda") and not cfg.compile
-            and (cfg.recompute or rows * cfg.max_len <= GRAPH_MAX_POSITIONS))
+            and (cfg.recompute or rows_per_rank(cfg, world) * cfg.max_len <= GRAPH_MAX_POSITIONS))
 
 
 def training_step(net, opt: torch.optim.Optimizer, flat: torch.Tensor, cfg: TrainConfig, rank: int = 0,

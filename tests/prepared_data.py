@@ -1,4 +1,5 @@
-"""Writes DATA_DIR/prepared/ straight from item sequences, so model tests need neither DuckDB nor ingest."""
+"""Writes DATA_DIR/prepared/ straight from item sequences, so model tests need neither DuckDB nor ingest; `ragged`
+holds such sequences in memory, as recblr.data.Sequences."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from recblr.data import Sequences
 
 
 def write_prepared(prepared_dir: Path, sequences: list[list[int]], n_items: int,
@@ -40,3 +43,8 @@ def markov_sequences(n_users: int, n_items: int, length: int, seed: int = 0) -> 
             seq.append(seq[-1] % n_items + 1 if follow else int(rng.integers(1, n_items + 1)))
         sequences.append(seq)
     return sequences
+
+
+def ragged(seqs: list[list[int]]) -> Sequences:
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
+    return Sequences(np.array([i for s in seqs for i in s], dtype=np.int64), offsets)

@@ -13,20 +13,19 @@ import torch.multiprocessing as mp
 
 from pipeline.errors import PipelineError
 from pipeline.launch import fit_on_processes, resolve_nproc, train_args
-from prepared_data import markov_sequences, write_prepared
+from prepared_data import markov_sequences, ragged, write_prepared
 from recblr.data import Sequences, training_flat, training_windows
 from recblr.models import build
 from recblr.train import (DDP_CAPTURE_AFTER, TrainConfig, batch_loss, epoch_order, optimizer, shard, stepped,
                           training_step)
+from steps import steps_over
 
 N_ITEMS = 24
 
 
 def ragged_markov(n_users: int, longest: int, seed: int = 0) -> Sequences:
     rng = np.random.default_rng(seed)
-    seqs = [s[:rng.integers(2, longest + 1)] for s in markov_sequences(n_users, N_ITEMS, longest, seed)]
-    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
-    return Sequences(np.array([i for s in seqs for i in s], dtype=np.int64), offsets)
+    return ragged([s[:rng.integers(2, longest + 1)] for s in markov_sequences(n_users, N_ITEMS, longest, seed)])
 
 
 @pytest.mark.parametrize("regime", ["prefix", "all"])
@@ -113,9 +112,8 @@ def ddp_run(rank: int, world: int, history: Sequences, cfg: TrainConfig, passes:
     model = build("recblr", N_ITEMS, d_model=8, dropout=0.0).to(cfg.device)
     step = training_step(stepped(model, cfg, world), optimizer(model, cfg), training_flat(history, cfg.device), cfg,
                          rank, world)
-    losses = [step(start[batch], stop[batch]).clone()  # a replay rewrites its loss in place
-              for _ in range(passes) for batch in np.split(order, range(cfg.batch_size, len(order), cfg.batch_size))]
-    return {"losses": torch.stack(losses).cpu(), "weights": [p.detach().cpu() for p in model.parameters()],
+    losses = steps_over(step, start, stop, cfg, order, passes)
+    return {"losses": losses.cpu(), "weights": [p.detach().cpu() for p in model.parameters()],
             "step": type(step).__name__, "graphs": len(getattr(step, "graphs", ()))}
 
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from prepared_data import markov_sequences, write_prepared
-from recblr.data import (LENGTH_POOL_BATCHES, Sequences, gather, load_prepared, padded_batch, similar_length_batches,
+from prepared_data import markov_sequences, ragged, write_prepared
+from recblr.data import (LENGTH_POOL_BATCHES, gather, load_prepared, padded_batch, similar_length_batches,
                          training_batch, training_flat, training_windows)
 from recblr.loss import linear_cross_entropy
 from recblr.models import build, load
@@ -22,14 +22,10 @@ import recblr.model
 import recblr.train
 from recblr.train import (EagerStep, GraphedStep, TrainConfig, batch_loss, epoch_order, fit,
                           graph_widths, optimizer, shard, step_loss, stepped, train_epoch, training_step)
+from steps import steps_over
 
 N_ITEMS = 24
 SMALL = {"d_model": 16, "dropout": 0.1}
-
-
-def ragged(seqs: list[list[int]]) -> Sequences:
-    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
-    return Sequences(np.array([i for s in seqs for i in s], dtype=np.int64), offsets)
 
 
 SEQS = [[5], [1, 2], [3, 4, 5, 6, 7, 8, 9], [10, 11, 12, 13]]
@@ -498,24 +494,6 @@ def test_training_step_never_waits_for_the_gpu(model_name, regime):
             opt.zero_grad(set_to_none=True)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-
-
-def steps_over(step, start, stop, cfg, order=None, passes=3, check_last_pass=False):
-    """The losses of `passes` passes of `step` over the windows in `order` (default: as listed); with
-    check_last_pass the last pass, when every width has its graph, runs with the sync debug mode at "error", so any
-    wait for the GPU raises."""
-    order = np.arange(len(start)) if order is None else order
-    losses = []
-    for n in range(passes):
-        for lo in range(0, len(order), cfg.batch_size):
-            batch = order[lo:lo + cfg.batch_size]
-            torch.cuda.set_sync_debug_mode("error" if check_last_pass and n == passes - 1 else "default")
-            try:
-                loss = step(start[batch], stop[batch])
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-            losses.append(loss.clone())  # a replay rewrites its loss in place
-    return torch.stack(losses)
 
 
 @pytest.mark.gpu

@@ -46,8 +46,8 @@ def worker(prepared: Path, model: str, out: Path, args) -> None:
 def recipe(args) -> dict:
     """The TrainConfig fields given on the command line; the others keep TrainConfig's defaults."""
     given = {"regime": args.regime, "batch_size": args.batch_size, "label_smoothing": args.label_smoothing,
-             "lr": args.lr, "lr_schedule": args.lr_schedule, "weight_decay": args.weight_decay,
-             "patience": args.patience, "cuda_graph": args.cuda_graph, "batch_by_length": args.batch_by_length}
+             "lr": args.lr, "weight_decay": args.weight_decay, "patience": args.patience, "cuda_graph": args.cuda_graph,
+             "batch_by_length": args.batch_by_length}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -91,8 +91,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="default: TrainConfig's")
     parser.add_argument("--label-smoothing", type=float, help="default: TrainConfig's")
     parser.add_argument("--lr", type=float, help="default: TrainConfig's")
-    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), help="default: TrainConfig's; cosine decays "
-                        "over --epochs")
     parser.add_argument("--weight-decay", type=float, help="default: TrainConfig's")
     parser.add_argument("--patience", type=int, help="default: TrainConfig's")
     parser.add_argument("--cuda-graph", type=lambda v: v.lower() in ("1", "true", "on"),

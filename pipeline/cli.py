@@ -129,7 +129,6 @@ def train(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epoch cap (default 300 on a GPU, 4 on a CPU)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 256 (the paper: 2048 prefixes)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default 2e-3; the paper: 1e-3)."),
-    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant (default) or cosine: a half cosine from --lr in the first epoch to near 0 in the last of --epochs."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW decay of weight matrices and the item table (default 0, as the paper)."),
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Default 0.1 (the paper: 0)."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Most recent items a model reads (default 50)."),
@@ -158,8 +157,7 @@ def train(
     from recblr.train import OutOfGPUMemory, fit
 
     # the pipeline builds its TrainConfig the same way: None leaves a field to TrainConfig's default
-    cfg = train_config({"epochs": epochs, "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule,
-                        "weight_decay": weight_decay,
+    cfg = train_config({"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                         "label_smoothing": label_smoothing, "max_len": max_len, "regime": regime,
                         "patience": patience, "seed": seed, "device": device, "precision": precision,
                         "eval_batch_size": eval_batch_size, "time_budget_s": time_budget_s, "compile": compile,

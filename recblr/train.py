@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -73,7 +72,6 @@ class TrainConfig:
     epochs: Optional[int] = None  # None: 300 on a GPU (early stopping ends it first), 4 on a CPU
     batch_size: int = 256  # user windows ("all") or samples ("prefix") per step, summed over DDP ranks
     lr: float = 2e-3  # the paper: 1e-3
-    lr_schedule: str = "constant"  # "cosine": a half cosine from lr in epoch 1 to near 0 in the last (needs epochs)
     weight_decay: float = 0.0  # AdamW's decoupled decay of the matrices and the item table (the paper: none)
     label_smoothing: float = 0.1
     max_len: int = 50  # the paper: 50 for Beauty/Sports/Steam, 100 Gowalla, 200 ML-1M
@@ -92,10 +90,6 @@ class TrainConfig:
     def __post_init__(self):
         if self.regime not in ("prefix", "all"):
             raise ValueError(f"TrainConfig: regime must be 'prefix' or 'all', got {self.regime!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"TrainConfig: lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if self.lr_schedule == "cosine" and self.epochs is None:
-            raise ValueError("TrainConfig: lr_schedule 'cosine' decays over the epochs; set epochs")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig: precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if (self.epochs is not None and self.epochs < 1) or min(self.batch_size, self.max_len, self.patience) < 1:
@@ -109,13 +103,6 @@ class TrainConfig:
             device = f"cuda:{os.environ['LOCAL_RANK']}"
         epochs = self.epochs or (300 if device.startswith("cuda") else 4)
         return dataclasses.replace(self, device=device, epochs=epochs)
-
-
-def epoch_lr(cfg: TrainConfig, epoch: int) -> float:
-    """The learning rate of epoch `epoch` (1 to cfg.epochs)."""
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
 
 
 def step_loss(net, items: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
@@ -401,19 +388,8 @@ def optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in net.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # capturable: the step count stays on the device, so a CUDA graph can hold the optimizer's step; the learning
-    # rate too, as a tensor that `set_lr` rewrites in place
-    capturable = cfg.device.startswith("cuda")
-    lr = torch.tensor(cfg.lr, device=cfg.device) if capturable else cfg.lr
-    return torch.optim.AdamW(groups, lr=lr, capturable=capturable)
-
-
-def set_lr(opt: torch.optim.Optimizer, lr: float):
-    for group in opt.param_groups:
-        if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
+    # capturable: the step count stays on the device, so a CUDA graph can hold the optimizer's step
+    return torch.optim.AdamW(groups, lr=cfg.lr, capturable=cfg.device.startswith("cuda"))
 
 
 def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, world):
@@ -456,7 +432,6 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
             break
         torch.manual_seed((cfg.seed + epoch) * world + rank)  # one process: seed + epoch, as before DDP
         order = epoch_order(stop - start, cfg, epoch)
-        set_lr(opt, epoch_lr(cfg, epoch))
         epoch_began = time.time()
         with memory_advice(cfg, f"training epoch {epoch}, batches of {cfg.batch_size} windows of up to "
                                 f"{cfg.max_len}", train_savers):
@@ -465,7 +440,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
         if rank == 0:
             with precision_context(cfg.device, cfg.precision), memory_advice(cfg, "validation", eval_savers):
                 valid = evaluate(net, data, "valid", max_len=cfg.max_len, batch_size=cfg.eval_batch_size)
-            record = {"epoch": epoch, "loss": loss, "lr": epoch_lr(cfg, epoch), "seconds": time.time() - epoch_began,
+            record = {"epoch": epoch, "loss": loss, "seconds": time.time() - epoch_began,
                       "train_seconds": train_seconds, **{f"val_{k}": v for k, v in valid.items()}}
             state["history"].append(record)
             state["epoch"] = epoch

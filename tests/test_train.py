@@ -21,8 +21,7 @@ import recblr.base
 import recblr.model
 import recblr.train
 from recblr.train import (EagerStep, GraphedStep, TrainConfig, batch_loss, epoch_order, fit,
-                          graph_widths, optimizer, set_lr, shard, step_loss, stepped, train_epoch,
-                          training_step)
+                          graph_widths, optimizer, shard, step_loss, stepped, train_epoch, training_step)
 from steps import steps_over
 
 N_ITEMS = 24
@@ -259,30 +258,6 @@ def test_resume_refuses_other_settings_or_no_checkpoint(prepared, tmp_path):
 def test_train_config_rejects_unknown_regime():
     with pytest.raises(ValueError, match="regime"):
         TrainConfig(regime="last")
-
-
-@pytest.mark.parametrize("schedule, factors", [("constant", [1.0, 1.0, 1.0, 1.0]),
-                                               ("cosine", [1.0, 0.5 + 0.5 ** 1.5, 0.5, 0.5 - 0.5 ** 1.5])])
-def test_each_epoch_trains_at_its_scheduled_learning_rate(prepared, tmp_path, monkeypatch, schedule, factors):
-    used = []
-    train_epoch = recblr.train.train_epoch
-
-    def spy(step, *args, **kwargs):
-        used.append([float(group["lr"]) for group in step.opt.param_groups])
-        return train_epoch(step, *args, **kwargs)
-
-    monkeypatch.setattr(recblr.train, "train_epoch", spy)
-    result = fit(prepared, tmp_path / "run", overrides=SMALL, train=quick(epochs=4, lr_schedule=schedule))
-    want = [5e-3 * f for f in factors]
-    assert used == [pytest.approx([lr, lr]) for lr in want]  # both parameter groups
-    assert [r["lr"] for r in result["history"]] == pytest.approx(want)
-
-
-def test_cosine_schedule_needs_the_epochs_it_decays_over():
-    with pytest.raises(ValueError, match="set epochs"):
-        TrainConfig(lr_schedule="cosine")
-    with pytest.raises(ValueError, match="lr_schedule"):
-        TrainConfig(epochs=5, lr_schedule="linear")
     assert dataclasses.replace(TrainConfig(), device="cpu").resolved().epochs == 4
 
 
@@ -550,32 +525,6 @@ def test_graphed_steps_equal_eager_steps(model_name, regime, batch_by_length, mo
     assert len(step.graphs) >= (3 if batch_by_length else 1)  # by the last pass, every width replays its graph
     torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-5, atol=1e-6)
     for g, e in zip(graph_weights, eager_weights, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graphed_steps_take_the_learning_rate_set_after_capture(monkeypatch):
-    """The captured optimizer step reads the learning rate from the device: set between replays, it moves the weights
-    as it moves an eager step's."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    history = ragged(SEQS * 8)
-    start, stop = training_windows(history, max_len=4, regime="all")
-    cfg = TrainConfig(device="cuda", max_len=4, batch_size=len(start))  # one batch, one width: replays from step 5
-    torch.manual_seed(0)
-    init = build("recblr", 16, d_model=8, dropout=0.0).state_dict()
-    weights = []
-    for kind in (EagerStep, GraphedStep):
-        model = build("recblr", 16, d_model=8, dropout=0.0).cuda().train()
-        model.load_state_dict(init)
-        opt = optimizer(model, cfg)
-        step = kind(model, opt, training_flat(history, cfg.device), cfg)
-        for lr in (cfg.lr, cfg.lr / 10, cfg.lr * 3):
-            set_lr(opt, lr)
-            steps_over(step, start, stop, cfg, passes=5)
-        weights.append([p.detach().clone() for p in model.parameters()])
-    assert len(step.graphs) == 1
-    for g, e in zip(*weights, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 

@@ -14,6 +14,10 @@ Peak memory: torch.cuda.max_memory_allocated of the worker on a GPU, warm-up inc
 allocated when it is captured, in the warm-up), the process's peak RSS on a CPU.
 "sasrec-math" is SASRec with PyTorch's plain T x T attention, like RecBole's SASRec that the paper timed;
 "sasrec" uses scaled_dot_product_attention's fused (flash / memory-efficient) kernels.
+The figure (seconds an epoch and peak memory against T, a line per model and mode) goes beside the JSON; where
+matplotlib is missing (the GPU machine), `--plot` draws it later from one or more runs' JSON files:
+
+    .venv/bin/python benchmarks/training_cost.py --plot fp32.json bf16.json --png figure4.png
 """
 from __future__ import annotations
 
@@ -155,6 +159,65 @@ def profile(step, start, stop, order, cfg, args, name: str) -> None:
     path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
 
 
+MODES = ("compile", "recompute", "no_cuda_graph", "by_length")  # the flags a line's label names
+PEAK_KINDS = {"cuda_max_allocated": "GPU, allocated", "process_peak_rss": "process RSS"}
+
+
+def plot(runs: list[dict], png: Path) -> dict[str, list[int]]:
+    """Seconds an epoch and peak memory against T, log-log, a line per model, precision and mode of `runs` (JSON
+    files this script wrote), to png; rows that failed (out of memory, cut) are left out. Returns each label's T."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    lines: dict[str, list[dict]] = {}
+    for run in runs:
+        flags = [flag.replace("_", "-") for flag in MODES if run["args"].get(flag) == "True"]
+        for row in run["rows"]:
+            if "error" not in row:
+                lines.setdefault(" ".join([row["model"], row["precision"], *flags]), []).append(row)
+    modes = sorted({label.split(" ", 1)[1] for label in lines})  # a colour a mode, a line style a model
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, rows in sorted(lines.items()):
+        rows.sort(key=lambda r: r["T"])
+        model, mode = label.split(" ", 1)
+        style = {"marker": "o", "linestyle": "-" if model == "recblr" else "--", "label": label,
+                 "color": f"C{modes.index(mode) % 10}"}
+        time_ax.plot([r["T"] for r in rows], [r["epoch_s"] for r in rows], **style)
+        memory_ax.plot([r["T"] for r in rows], [r["peak_mb"] / 1024 for r in rows], **style)
+    kinds = sorted({PEAK_KINDS[row["peak_kind"]] for rows in lines.values() for row in rows})
+    lengths = sorted({row["T"] for rows in lines.values() for row in rows})
+    for ax, label in ((time_ax, "seconds an epoch (same tokens at every T)"),
+                      (memory_ax, f"peak GB ({', '.join(kinds)})")):
+        ax.set(xscale="log", yscale="log", xlabel="max length T", ylabel=label, xticks=lengths)
+        ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.grid(True, which="major", alpha=0.3)
+    time_ax.legend(fontsize=8)
+    data = runs[0]["data"]
+    fig.suptitle(f"Training cost against length: {data['users']:,} users, {data['interactions']:,} events, "
+                 f"{data['items']:,} items", fontsize=10)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return {label: [r["T"] for r in rows] for label, rows in lines.items()}
+
+
+def save_plot(runs: list[dict], png: Path) -> None:
+    try:
+        plot(runs, png)
+    except ImportError:
+        print("matplotlib is not installed: no figure; draw it elsewhere with --plot", file=sys.stderr)
+        return
+    print(f"wrote {png}", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -181,8 +244,15 @@ def main() -> None:
                         help="after the timed epochs, profile this many batches to profile_<model>_T<T>.txt")
     parser.add_argument("--data", type=Path, default=Path("benchmarks/out/xlong_synth/prepared"))
     parser.add_argument("--json", type=Path, default=Path("benchmarks/out/training_cost.json"))
+    parser.add_argument("--png", type=Path, help="the figure (default: --json's path with .png)")
+    parser.add_argument("--plot", type=Path, nargs="+", metavar="JSON",
+                        help="measure nothing: draw the figure of these earlier runs' JSON files")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # MODEL:T, run by the parent in a fresh process
     args = parser.parse_args()
+    png = args.png or args.json.with_suffix(".png")
+    if args.plot:
+        save_plot([json.loads(path.read_text()) for path in args.plot], png)
+        return
     if args.worker:
         model, T = args.worker.split(":")
         print(json.dumps(measure(args.data, model, int(T), args)))
@@ -203,9 +273,9 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             lines, error = [], f"cut at {args.timeout:.0f} s"
         rows.append(json.loads(lines[-1]) if not error else {"model": model, "T": T, "error": error})
+        run = {"data": summary, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"data": summary, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "rows": rows}, indent=1))
+        args.json.write_text(json.dumps(run, indent=1))
 
     print(f"| model | T | s / epoch | tokens/s | peak MB ({rows[0].get('peak_kind', 'peak')}) |")
     print("| --- | ---: | ---: | ---: | ---: |")
@@ -225,6 +295,7 @@ def main() -> None:
         print("recblr s/epoch relative to T=" + str(Ts[0]) + ": "
               + ", ".join(f"T={T} {ours[T]['epoch_s'] / ours[Ts[0]]['epoch_s']:.2f}" for T in Ts))
     print(f"wrote {args.json}", file=sys.stderr)
+    save_plot([run], png)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ Peak memory: torch.cuda.max_memory_allocated of the worker on a GPU, warm-up inc
 allocated when it is captured, in the warm-up), the process's peak RSS on a CPU.
 "sasrec-math" is SASRec with PyTorch's plain T x T attention, like RecBole's SASRec that the paper timed;
 "sasrec" uses scaled_dot_product_attention's fused (flash / memory-efficient) kernels.
-The figure (seconds an epoch and peak memory against T, a line per model and mode) goes beside the JSON; where
-matplotlib is missing (the GPU machine), `--plot` draws it later from one or more runs' JSON files:
+The figure (seconds an epoch and peak memory against T, a line per model and mode) goes beside the JSON, unless
+matplotlib is missing. `--plot` draws one from earlier runs' JSON files, several runs (precisions, modes) together:
 
     .venv/bin/python benchmarks/training_cost.py --plot fp32.json bf16.json --png figure4.png
 """

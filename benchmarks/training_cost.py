@@ -172,18 +172,17 @@ def plot(runs: list[dict], png: Path) -> dict[str, list[int]]:
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    lines: dict[str, list[dict]] = {}
+    lines: dict[tuple[str, str], list[dict]] = {}  # (model, mode) -> its rows
     for run in runs:
         flags = [flag.replace("_", "-") for flag in MODES if run["args"].get(flag) == "True"]
         for row in run["rows"]:
             if "error" not in row:
-                lines.setdefault(" ".join([row["model"], row["precision"], *flags]), []).append(row)
-    modes = sorted({label.split(" ", 1)[1] for label in lines})  # a colour a mode, a line style a model
+                lines.setdefault((row["model"], " ".join([row["precision"], *flags])), []).append(row)
+    modes = sorted({mode for _, mode in lines})  # a colour a mode, a line style a model
     fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label, rows in sorted(lines.items()):
+    for (model, mode), rows in sorted(lines.items()):
         rows.sort(key=lambda r: r["T"])
-        model, mode = label.split(" ", 1)
-        style = {"marker": "o", "linestyle": "-" if model == "recblr" else "--", "label": label,
+        style = {"marker": "o", "linestyle": "-" if model == "recblr" else "--", "label": f"{model} {mode}",
                  "color": f"C{modes.index(mode) % 10}"}
         time_ax.plot([r["T"] for r in rows], [r["epoch_s"] for r in rows], **style)
         memory_ax.plot([r["T"] for r in rows], [r["peak_mb"] / 1024 for r in rows], **style)
@@ -206,7 +205,7 @@ def plot(runs: list[dict], png: Path) -> dict[str, list[int]]:
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)
-    return {label: [r["T"] for r in rows] for label, rows in lines.items()}
+    return {f"{model} {mode}": [r["T"] for r in rows] for (model, mode), rows in lines.items()}
 
 
 def save_plot(runs: list[dict], png: Path) -> None:

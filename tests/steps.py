@@ -1,4 +1,5 @@
-"""Passes of a training step (recblr.train.EagerStep or GraphedStep) over windows, for the tests that compare steps."""
+"""Passes of a training step (recblr.train.EagerStep or GraphedStep) over windows, for the tests that compare steps,
+and a stand-in for training that runs out of GPU memory."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,3 +22,8 @@ def steps_over(step, start, stop, cfg, order=None, passes=3, check_last_pass=Fal
                 torch.cuda.set_sync_debug_mode("default")
             losses.append(loss.clone())  # a replay rewrites its loss in place
     return torch.stack(losses)
+
+
+def out_of_memory(*args, **kwargs):
+    """Patched over a training function: raises what PyTorch raises when the GPU runs out of memory."""
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -17,6 +17,7 @@ from recblr.lrurec import LRURecConfig, LRULayer, lru_scan
 from recblr.models import MODELS, build, load
 from recblr.serving import leaves
 from recblr.train import TrainConfig, fit
+from steps import out_of_memory
 
 N_ITEMS = 40
 PEERS = ["sasrec", "gru4rec", "lrurec"]
@@ -243,12 +244,9 @@ def test_compare_names_the_model_that_ran_out_of_memory(tmp_path, monkeypatch):
 
     from pipeline.compare import compare
 
-    def oom(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
     data_dir = tmp_path / "toy"
     write_prepared(data_dir / "prepared", markov_sequences(20, N_ITEMS, 5), N_ITEMS)
-    monkeypatch.setattr(recblr.train, "train_epoch", oom)
+    monkeypatch.setattr(recblr.train, "train_epoch", out_of_memory)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     with pytest.raises(PipelineError, match=r"compare gru4rec: \w+ ran out of memory during training epoch 1"):
         compare(data_dir, ["gru4rec"], epochs=1, tracking_uri=uri)

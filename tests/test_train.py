@@ -22,7 +22,7 @@ import recblr.model
 import recblr.train
 from recblr.train import (EagerStep, GraphedStep, TrainConfig, batch_loss, epoch_order, fit,
                           graph_widths, optimizer, shard, step_loss, stepped, train_epoch, training_step)
-from steps import steps_over
+from steps import out_of_memory, steps_over
 
 N_ITEMS = 24
 SMALL = {"d_model": 16, "dropout": 0.1}
@@ -282,13 +282,9 @@ def test_cli_train_then_evaluate(prepared, tmp_path):
     assert out.exit_code == 0 and json.loads(out.stdout.strip().splitlines()[-1])["hr_at_10"] < evaluated["hr_at_10"]
 
 
-def oom(*args, **kwargs):
-    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-
 @pytest.mark.parametrize("model_name", ["recblr", "gru4rec"])
 def test_running_out_of_memory_says_what_needs_less(prepared, tmp_path, model_name, monkeypatch):
-    monkeypatch.setattr(recblr.train, "train_epoch", oom)
+    monkeypatch.setattr(recblr.train, "train_epoch", out_of_memory)
     with pytest.raises(recblr.train.OutOfGPUMemory, match=r"during training epoch 1, batches of 64 windows of up to 8"
                        r"; try .*--batch-by-length \(less padding\), or a smaller --batch-size \(now 64\)") as err:
         fit(prepared, tmp_path / "run", model_name, overrides=SMALL, train=quick())
@@ -299,7 +295,7 @@ def test_running_out_of_memory_says_what_needs_less(prepared, tmp_path, model_na
 def test_running_out_of_memory_in_validation_names_the_eval_batch(prepared, tmp_path, monkeypatch):
     from pipeline.cli import app
 
-    monkeypatch.setattr(recblr.train, "evaluate", oom)
+    monkeypatch.setattr(recblr.train, "evaluate", out_of_memory)
     out = CliRunner().invoke(app, ["train", "--data-dir", str(prepared.parent), "--run-dir", str(tmp_path / "run"),
                                    "--epochs", "1", "--max-len", "8", "--device", "cpu", "--eval-batch-size", "32"])
     assert "during validation; try a smaller --eval-batch-size (now 32 users a chunk)" in str(out.exception)

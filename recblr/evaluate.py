@@ -2,8 +2,10 @@
 
 The popularity baseline is the registry's "pop" model, so it is ranked by this same code.
 The paper's protocol: the target is ranked against all items, items already in the history stay in the
-ranking (`remove_history=True` drops them, keeping the target). Ties are broken by item index, so a model
-that scores everything alike gains nothing from them. Users are scored a batch at a time, the batch sized so
+ranking (`remove_history=True` drops them, keeping the target). An item that ties with the target ranks above
+it, so a model that scores everything alike gains nothing from ties (item indices follow popularity over every
+event, valid and test included, so breaking ties by index would rank by the test targets), and a target scored
+NaN or infinite is a miss. Users are scored a batch at a time, the batch sized so
 that (users x items) stays under SCORE_BUDGET floats: 1M users x 100k items is never held at once.
 """
 from __future__ import annotations
@@ -94,7 +96,8 @@ def evaluate(model: nn.Module, data: Prepared, split: str = "test", ks=(10, 20),
         if remove_history:
             mask_seen(scores, inputs, rows)
         item_idx = torch.arange(scores.shape[1], device=scores.device)
-        rank = (scores > target_score).sum(1) + ((scores == target_score) & (item_idx < target)).sum(1)  # (B,)
+        rank = (scores >= target_score).logical_and_(item_idx != target).sum(1)  # (B,): ties count as ranked above
+        rank = rank.masked_fill_(~target_score[:, 0].isfinite(), scores.shape[1])  # NaN compares false: no free hit
         for k in ks:
             hit = (rank < k).double()
             sums[f"hr_at_{k}"] += hit.sum().item()

@@ -34,7 +34,7 @@ def reference_metrics(inputs: list[list[int]], targets: list[int], remove_histor
     for seq, target in zip(inputs, targets):
         last = seq[-1] if seq else 0
         candidates = [j for j in range(1, N_ITEMS + 1) if j == target or not (remove_history and j in seq)]
-        ranked = sorted(candidates, key=lambda j: (np.floor(abs(j - last) / 2), j))  # score desc, index asc
+        ranked = sorted(candidates, key=lambda j: (np.floor(abs(j - last) / 2), j == target))  # the target after ties
         rank = ranked.index(target)
         for k in ks:
             if rank < k:
@@ -124,3 +124,22 @@ def test_ranking_scores_stay_float32_under_bf16_autocast(tmp_path):
         mixed = ev.evaluate(AlmostTied(), data, progress=False)
     assert exact["hr_at_20"] == 0.0  # the target, item 1, has the lowest score of 30 in float32
     assert mixed == exact
+
+
+class Constant(SequentialRecommender):
+    """Scores every item `value`: a collapsed model (1.0) or a diverged one (NaN)."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.item_embedding = nn.Embedding(N_ITEMS + 1, 1, padding_idx=0)
+        with torch.no_grad():
+            self.item_embedding.weight.fill_(value)
+
+    def forward(self, items):  # (B, T) -> (B, T, 1)
+        return torch.ones(*items.shape, 1)
+
+
+@pytest.mark.parametrize("value", [1.0, float("nan")], ids=["tied", "nan"])
+def test_tied_or_nan_scores_earn_nothing(data, value):
+    # item ids follow popularity over every event, test targets included: ties broken by id would rank by them
+    assert all(v == 0.0 for v in ev.evaluate(Constant(value), data, "test", progress=False).values())

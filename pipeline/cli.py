@@ -154,7 +154,7 @@ def train(
     """
     from pipeline.errors import PipelineError
     from pipeline.run import train_config
-    from recblr.train import OutOfGPUMemory, fit
+    from recblr.train import OutOfGPUMemory, TrainingDiverged, fit
 
     # the pipeline builds its TrainConfig the same way: None leaves a field to TrainConfig's default
     cfg = train_config({"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
@@ -165,7 +165,7 @@ def train(
     try:
         result = fit(data_dir / "prepared", run_dir or data_dir / "runs" / model, model,
                      overrides=_parse_sets(set_), train=cfg, resume=resume)
-    except (FileNotFoundError, ValueError, OutOfGPUMemory) as err:
+    except (FileNotFoundError, ValueError, OutOfGPUMemory, TrainingDiverged) as err:
         raise PipelineError(str(err)) from err
     if result is None:  # a DDP rank other than 0: rank 0 reports
         return

@@ -86,7 +86,7 @@ def compare(data_dir: Path, models=DEFAULT_MODELS, *, epochs: Optional[int] = No
     from pipeline import tracking
     from pipeline.errors import PipelineError
     from recblr.models import MODELS
-    from recblr.train import OutOfGPUMemory, TrainConfig
+    from recblr.train import OutOfGPUMemory, TrainConfig, TrainingDiverged
 
     data_dir = Path(data_dir)
     prepared = data_dir / "prepared"
@@ -117,7 +117,7 @@ def compare(data_dir: Path, models=DEFAULT_MODELS, *, epochs: Optional[int] = No
                 try:
                     result = train_one(prepared, out, name, train=train, overrides=(overrides or {}).get(name),
                                        dropout=dropout, on_epoch=tracking.log_epoch)
-                except OutOfGPUMemory as err:
+                except (OutOfGPUMemory, TrainingDiverged) as err:
                     raise PipelineError(f"compare {name}: {err}") from err
                 tracking.log_training(result, prepared)
                 tracking.log_evaluation(result["test"], result["valid"])

@@ -144,7 +144,7 @@ def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "re
 
     from pipeline import tracking
     from pipeline.launch import fit_on_processes, resolve_nproc
-    from recblr.train import OutOfGPUMemory
+    from recblr.train import OutOfGPUMemory, TrainingDiverged
 
     part = partition(data_dir, run_key)
     nproc = resolve_nproc(nproc_per_node)
@@ -155,7 +155,7 @@ def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "re
         result = fit_on_processes(nproc, part, work, model, overrides=overrides or None, train=config,
                                   on_epoch=tracking.log_epoch)
         tracking.log_training(result, part / "prepared")
-    except (ValueError, FileNotFoundError, OutOfGPUMemory) as err:  # unknown model or field, unusable data, memory
+    except (ValueError, FileNotFoundError, OutOfGPUMemory, TrainingDiverged) as err:  # bad setting or data, memory, NaN
         mlflow.end_run("FAILED")
         raise PipelineError(f"train {model} on {part / 'prepared'}: {err}") from err
     except BaseException:

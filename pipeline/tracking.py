@@ -147,7 +147,7 @@ def log_training(result: dict, prepared_dir: Path) -> None:
 
     mlflow.log_params(flatten("", {"model": result["model"], "config": result["config"], "train": result["train"]}))
     mlflow.log_metrics({"best_epoch": result["best_epoch"], "train_seconds": result["seconds"]})
-    mlflow.set_tag("recblr.stopped", result["stopped"])  # early stopping, epoch cap or time budget
+    mlflow.set_tag("recblr.stopped", result["stopped"])  # early stopping, epoch cap, time budget or diverged
     history = pd.DataFrame(result["history"])
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "history.csv"

@@ -333,7 +333,7 @@ def fit(prepared_dir: Path, run_dir: Path, model: str = "recblr", *, overrides: 
     """Train `model` on prepared_dir; run_dir gets checkpoint.pt (latest) and model.pt (best validation).
 
     Returns {"model", "config", "train", "epochs", "best_epoch", "stopped" (why training ended: "early stopping",
-    "epoch cap" or "time budget"), "valid", "test", "history", "model_path", "seconds"} (None on DDP ranks
+    "epoch cap", "time budget" or "diverged": a NaN loss after the best epoch), "valid", "test", "history", "model_path", "seconds"} (None on DDP ranks
     other than 0); on_epoch(epoch, record) is called on rank 0 after each epoch's checkpoint is written.
     """
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -353,6 +353,10 @@ def fit(prepared_dir: Path, run_dir: Path, model: str = "recblr", *, overrides: 
 
 class OutOfGPUMemory(RuntimeError):
     """torch.OutOfMemoryError, saying what ran out and which settings need less memory."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite before any epoch was validated, so there is no model to keep."""
 
 
 @contextlib.contextmanager
@@ -427,6 +431,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
     step = training_step(trained, opt, training_flat(data.history, cfg.device), cfg, rank, world)
     train_savers = memory_savers(net, cfg)
     eval_savers = [f"a smaller --eval-batch-size (now {cfg.eval_batch_size} users a chunk)"]
+    diverged = False
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if state["stale"] >= cfg.patience or state["out_of_time"]:
             break
@@ -437,6 +442,16 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
                                 f"{cfg.max_len}", train_savers):
             loss = train_epoch(step, start, stop, order, cfg, desc=f"epoch {epoch}/{cfg.epochs}")
         train_seconds = time.time() - epoch_began
+        if not np.isfinite(loss):  # every rank sees the reduced loss, so all stop here together
+            advice = f"try a lower --lr (now {cfg.lr})" + (" or --precision fp32" if cfg.precision != "fp32" else "")
+            if state["best_epoch"] == 0:
+                raise TrainingDiverged(f"epoch {epoch}: the training loss is {loss}, no epoch to keep; {advice}")
+            # the weights are NaN from here on: more epochs would only run out the patience
+            diverged = True
+            if rank == 0:
+                tqdm.write(f"epoch {epoch}: the training loss is {loss}: training diverged; keeping epoch "
+                           f"{state['best_epoch']}, the best before it; {advice}", file=sys.stderr)
+            break
         if rank == 0:
             with precision_context(cfg.device, cfg.precision), memory_advice(cfg, "validation", eval_savers):
                 valid = evaluate(net, data, "valid", max_len=cfg.max_len, batch_size=cfg.eval_batch_size)
@@ -472,7 +487,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
     kwargs = {"max_len": cfg.max_len, "batch_size": cfg.eval_batch_size}
     with precision_context(cfg.device, cfg.precision), memory_advice(cfg, "the final evaluation", eval_savers):
         valid, test = (evaluate(best, data, split, **kwargs) for split in ("valid", "test"))
-    stopped = ("early stopping" if state["stale"] >= cfg.patience else
+    stopped = ("diverged" if diverged else "early stopping" if state["stale"] >= cfg.patience else
                "time budget" if state["out_of_time"] and state["epoch"] < cfg.epochs else "epoch cap")
     return {"model": model, "config": dataclasses.asdict(best.config), "train": dataclasses.asdict(cfg),
             "epochs": state["epoch"], "best_epoch": state["best_epoch"], "stopped": stopped, "valid": valid,

@@ -600,3 +600,22 @@ def test_replays_draw_the_dropout_masks_of_eager_steps(monkeypatch):
         runs.append(steps_over(step, start, stop, cfg))
     assert step.graphs
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_diverging_run_keeps_its_best_epoch_or_says_why_it_has_none(prepared, tmp_path, monkeypatch):
+    real = recblr.train.train_epoch
+    epochs = iter(range(1, 100))
+
+    def nan_from_epoch_2(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        return float("nan") if next(epochs) >= 2 else loss
+
+    monkeypatch.setattr(recblr.train, "train_epoch", nan_from_epoch_2)
+    result = fit(prepared, tmp_path / "a", overrides=SMALL, train=quick(epochs=5))
+    assert result["stopped"] == "diverged" and result["best_epoch"] == 1 and result["epochs"] == 1
+    assert result["test"]["ndcg_at_10"] > 0
+
+    monkeypatch.setattr(recblr.train, "train_epoch", lambda *args, **kwargs: float("inf"))
+    with pytest.raises(recblr.train.TrainingDiverged, match=r"epoch 1: the training loss is inf, no epoch to keep; "
+                                                            r"try a lower --lr \(now 0.005\)"):
+        fit(prepared, tmp_path / "b", overrides=SMALL, train=quick())

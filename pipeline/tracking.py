@@ -207,10 +207,14 @@ def register(model_path: Path, prepared_dir: Path, name: str) -> str:
 def _champion_score(client: MlflowClient, champion, cand_run, prepared_dir: Path | None) -> tuple[float | None, str]:
     """The champion's test NDCG@10 on the candidate's prepared data, and how it was obtained."""
     champ_run = client.get_run(champion.run_id)
-    if champ_run.data.tags.get(DIGEST_TAG) == cand_run.data.tags.get(DIGEST_TAG):
-        return champ_run.data.metrics.get(GATE_METRIC), "logged on the same prepared data"
+    if champ_run.data.tags.get(DIGEST_TAG) != cand_run.data.tags.get(DIGEST_TAG):
+        unknown = "champion was evaluated on another prepared dataset"
+    elif (logged := champ_run.data.metrics.get(GATE_METRIC)) is not None:
+        return logged, "logged on the same prepared data"
+    else:  # e.g. a version made champion by hand
+        unknown = f"champion's run logged no {GATE_METRIC}"
     if prepared_dir is None:
-        return None, "champion was evaluated on another prepared dataset"
+        return None, unknown
     import pandas as pd
 
     from recblr.data import load_prepared
@@ -233,7 +237,7 @@ def promote(name: str, version: str, prepared_dir: Path | None = None) -> dict:
     """Give `version` the alias challenger, and champion only if its test NDCG@10 beats the champion's.
 
     Both numbers come from the same prepared data: the champion's logged number when its run used the
-    same data (equal digests), else the champion re-scored on `prepared_dir` when the item ids agree;
+    same data (equal digests) and logged it, else the champion re-scored on `prepared_dir` when the item ids agree;
     when neither is possible the champion stays. The decision and both numbers go to the active run.
     """
     client = MlflowClient()
@@ -244,10 +248,10 @@ def promote(name: str, version: str, prepared_dir: Path | None = None) -> dict:
     if cand_score is None:
         raise PipelineError(f"run {candidate.run_id} has no {GATE_METRIC} metric: run the evaluate step first")
     decision = {"model": name, "version": version, "candidate_" + GATE_METRIC: cand_score}
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-    except mlflow.exceptions.MlflowException:
-        champion = None
+    # asked of the model's aliases, not by catching the lookup's error: a store that fails to answer must not crown
+    # the candidate
+    champion_version = client.get_registered_model(name).aliases.get("champion")
+    champion = None if champion_version is None else client.get_model_version(name, champion_version)
     if champion is None:
         decision.update(champion_version=None, promoted=True, reason="first model becomes champion")
     else:

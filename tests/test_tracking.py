@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import mlflow
@@ -168,3 +169,38 @@ def test_ui_json_names_the_loopback_url_and_serves_the_default_store(tmp_path, m
     (argv,) = execs
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "5123"
     assert line["tracking_uri"] in argv
+
+
+def test_gate_rescores_a_champion_whose_run_logged_no_metric(tmp_path, store, weights):
+    prepared = tracking_prepared(tmp_path / "prepared")
+    tracking.start_training_run(store, "bare", "2026-01-01", prepared)  # made champion by hand, never evaluated
+    version = tracking.register(weights, prepared, "bare")
+    mlflow.end_run()
+    MlflowClient(store).set_registered_model_alias("bare", "champion", version)
+    decision, _ = candidate(store, prepared, weights, "2026-01-02", 0.99, "bare")
+    assert decision["promoted"] and "re-scored" in decision["reason"]
+    assert decision["champion_test_ndcg_at_10"] is not None
+
+
+def test_gate_keeps_the_champion_when_the_registry_fails_to_answer(tmp_path, store, weights, monkeypatch):
+    prepared = tracking_prepared(tmp_path / "prepared")
+    first, _ = candidate(store, prepared, weights, "2026-01-01", 0.30, "flaky")
+    tracking.start_training_run(store, "flaky", "2026-01-02", prepared)
+    tracking.log_evaluation({"ndcg_at_10": 0.01}, {"ndcg_at_10": 0.01})
+    version = tracking.register(weights, prepared, "flaky")
+
+    def failing_for_the_gate(lookup):
+        real = getattr(MlflowClient, lookup)
+
+        def answer(*args, **kwargs):  # MLflow's own calls still get answers, so only the gate's lookup fails
+            if sys._getframe(1).f_globals["__name__"] == tracking.__name__:
+                raise mlflow.exceptions.MlflowException("registry unavailable", error_code="TEMPORARILY_UNAVAILABLE")
+            return real(*args, **kwargs)
+        return answer
+
+    for lookup in ("get_registered_model", "get_model_version_by_alias"):  # either way to find the champion
+        monkeypatch.setattr(MlflowClient, lookup, failing_for_the_gate(lookup))
+    with pytest.raises(mlflow.exceptions.MlflowException, match="unavailable"):
+        tracking.promote("flaky", version, prepared)
+    monkeypatch.undo()
+    assert str(MlflowClient(store).get_model_version_by_alias("flaky", "champion").version) == first["version"]

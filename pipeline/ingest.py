@@ -343,9 +343,28 @@ def _events(row: pa.Array, text: dict, layout: Layout, fields: list[pa.Array], j
     return _staging_batch(row, user, item, timestamp, rating, behavior, raw)
 
 
+def _line_starts(users: pa.Array, lengths: np.ndarray, seen: dict) -> np.ndarray:
+    """How many events each line's user had before the line: on earlier lines of this batch, in line order, plus
+    `seen` (user -> events on earlier batches' lines), which this updates."""
+    encoded = users.dictionary_encode()
+    user, names = encoded.indices.to_numpy(), encoded.dictionary.to_pylist()
+    order = np.argsort(user, kind="stable")  # a user's lines together, in line order
+    before = np.cumsum(lengths[order]) - lengths[order]  # events of every line before, whoever's
+    first = np.r_[True, user[order][1:] != user[order][:-1]]
+    before -= np.maximum.accumulate(np.where(first, before, 0))  # ... minus those before the user's first line
+    starts = np.empty_like(before)
+    starts[order] = before
+    carried = np.array([seen.get(name, 0) for name in names], dtype=np.int64)
+    for name, n in zip(names, np.bincount(user, weights=lengths, minlength=len(names)).astype(np.int64)):
+        seen[name] = seen.get(name, 0) + int(n)
+    return starts + carried[user]
+
+
 def _sequences(path: Path) -> Iterator[pa.RecordBatch]:
-    """Staging batches of a `user item1 item2 ...` file: one event per item, timestamp = 1-based position."""
+    """Staging batches of a `user item1 item2 ...` file: one event per item, timestamp = 1-based position in the
+    user's sequence; a later line of the same user continues it."""
     rows = _Rows(1)
+    seen: dict = {}
     bad: list[tuple[int, str, str, str]] = []
 
     def on_invalid(row) -> str:  # only a line holding LINE_DELIMITER splits: treat it as malformed
@@ -369,11 +388,13 @@ def _sequences(path: Path) -> Iterator[pa.RecordBatch]:
         fields, row = fields.filter(keep), row.filter(keep)
         items = pc.list_slice(fields, 1)
         parent = pc.list_parent_indices(items)
-        starts = np.repeat(items.offsets.to_numpy()[:-1] - items.offsets.to_numpy()[0],
-                           pc.list_value_length(items).to_numpy())
-        position = np.arange(len(parent), dtype=np.int64) - starts + 1
-        user = pc.list_element(fields, 0).take(parent)
-        yield _staging_batch(row.take(parent), _field(user), _field(pc.list_flatten(items)), pa.array(position))
+        lengths = pc.list_value_length(items).to_numpy().astype(np.int64)
+        line_user = _field(pc.list_element(fields, 0))
+        offsets = np.repeat(items.offsets.to_numpy()[:-1] - items.offsets.to_numpy()[0]
+                            - _line_starts(line_user, lengths, seen), lengths)
+        position = np.arange(len(parent), dtype=np.int64) - offsets + 1
+        yield _staging_batch(row.take(parent), line_user.take(parent), _field(pc.list_flatten(items)),
+                             pa.array(position))
         if bad:
             yield _structural(bad)
             bad.clear()

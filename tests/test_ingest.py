@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import PipelineError
+import pipeline.ingest
 from pipeline.ingest import ingest
 
 
@@ -112,6 +113,18 @@ def test_sequences_positions_are_timestamps(tmp_path):
         (1, "u1", "a", 1), (1, "u1", "b", 2), (1, "u1", "c", 3), (2, "u2", "b", 1), (5, "u3", "c", 1), (5, "u3", "a", 2)]
     assert {r: q["rule"] for r, q in quarantine.items()} == {3: "column_count", 4: "column_count"}
     assert summary["rows_in"] == 8 and balanced(summary)
+
+
+def test_sequences_a_later_line_of_a_user_continues_the_sequence(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline.ingest, "BLOCK_BYTES", 16)  # lines of one user in several batches too
+    src = write(tmp_path / "seq.txt", "u a b c\nv a b c d e\nw a\nu d e\nu a\n")
+    summary = ingest(src, "sequences", tmp_path / "d")
+    events, _ = outputs(tmp_path / "d")
+    by_user = {}
+    for e in sorted(events, key=lambda e: e["timestamp"]):
+        by_user.setdefault(e["user_id"], []).append(e["item_id"])
+    assert by_user == {"u": list("abcdea"), "v": list("abcde"), "w": ["a"]}  # a repeat is an event, not a duplicate
+    assert summary["rows_quarantined"] == 0 and balanced(summary)
 
 
 def test_taobao_behaviors_are_filtered_not_quarantined(tmp_path):

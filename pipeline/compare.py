@@ -24,16 +24,23 @@ def train_one(prepared_dir: Path, out_dir: Path, name: str, *, train=None, overr
     dropout, if given, goes to the model when its config has a `dropout` field (the paper's one knob per
     dataset); `overrides` (config fields) win over it.
     """
-    from recblr.models import MODELS, load
+    from recblr.models import load
     from recblr.train import fit
+
+    merged = config_overrides(name, dropout, overrides)
+    result = fit(prepared_dir, Path(out_dir) / name, name, overrides=merged or None, train=train, on_epoch=on_epoch)
+    result["parameters"] = sum(p.numel() for p in load(result["model_path"]).parameters() if p.requires_grad)
+    return result
+
+
+def config_overrides(name: str, dropout: Optional[float], overrides: Optional[dict]) -> dict:
+    """Model `name`'s config overrides: `dropout` where its config has that field, then `overrides` over it."""
+    from recblr.models import MODELS
 
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
     fields = {f.name for f in dataclasses.fields(MODELS[name][0])}
-    merged = {**({"dropout": dropout} if dropout is not None and "dropout" in fields else {}), **(overrides or {})}
-    result = fit(prepared_dir, Path(out_dir) / name, name, overrides=merged or None, train=train, on_epoch=on_epoch)
-    result["parameters"] = sum(p.numel() for p in load(result["model_path"]).parameters() if p.requires_grad)
-    return result
+    return {**({"dropout": dropout} if dropout is not None and "dropout" in fields else {}), **(overrides or {})}
 
 
 def table_rows(results: list[dict]) -> list[dict]:
@@ -85,20 +92,23 @@ def compare(data_dir: Path, models=DEFAULT_MODELS, *, epochs: Optional[int] = No
 
     from pipeline import tracking
     from pipeline.errors import PipelineError
-    from recblr.models import MODELS
+    from recblr.models import MODELS, build
     from recblr.train import OutOfGPUMemory, TrainConfig, TrainingDiverged
 
     data_dir = Path(data_dir)
     prepared = data_dir / "prepared"
     if not (prepared / "sequences.parquet").is_file():
         raise PipelineError(f"{prepared / 'sequences.parquet'}: missing; run `recblr prepare --data-dir {data_dir}`")
+    if not models:
+        raise PipelineError(f"no model to compare; choose from {sorted(MODELS)}")
     unknown = sorted(set(models) - set(MODELS)) + sorted(set(overrides or {}) - set(models))
     if unknown:
         raise PipelineError(f"unknown or unselected model(s) {unknown}; choose from {sorted(MODELS)}")
-    for name, fields in (overrides or {}).items():
-        known = {f.name for f in dataclasses.fields(MODELS[name][0])} - {"n_items"}
-        if set(fields) - known:
-            raise PipelineError(f"{name} has no config field(s) {sorted(set(fields) - known)}; fields: {sorted(known)}")
+    for name in models:  # fields, types and ranges of every config, before the first model trains
+        try:
+            build(name, 1, **config_overrides(name, dropout, (overrides or {}).get(name)))
+        except ValueError as err:
+            raise PipelineError(f"compare {name}: {err}") from err
     train = TrainConfig(**{k: v for k, v in {"epochs": epochs, "max_len": max_len}.items() if v is not None})
     out = data_dir / "compare"
     out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ Protocol (what train.py and evaluate.py rely on; see `recblr.base.SequentialReco
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import torch
@@ -43,7 +44,20 @@ def build(name: str, n_items: int, **overrides) -> SequentialRecommender:
     unknown = set(overrides) - fields
     if unknown:
         raise ValueError(f"{name} has no config field(s) {sorted(unknown)}; fields: {sorted(fields)}")
+    types = typing.get_type_hints(config_cls)
+    overrides = {key: typed(f"{name}.{key}", value, types[key]) for key, value in overrides.items()}
     return model_cls(config_cls(n_items=n_items, **overrides))
+
+
+def typed(what: str, value, kind: type):
+    """value as a config field of type `kind` (int, float, bool, str): an int passes as a float, nothing else
+    converts, so `use_conv="False"` or `n_layers=1.5` is an error instead of a model built otherwise than asked."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    expected = "true or false" if kind is bool else f"an {kind.__name__}" if kind is int else f"a {kind.__name__}"
+    raise ValueError(f"{what} must be {expected}, got {value!r}")
 
 
 def model_name(model: SequentialRecommender) -> str:

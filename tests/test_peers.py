@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from prepared_data import markov_sequences, write_prepared
 from recblr.data import load_prepared
 from recblr.evaluate import evaluate
 from recblr.lrurec import LRURecConfig, LRULayer, lru_scan
+from recblr.model import RecBLRConfig
 from recblr.models import MODELS, build, load
 from recblr.serving import leaves
 from recblr.train import TrainConfig, fit
@@ -235,7 +237,25 @@ def test_compare_rejects_unknown_models_and_fields_before_training(tmp_path):
         compare(data_dir, ["sasrec", "nope"], tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
     with pytest.raises(PipelineError, match="sasrec has no config field"):
         compare(data_dir, ["sasrec"], overrides={"sasrec": {"n_head": 4}}, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    with pytest.raises(PipelineError, match=r"compare gru4rec: GRU4RecConfig: dropout must be in \[0, 1\)"):
+        compare(data_dir, ["pop", "gru4rec"], dropout=5.0, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    with pytest.raises(PipelineError, match="no model to compare"):
+        compare(data_dir, [], tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
     assert not (data_dir / "compare").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("use_conv", "False", "recblr.use_conv must be true or false, got 'False'"),
+    ("n_layers", True, "recblr.n_layers must be an int, got True"),
+    ("n_layers", 1.5, "recblr.n_layers must be an int, got 1.5"),
+    ("dropout", "abc", "recblr.dropout must be a float, got 'abc'"),
+    ("lambda_init", 1, "recblr.lambda_init must be a str, got 1"),
+])
+def test_config_overrides_of_the_wrong_type_are_refused(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build("recblr", N_ITEMS, **{field: value})
+    built = build("recblr", N_ITEMS, dropout=0, use_conv=False).config  # an int is a float
+    assert built == RecBLRConfig(N_ITEMS, dropout=0.0, use_conv=False) and isinstance(built.dropout, float)
 
 
 def test_compare_names_the_model_that_ran_out_of_memory(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ windows: the real items first, then zeros.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,13 @@ class Prepared:
         if split == "test":
             return self.history.append(self.valid_item), self.test_item
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+
+    def fingerprint(self) -> str:
+        """Digest of the items, sequences and split: equal for the same prepared data, whatever its files' bytes."""
+        h = hashlib.sha256(str(self.n_items).encode())
+        for part in (self.history.flat, self.history.offsets, self.valid_item, self.test_item):
+            h.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
 
     def item_counts(self) -> np.ndarray:
         """(n_items + 1,) training-history count of each item; index 0 (padding) is 0."""

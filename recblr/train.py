@@ -92,8 +92,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: regime must be 'prefix' or 'all', got {self.regime!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig: precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if (self.epochs is not None and self.epochs < 1) or min(self.batch_size, self.max_len, self.patience) < 1:
-            raise ValueError(f"TrainConfig: epochs, batch_size, max_len and patience must be >= 1, got {self}")
+        at_least_1 = {"epochs": 1 if self.epochs is None else self.epochs, "batch_size": self.batch_size,
+                      "max_len": self.max_len, "patience": self.patience, "eval_batch_size": self.eval_batch_size}
+        for name, value in at_least_1.items():
+            if value < 1:
+                raise ValueError(f"TrainConfig: {name} must be >= 1, got {value}")
+        if not (self.lr >= 0 and self.weight_decay >= 0 and 0 <= self.label_smoothing < 1):
+            raise ValueError(f"TrainConfig: lr and weight_decay must be >= 0 and label_smoothing in [0, 1), got "
+                             f"{self.lr}, {self.weight_decay} and {self.label_smoothing}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError(f"TrainConfig: time_budget_s must be positive, got {self.time_budget_s}")
 
@@ -103,6 +109,14 @@ class TrainConfig:
             device = f"cuda:{os.environ['LOCAL_RANK']}"
         epochs = self.epochs or (300 if device.startswith("cuda") else 4)
         return dataclasses.replace(self, device=device, epochs=epochs)
+
+
+def flatten_settings(config, train) -> dict:
+    """{"config.FIELD": value, "train.FIELD": value} of a model config and a TrainConfig (dataclasses or their
+    dicts), the train fields that a resumed run may change left out."""
+    as_dict = lambda d: d if isinstance(d, dict) else dataclasses.asdict(d)  # noqa: E731
+    return {**{f"config.{k}": v for k, v in as_dict(config).items()},
+            **{f"train.{k}": v for k, v in as_dict(train).items() if k not in RESUMABLE_CHANGES}}
 
 
 def step_loss(net, items: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
@@ -410,16 +424,19 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
     net = net.to(cfg.device)
     opt = optimizer(net, cfg)
     state = {"epoch": 0, "history": [], "best_ndcg": -1.0, "best_epoch": 0, "stale": 0, "out_of_time": False}
+    fingerprint = data.fingerprint()  # a checkpoint resumes on the data it was trained on only
     if resume:
         if not checkpoint_path.is_file():
             raise FileNotFoundError(f"{checkpoint_path}: nothing to resume; train without --resume first")
         blob = torch.load(checkpoint_path, map_location=cfg.device, weights_only=True)
-        mine = {"model": model, "config": dataclasses.asdict(net.config),
-                "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}}
-        theirs = {"model": blob["model"], "config": blob["config"],
-                  "train": {k: v for k, v in blob["train"].items() if k not in RESUMABLE_CHANGES}}
-        if mine != theirs:
-            raise ValueError(f"{checkpoint_path}: saved with other settings {theirs}, now {mine}")
+        mine = {"model": model, "data": fingerprint, **flatten_settings(net.config, cfg)}
+        theirs = {"model": blob["model"], "data": blob.get("data", mine["data"]),  # older checkpoints: no digest
+                  **flatten_settings(blob["config"], blob["train"])}
+        changed = [f"{key} {theirs.get(key)!r} -> {mine.get(key)!r}" for key in sorted(set(mine) | set(theirs))
+                   if mine.get(key) != theirs.get(key)]
+        if changed:
+            raise ValueError(f"{checkpoint_path}: saved with other settings or data; changed: {', '.join(changed)}"
+                             f" (resumable changes: {', '.join(sorted(RESUMABLE_CHANGES))})")
         net.load_state_dict(blob["state_dict"])
         opt.load_state_dict(blob["optimizer"])
         state = {**blob["progress"], "out_of_time": False}  # a resumed run has a budget of its own
@@ -466,7 +483,8 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
                 state["stale"] += 1
             tmp = checkpoint_path.with_suffix(".pt.tmp")
             torch.save({"model": model, "config": dataclasses.asdict(net.config), "train": dataclasses.asdict(cfg),
-                        "state_dict": net.state_dict(), "optimizer": opt.state_dict(), "progress": state}, tmp)
+                        "data": fingerprint, "state_dict": net.state_dict(), "optimizer": opt.state_dict(),
+                        "progress": state}, tmp)
             tmp.replace(checkpoint_path)  # atomic: a kill mid-write keeps the previous epoch's checkpoint
             tqdm.write(f"epoch {epoch}: loss {loss:.4f} valid ndcg@10 {valid['ndcg_at_10']:.4f} "
                        f"hr@10 {valid['hr_at_10']:.4f} ({train_seconds:.1f} s train, {record['seconds']:.1f} s)",

@@ -251,13 +251,20 @@ def test_resume_refuses_other_settings_or_no_checkpoint(prepared, tmp_path):
     with pytest.raises(FileNotFoundError):
         fit(prepared, tmp_path / "none", overrides=SMALL, train=quick(), resume=True)
     fit(prepared, tmp_path / "run", overrides=SMALL, train=quick(epochs=1))
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"other settings or data; changed: train.lr 0.005 -> 0.01 \(resumable"):
         fit(prepared, tmp_path / "run", overrides=SMALL, train=quick(epochs=2, lr=1e-2), resume=True)
+    other_data = write_prepared(tmp_path / "other" / "prepared", markov_sequences(150, N_ITEMS, 10, seed=1), N_ITEMS)
+    with pytest.raises(ValueError, match=r"changed: data '[0-9a-f]+' -> '[0-9a-f]+' \(resumable"):
+        fit(other_data, tmp_path / "run", overrides=SMALL, train=quick(epochs=2), resume=True)
 
 
-def test_train_config_rejects_unknown_regime():
-    with pytest.raises(ValueError, match="regime"):
-        TrainConfig(regime="last")
+@pytest.mark.parametrize("field, value", [("regime", "last"), ("epochs", 0), ("batch_size", -5), ("max_len", 0),
+                                          ("patience", -1), ("eval_batch_size", 0), ("lr", -1.0),
+                                          ("weight_decay", -1.0), ("label_smoothing", 1.0)])
+def test_train_config_names_the_setting_out_of_range(field, value):
+    with pytest.raises(ValueError, match=field) as err:
+        TrainConfig(**{field: value})
+    assert "TrainConfig(" not in str(err.value)  # the setting, not all seventeen
     assert dataclasses.replace(TrainConfig(), device="cpu").resolved().epochs == 4
 
 

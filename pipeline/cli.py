@@ -181,7 +181,7 @@ def evaluate(
     popularity: bool = typer.Option(False, "--popularity", help="Rank by training popularity instead of a saved model."),
     split: str = typer.Option("test", "--split", help="test or valid."),
     remove_history: bool = typer.Option(False, "--remove-history", help="Drop items the user already has from the ranking."),
-    max_len: Optional[int] = typer.Option(None, "--max-len", help="Default: the max length the model was trained with."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", min=1, help="Default: the max length the model was trained with."),
     device: str = typer.Option("auto", "--device"),
     as_json: bool = AsJson,
 ) -> None:
@@ -191,8 +191,8 @@ def evaluate(
     from recblr.evaluate import evaluate as run_evaluate
     from recblr.models import build, load, resolve_device, trained_max_len
 
-    device = resolve_device(device)
     try:
+        device = resolve_device(device)
         data = load_prepared(data_dir / "prepared")
         if popularity:
             net, trained_len = build("pop", data.n_items), None
@@ -201,7 +201,7 @@ def evaluate(
             path = model_path or data_dir / "runs" / "recblr" / "model.pt"
             net, trained_len = load(path), trained_max_len(path)
         metrics = run_evaluate(net.to(device), data, split, remove_history=remove_history,
-                               max_len=max_len or trained_len or 50)
+                               max_len=max_len if max_len is not None else trained_len or 50)
     except (FileNotFoundError, ValueError) as err:
         raise PipelineError(str(err)) from err
     emit({**metrics, "split": split, "users": data.n_users, "remove_history": remove_history}, as_json,
@@ -216,7 +216,7 @@ def recommend(
     k: int = typer.Option(10, "--k", help="Items per user."),
     out: Optional[Path] = typer.Option(None, "--out", help="Parquet file (default DATA_DIR/recommendations.parquet)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1..."),
-    batch_size: int = typer.Option(4096, "--batch-size", help="Users per chunk (capped so users x items stays bounded)."),
+    batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Users per chunk (capped so users x items stays bounded)."),
     exclude_history: bool = typer.Option(False, "--exclude-history", help="Never recommend an item the user already has."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (the model under autocast; scores ranked in float32)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
@@ -237,8 +237,8 @@ def run_all(
     data_dir: Path = DataDir,
     source: Optional[Path] = typer.Option(None, "--source", help="Raw log (default: generate the synthetic log)."),
     fmt: str = typer.Option("csv", "--format", help="Format of --source, as for `recblr ingest`."),
-    users: Optional[int] = typer.Option(None, "--users", help="Users in the synthetic log (without --source)."),
-    events_per_user: Optional[int] = typer.Option(None, "--events-per-user", help="Mean events per synthetic user."),
+    users: Optional[int] = typer.Option(None, "--users", min=1, help="Users in the synthetic log (without --source)."),
+    events_per_user: Optional[int] = typer.Option(None, "--events-per-user", min=1, help="Mean events per synthetic user."),
     run_key: Optional[str] = typer.Option(None, "--run-key", help="Partition DATA_DIR/runs/KEY (default: today)."),
     model: str = typer.Option("recblr", "--model", help="Registry name: recblr, sasrec, gru4rec, lrurec, pop."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epoch cap (default 300 on a GPU, 4 on a CPU)."),
@@ -250,7 +250,7 @@ def run_all(
     recompute: bool = typer.Option(False, "--recompute/--no-recompute", help="Less GPU memory for some more time, as `recblr train --recompute`."),
     batch_by_length: bool = typer.Option(False, "--batch-by-length/--no-batch-by-length", help="Batches of similar-length windows, as `recblr train --batch-by-length`."),
     min_count: int = typer.Option(5, "--min-count", help="k of the k-core filter."),
-    max_quarantined: float = typer.Option(0.05, "--max-quarantined", help="Largest share of rejected rows."),
+    max_quarantined: float = typer.Option(0.05, "--max-quarantined", min=0.0, max=1.0, help="Largest share of rejected rows."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
                                                help="Default: SQLite under the data root."),
     model_name: str = typer.Option("recblr", "--model-name", help="Registered model name."),
@@ -265,7 +265,8 @@ def run_all(
                        train=train, overrides=_parse_sets(set_), min_count=min_count,
                        max_quarantined=max_quarantined, tracking_uri=tracking_uri, model_name=model_name,
                        nproc_per_node=nproc_per_node,
-                       synthetic={k: v for k, v in {"n_users": users, "mean_events": events_per_user}.items() if v})
+                       synthetic={k: v for k, v in {"n_users": users, "mean_events": events_per_user}.items()
+                                  if v is not None})
     gate = out["register"]
     emit({"run_key": out["run_key"], "tracking_uri": out["tracking_uri"], "rows_kept": out["ingest"]["rows_kept"],
           "users": out["prepare"]["users"], "items": out["prepare"]["items"], "run_id": out["train"]["run_id"],

@@ -14,6 +14,7 @@ The file appears only when complete. mlflow is imported inside `recommend` alone
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ from pipeline.errors import PipelineError
 from recblr.data import Sequences, load_prepared
 from recblr.evaluate import PRECISIONS, mask_seen, next_item_hidden, next_item_scores
 from recblr.models import resolve_device
+
+log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()),
                     ("score", pa.float32())])
@@ -153,7 +156,13 @@ def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion
     except MlflowException as err:
         raise PipelineError(f"no model version {model_name}@{alias} in {uri} ({err.message.splitlines()[0]}); "
                             f"`recblr run --data-dir {data_dir}` trains and registers one") from err
-    device = resolve_device(device)
+    out = Path(out) if out else data_dir / "recommendations.parquet"
+    if out.is_dir():
+        raise PipelineError(f"--out {out}: a folder; name the Parquet file to write")
+    try:
+        device = resolve_device(device)
+    except ValueError as err:
+        raise PipelineError(str(err)) from err
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version.version}",
                                                              dst_path=tmp))
@@ -161,10 +170,16 @@ def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion
         model = load(weights).to(device)
         max_len = trained_max_len(weights) or 50
         item_ids = _dense_ids(model_dir / "artifacts" / "items.parquet", "item_idx", "item_id")
-    inputs = data.history.append(data.valid_item).append(data.test_item)
-    inputs = to_vocabulary(inputs, _dense_ids(prepared / "items.parquet", "item_idx", "item_id"), item_ids)
-
-    out = Path(out) if out else data_dir / "recommendations.parquet"
+    prepared_ids = _dense_ids(prepared / "items.parquet", "item_idx", "item_id")
+    inputs = to_vocabulary(data.history.append(data.valid_item).append(data.test_item), prepared_ids, item_ids)
+    unknown_items = len(set(prepared_ids[1:]) - set(item_ids[1:]))
+    no_known_items = int((np.diff(inputs.offsets) == 0).sum())
+    if no_known_items == data.n_users:  # every user would get the same, popularity-like list
+        raise PipelineError(f"none of {prepared}'s {len(prepared_ids) - 1} items is in the vocabulary of "
+                            f"{model_name}@{alias} (version {version.version}): train a model on this data first")
+    if no_known_items:
+        log.warning("%d of %d users have no item that %s@%s knows: their lists do not depend on their history",
+                    no_known_items, data.n_users, model_name, alias)
     started = time.perf_counter()
     try:
         n_rows = write_recommendations(model, inputs, user_ids, item_ids, out, k, max_len=max_len,
@@ -176,4 +191,5 @@ def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion
     return {"users": data.n_users, "k": k, "rows": n_rows, "output": str(out), "seconds": round(seconds, 3),
             "users_per_s": round(data.n_users / seconds, 1), "model_version": str(version.version),
             "model": f"{model_name}@{alias}", "prepared": str(prepared), "device": str(device), "max_len": max_len,
-            "exclude_history": exclude_history, "precision": precision}
+            "exclude_history": exclude_history, "precision": precision, "items_unknown_to_model": unknown_items,
+            "users_without_known_items": no_known_items}

@@ -85,6 +85,10 @@ def mask_seen(scores: torch.Tensor, seqs: Sequences, rows: np.ndarray) -> torch.
 def evaluate(model: nn.Module, data: Prepared, split: str = "test", ks=(10, 20), remove_history: bool = False,
              *, max_len: int = 50, batch_size: int = 4096, progress: bool = True) -> dict:
     """HR, NDCG and MRR at each k, averaged over all users; keys as in `metric_keys(ks)`."""
+    trained_on = getattr(getattr(model, "config", None), "n_items", data.n_items)
+    if trained_on != data.n_items:
+        raise ValueError(f"the model scores {trained_on} items and the prepared data has {data.n_items}: evaluate a "
+                         "model on the prepared data it was trained on")
     inputs, targets = data.split(split)
     was_training = model.training
     model.eval()

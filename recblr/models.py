@@ -80,10 +80,18 @@ def save(model: SequentialRecommender, path: Path, **extra) -> Path:
 
 
 def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when a GPU is visible, else "cpu"; anything else as given."""
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"; "cpu", "cuda" or "cuda:N" as given, where it exists."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: {torch.cuda.device_count()} CUDA GPU(s) visible here; try auto or cpu")
+    return device
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> SequentialRecommender:
@@ -105,7 +113,11 @@ def load_blob(path: Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no saved model here")
-    blob = torch.load(path, map_location=map_location, weights_only=True)
-    if blob.get("model") not in MODELS:
-        raise ValueError(f"{path}: model {blob.get('model')!r} is not in the registry {sorted(MODELS)}")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for a file that is not one of its archives
+        raise ValueError(f"{path}: not a model saved by recblr ({type(err).__name__}: {err})"[:500]) from None
+    if not isinstance(blob, dict) or blob.get("model") not in MODELS:
+        found = blob.get("model") if isinstance(blob, dict) else type(blob).__name__
+        raise ValueError(f"{path}: not a model saved by recblr (model {found!r}; the registry: {sorted(MODELS)})")
     return blob

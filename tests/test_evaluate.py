@@ -143,3 +143,8 @@ class Constant(SequentialRecommender):
 def test_tied_or_nan_scores_earn_nothing(data, value):
     # item ids follow popularity over every event, test targets included: ties broken by id would rank by them
     assert all(v == 0.0 for v in ev.evaluate(Constant(value), data, "test", progress=False).values())
+
+
+def test_a_model_of_another_item_count_is_refused(data):
+    with pytest.raises(ValueError, match=f"the model scores {N_ITEMS + 5} items and the prepared data has {N_ITEMS}"):
+        ev.evaluate(build("recblr", N_ITEMS + 5, d_model=8), data, "test", progress=False)

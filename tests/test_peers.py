@@ -283,3 +283,20 @@ def test_compare_set_needs_model_dot_field(tmp_path, bad):
     invoked = CliRunner().invoke(app, ["compare", "--data-dir", str(tmp_path), "--set", bad])
     assert isinstance(invoked.exception, PipelineError)
     assert "expected MODEL.FIELD=VALUE" in str(invoked.exception)
+
+
+def test_devices_and_files_that_are_not_models_are_named_in_the_error(tmp_path):
+    from recblr.models import resolve_device
+
+    assert resolve_device("cpu") == "cpu" and resolve_device("auto") in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="device 'tpu': expected auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+    with pytest.raises(ValueError, match=r"device 'cuda:99': \d+ CUDA GPU\(s\) visible here"):
+        resolve_device("cuda:99")
+    text = tmp_path / "events.csv"
+    text.write_text("user_id,item_id\n1,2\n")
+    with pytest.raises(ValueError, match=f"{text}: not a model saved by recblr"):
+        load(text)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: not a model saved by recblr \\(model None"):
+        load(tmp_path / "other.pt")

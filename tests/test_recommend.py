@@ -176,3 +176,22 @@ def test_reads_the_newest_run_partition_when_there_is_no_prepared_folder(registe
     assert summary["prepared"] == str(newest) and summary["users"] == 5 and summary["rows"] == 10
     with pytest.raises(PipelineError, match="no prepared/"):
         recommend(tmp_path / "empty", model_name=NAME, tracking_uri=registered["uri"], progress=False)
+
+
+def test_data_the_model_does_not_know_and_a_folder_as_out_are_clear_errors(registered, tmp_path):
+    import shutil
+
+    known = recommend(registered["data_dir"], model_name=NAME, k=2, out=tmp_path / "known.parquet",
+                      tracking_uri=registered["uri"], progress=False)
+    assert known["items_unknown_to_model"] == 0 and known["users_without_known_items"] == 0
+    with pytest.raises(PipelineError, match="a folder; name the Parquet file"):
+        recommend(registered["data_dir"], model_name=NAME, out=tmp_path, tracking_uri=registered["uri"],
+                  progress=False)
+    other = tmp_path / "other"
+    shutil.copytree(registered["data_dir"] / "prepared", other / "prepared")
+    items = pq.read_table(other / "prepared" / "items.parquet")
+    renamed = pa.array([f"new-{i}" for i in items.column("item_id").to_pylist()])
+    pq.write_table(items.set_column(items.schema.get_field_index("item_id"), "item_id", renamed),
+                   other / "prepared" / "items.parquet")
+    with pytest.raises(PipelineError, match=f"none of .*'s {N_ITEMS} items is in the vocabulary of {NAME}@champion"):
+        recommend(other, model_name=NAME, tracking_uri=registered["uri"], progress=False)

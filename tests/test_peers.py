@@ -163,6 +163,12 @@ def test_one_epoch_through_fit_beats_random(name, toy, tmp_path):
     assert load(result["model_path"]).config == build(name, N_ITEMS, d_model=32).config
 
 
+def test_sasrec_positions_span_the_training_windows_unless_set(toy, tmp_path):
+    train = TrainConfig(epochs=1, batch_size=64, max_len=12, device="cpu")
+    assert fit(toy, tmp_path / "a", "sasrec", train=train)["config"]["max_len"] == 12
+    assert fit(toy, tmp_path / "b", "sasrec", overrides={"max_len": 16}, train=train)["config"]["max_len"] == 16
+
+
 class RawCounts(torch.nn.Module):
     """Ranks by the raw counts, no log and no temperature: what pop must agree with."""
 

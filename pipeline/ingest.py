@@ -1,17 +1,20 @@
 """ingest: read a raw interaction log in one of FORMATS and validate it into DATA_DIR/events.parquet.
 
-Text goes through pyarrow's streaming CSV reader, one block at a time, never the whole file: fields come as
+Text goes through pyarrow's CSV parser, one block of lines at a time, never the whole file: fields come as
 bytes, are typed with vectorised pyarrow kernels and appended to a staging Parquet, which
 pipeline.validate then splits into events.parquet and quarantine.parquet. Lines with the wrong number of
-fields reach the reader's invalid-row handler with their line number and text (rule column_count); lines
-that are not UTF-8 get rule utf8_text. `row` is the physical line number (1-based, header included), so
-every message points into the file. Counts always add up: rows_in = rows_kept + rows_quarantined +
-rows_filtered, where rows_filtered are rows dropped on purpose by --behaviors (0 without it). For
-`sequences` a row is one event (one item of a line) and a line without items is one quarantined row.
+fields reach the parser's invalid-row handler with their text (rule column_count); lines that are not UTF-8
+get rule utf8_text. A record is one line, so a quoted value cannot span lines: a line that leaves a double
+quote open gets rule unbalanced_quote, and each line the quote ran on into is read as a record of its own.
+`row` is the physical line number (1-based, header included), so every message points into the file.
+Counts always add up: rows_in = rows_kept + rows_quarantined + rows_filtered, where rows_filtered are rows
+dropped on purpose by --behaviors (0 without it). For `sequences` a row is one event (one item of a line)
+and a line without items is one quarantined row.
 
 A file that cannot be read at all (missing, empty, binary, no valid line) raises PipelineError naming the
 file, the line and the layout expected. Outputs are renamed into place at the end, so a failure leaves no
-partial file behind.
+partial file behind; but when every row is quarantined, ingest writes both files and then fails, so that
+quarantine.parquet shows why.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -36,6 +39,7 @@ from pipeline.validate import STAGING_SCHEMA, validate
 
 FORMATS = ("movielens", "recbole", "csv", "taobao", "sequences")
 COLUMN_OPTIONS = ("user_col", "item_col", "time_col", "rating_col", "behavior_col")
+OPTIONAL_COLUMNS = ("rating_col", "behavior_col")
 FORMAT_OPTIONS = {  # beyond rating_min / rating_max, which every format takes
     "movielens": (),
     "recbole": COLUMN_OPTIONS + ("behaviors",),
@@ -49,7 +53,7 @@ DEFAULT_COLUMNS = {"user_col": "user_id", "item_col": "item_id", "time_col": "ti
 MOVIELENS_CSV_COLUMNS = {"user_col": "userId", "item_col": "movieId", "time_col": "timestamp", "rating_col": "rating"}
 NUMERIC_ID_FORMATS = ("movielens", "taobao")
 HEAD_BYTES = 64 << 10
-BLOCK_BYTES = 16 << 20  # pyarrow's read unit, and so the longest line it can take
+BLOCK_BYTES = 16 << 20  # the read unit, and so about the longest line ingest can take
 LINE_DELIMITER = "\x1f"  # reads `sequences` lines whole: pyarrow refuses NUL, and no text log holds 0x1f
 SPACE = " \t\r"
 INT_PATTERN = r"^[+-]?[0-9]{1,18}$"
@@ -122,20 +126,36 @@ def _header_layout(path: Path, fmt: str, options: dict, defaults: dict, delimite
     line = _first_line(path, f"a header line naming {defaults['user_col']}, {defaults['item_col']}, ...")
     names = [n.strip() for n in next(csv.reader([line], delimiter=delimiter))]
     keys = [n.split(":", 1)[0] for n in names] if fmt == "recbole" else names
+    given = {options.get(o) for o in defaults} - {None}
     chosen = {}
     for option, default in defaults.items():
         name = options.get(option)
-        if name is None and option in ("rating_col", "behavior_col"):
-            chosen[option] = names[keys.index(default)] if default in keys else None
+        if name is None and option in OPTIONAL_COLUMNS:
+            # an optional column's default name is only a guess: it gives way to a column an option names
+            chosen[option] = names[keys.index(default)] if default in keys and default not in given else None
         elif (name or default) in keys:
             chosen[option] = names[keys.index(name or default)]
         else:
             raise PipelineError(f"{path}:1: the header has no column {name or default!r} for "
-                                f"--{option.replace('_', '-')} (columns: {', '.join(keys)})")
+                                f"{_flag(option)} (columns: {', '.join(keys)})")
     if len(set(names)) < len(names):
         raise PipelineError(f"{path}:1: the header repeats a column name ({', '.join(names)})")
+    _check_roles(f"{path}:1", chosen, options)
     return Layout(delimiter, tuple(names), chosen["user_col"], chosen["item_col"], chosen["time_col"],
                   chosen["rating_col"], chosen.get("behavior_col"), header=True, quoted=fmt == "csv")
+
+
+def _flag(option: str) -> str:
+    return f"--{option.replace('_', '-')}"
+
+
+def _check_roles(where: str, chosen: dict, options: dict) -> None:
+    """One column per role: the user column read as the item too would make every item its own user."""
+    for name in dict.fromkeys(n for n in chosen.values() if n is not None):
+        roles = [_flag(o) + ("" if options.get(o) else " (by default)") for o, n in chosen.items() if n == name]
+        if len(roles) > 1:
+            raise PipelineError(f"{where}: column {name!r} is mapped to {' and '.join(roles)}; each role needs a "
+                                "column of its own")
 
 
 def _delimiter(path: Path, delimiter: str | None) -> str:
@@ -231,55 +251,159 @@ def _structural(bad: list[tuple[int, str, str, str]]) -> pa.RecordBatch:
                           rule=pa.array(rules, pa.string()), detail=pa.array(details, pa.string()))
 
 
-class _Rows:
-    """Line numbers of the rows pyarrow accepts, from the line numbers of the ones it rejected.
-
-    The k-th accepted row is the k-th line after the header that is not rejected; with rejected lines
-    b_0 < b_1 < ..., that is x = t + #{i : b_i - i <= t} for t = first_line + k.
-    """
-
-    def __init__(self, first_line: int):
-        self.first_line, self.accepted, self.rejected = first_line, 0, []
-
-    def next(self, n: int) -> pa.Array:
-        t = self.first_line + self.accepted + np.arange(n, dtype=np.int64)
-        shifted = np.asarray(self.rejected, dtype=np.int64) - np.arange(len(self.rejected))
-        self.accepted += n
-        return pa.array(t + np.searchsorted(shifted, t, side="right"))
+def _line_breaks(data: bytes) -> int:
+    """Line breaks as pyarrow counts them: "\\n", "\\r" and "\\r\\n" each end a line."""
+    if b"\r" not in data:
+        return data.count(b"\n")
+    return data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
 
 
-def _read(path: Path, names: tuple[str, ...], skip: int, delimiter: str, quoted: bool,
-          on_invalid) -> Iterator[pa.RecordBatch]:
-    """Batches of every field as bytes (UTF-8 is checked per row later); rows with another number of fields
-    go to on_invalid, which sees their line number and text."""
-    reader = pacsv.open_csv(
-        path,
-        # one thread: the invalid-row handler only learns line numbers when rows are parsed in order
-        read_options=pacsv.ReadOptions(column_names=list(names), skip_rows=skip, block_size=BLOCK_BYTES,
-                                       use_threads=False),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False,
-                                         escape_char=False, newlines_in_values=False, ignore_empty_lines=False,
-                                         invalid_row_handler=on_invalid),
-        convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in names}, strings_can_be_null=False),
-    )
-    yield from reader
+def _breaks_in(values: pa.ChunkedArray) -> np.ndarray:
+    """The line breaks inside each value (bytes), counted as _line_breaks counts them."""
+    n, r, rn = (pc.count_substring(values, s).to_numpy() for s in ("\n", "\r", "\r\n"))
+    return (n + r - rn).astype(np.int64)
+
+
+def _blocks(path: Path) -> Iterator[bytes]:
+    """The file in blocks of about BLOCK_BYTES that end with a line break, to be parsed one by one: a quote left
+    open swallows lines of its own block at most."""
+    rest = b""
+    with path.open("rb") as f:
+        while chunk := f.read(BLOCK_BYTES):
+            # cut after the chunk's last line break; a "\r" that ends it may be the first half of a "\r\n"
+            cut = max(chunk.rfind(b"\n"), chunk.rfind(b"\r", 0, len(chunk) - 1)) + 1
+            if cut:
+                yield b"".join((rest, memoryview(chunk)[:cut]))  # one copy of the block
+                rest = chunk[cut:]
+            elif len(rest) + len(chunk) > BLOCK_BYTES:
+                raise pa.ArrowInvalid(f"a line is longer than {BLOCK_BYTES} bytes")
+            else:
+                rest += chunk
+    if rest:
+        yield rest + b"\n"  # so that a quote the last line leaves open swallows a line break, which shows
+
+
+class _Parser:
+    """Rows of a delimited text, as fields of bytes, with the line of each; a record is one line."""
+
+    def __init__(self, names: tuple[str, ...], delimiter: str, quoted: bool, wrong_count: Callable[[int], str]):
+        self.names, self.delimiter, self.quoted, self.wrong_count = names, delimiter, quoted, wrong_count
+
+    def parse(self, text: bytes, skip: int) -> tuple[pa.Table, np.ndarray, list, int]:
+        """The rows of `text` after `skip` header lines: their fields, their lines (0-based), the lines rejected as
+        (line, text, rule, detail), and how many lines `text` has. A line with another number of fields breaks
+        column_count (detail from `wrong_count`, given the number found), one that leaves a quote open breaks
+        unbalanced_quote."""
+        table, rejected = self._csv(text, skip)
+        total = skip + table.num_rows + len(rejected)
+        accepted = np.arange(total + 1) > skip
+        accepted[[r.number for r in rejected]] = False
+        accepted = np.flatnonzero(accepted)
+        # a row is one line, plus the line breaks it swallowed through a quote it left open
+        lines, breaks = total, np.zeros(total + 1, dtype=np.int64)
+        if self.quoted and b'"' in text:
+            lines = _line_breaks(text)
+            breaks = self._breaks(text, lines, table, rejected, accepted, skip)
+        # pyarrow numbers rows, not lines (header included): row r starts on line r - 1, plus the breaks
+        # swallowed by the rows before it
+        start = np.arange(-1, total) + np.cumsum(breaks) - breaks
+        bad = [(int(start[r.number]), r.text, "column_count", self.wrong_count(r.actual_columns))
+               for r in rejected if not breaks[r.number]]
+        if not breaks.any():
+            return table, start[accepted], bad, lines
+        table, rows, unbalanced = self._reparse(text, table, start, accepted, breaks)
+        return table, rows, bad + unbalanced, lines
+
+    def _csv(self, text: bytes, skip: int) -> tuple[pa.Table, list]:
+        """pyarrow's parse of `text`: the rows it accepts, and those it rejects (number, text, actual_columns)."""
+        rejected = []
+
+        def on_invalid(row) -> str:
+            rejected.append(row)
+            return "skip"
+
+        table = pacsv.read_csv(
+            pa.BufferReader(text),
+            # one thread: the invalid-row handler only learns row numbers when rows are parsed in order
+            read_options=pacsv.ReadOptions(column_names=list(self.names), skip_rows=skip, block_size=len(text) + 1,
+                                           use_threads=False),
+            parse_options=pacsv.ParseOptions(delimiter=self.delimiter, quote_char='"' if self.quoted else False,
+                                             escape_char=False, newlines_in_values=False, ignore_empty_lines=False,
+                                             invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in self.names},
+                                                 strings_can_be_null=False))
+        return table, rejected
+
+    def _breaks(self, text: bytes, lines: int, table: pa.Table, rejected: list, accepted: np.ndarray,
+                skip: int) -> np.ndarray:
+        """The line breaks that each row (index: row number) swallowed through a quote it left open, as pyarrow
+        reads on (newlines_in_values=False is only a speed hint). Swallowed breaks leave fewer rows than lines,
+        but for the last break: a rejected row's text leaves that one out, so the last line is checked."""
+        total = skip + table.num_rows + len(rejected)
+        breaks = np.zeros(total + 1, dtype=np.int64)
+        if total != lines:
+            breaks[accepted] = sum(_breaks_in(c) for c in table.columns)
+            breaks[[r.number for r in rejected]] = [_line_breaks(r.text.encode()) for r in rejected]
+        if total > skip and self._open_at_end(text):
+            breaks[total] = max(breaks[total], 1)
+        return breaks
+
+    def _open_at_end(self, text: bytes) -> bool:
+        """Whether the last line of `text` leaves a quote open, which would swallow a line after it."""
+        end = len(text) - (2 if text.endswith(b"\r\n") else 1)
+        last = text[max(text.rfind(b"\n", 0, end), text.rfind(b"\r", 0, end)) + 1:]
+        if b'"' not in last:
+            return False
+        table, rejected = self._csv(last + b"\r", 0)  # a blank line after it ("\n" would pair with a "\r")
+        return table.num_rows + len(rejected) < 2
+
+    def _reparse(self, text: bytes, table: pa.Table, start: np.ndarray, accepted: np.ndarray,
+                 breaks: np.ndarray) -> tuple[pa.Table, np.ndarray, list]:
+        """The rows, and the lines rejected, once the quotes left open are closed at their line: the line that
+        opened one is rejected, and the lines it swallowed are parsed again, all of them together."""
+        lines = text.splitlines(keepends=True)
+        opened = start[breaks > 0]
+        bad = [(int(at), lines[at].rstrip(b"\r\n").decode("utf-8", "replace"), "unbalanced_quote",
+                "a double quote opens a value that the line does not close (a value cannot span lines)")
+               for at in opened]
+        # the lines after each opening one, as many as its row swallowed (its last break may be the text's end)
+        swallowed = np.concatenate([np.arange(at + 1, min(at + 1 + n, len(lines))) for at, n in
+                                    zip(opened, breaks[breaks > 0])])
+        whole = breaks[accepted] == 0
+        tables, rows = [table.filter(pa.array(whole))], [start[accepted][whole]]
+        if len(swallowed):
+            # each line ends with "\n": a "\r" that ended one would pair with a "\n" that makes the next blank
+            again, again_rows, again_bad, _ = self.parse(b"".join(lines[at].rstrip(b"\r\n") + b"\n"
+                                                                  for at in swallowed), 0)
+            tables.append(again)
+            rows.append(swallowed[again_rows])
+            bad += [(int(swallowed[at]), *rest) for at, *rest in again_bad]
+        rows = np.concatenate(rows)
+        order = np.argsort(rows, kind="stable")
+        return pa.concat_tables(tables).take(order), rows[order], bad
+
+
+def _read(path: Path, names: tuple[str, ...], skip: int, delimiter: str, quoted: bool, bad: list,
+          wrong_count: Callable[[int], str]) -> Iterator[tuple[pa.RecordBatch, pa.Array]]:
+    """Batches of every field as bytes (UTF-8 is checked per row later), with each row's line number (1-based,
+    header included); rejected lines go to `bad` (see _Parser.parse)."""
+    parser, first = _Parser(names, delimiter, quoted, wrong_count), 1
+    for block in _blocks(path):
+        table, rows, rejected, lines = parser.parse(block, skip if first == 1 else 0)
+        bad += [(first + at, *rest) for at, *rest in rejected]
+        if table.num_rows:
+            yield table.combine_chunks().to_batches()[0], pa.array(rows + first)
+        first += lines
 
 
 def _delimited(path: Path, layout: Layout, behaviors: list[str] | None, counts: dict) -> Iterator[pa.RecordBatch]:
     """Staging batches of a delimited text file."""
-    rows = _Rows(2 if layout.header else 1)
     bad: list[tuple[int, str, str, str]] = []
-
-    def on_invalid(row) -> str:
-        rows.rejected.append(row.number)
-        bad.append((row.number, row.text, "column_count", f"expected {len(layout.names)} fields "
-                    f"({layout.describe()}), found {row.actual_columns}"))
-        return "skip"
-
     mapped = [n for n in (layout.user, layout.item, layout.time, layout.rating, layout.behavior) if n]
     joiner = layout.delimiter * (1 + bool(layout.gaps))  # MovieLens' "::" is two delimiters
-    for batch in _read(path, layout.names, int(layout.header), layout.delimiter, layout.quoted, on_invalid):
-        row, fields = rows.next(batch.num_rows), [batch.column(n) for n in layout.names if n not in layout.gaps]
+    for batch, row in _read(path, layout.names, int(layout.header), layout.delimiter, layout.quoted, bad,
+                            lambda found: f"expected {len(layout.names)} fields ({layout.describe()}), found {found}"):
+        fields = [batch.column(n) for n in layout.names if n not in layout.gaps]
         text, checks = {}, []
         for name in dict.fromkeys(mapped + list(layout.gaps)):
             text[name], not_utf8 = _text(batch.column(name))
@@ -363,17 +487,11 @@ def _line_starts(users: pa.Array, lengths: np.ndarray, seen: dict) -> np.ndarray
 def _sequences(path: Path) -> Iterator[pa.RecordBatch]:
     """Staging batches of a `user item1 item2 ...` file: one event per item, timestamp = 1-based position in the
     user's sequence; a later line of the same user continues it."""
-    rows = _Rows(1)
     seen: dict = {}
     bad: list[tuple[int, str, str, str]] = []
-
-    def on_invalid(row) -> str:  # only a line holding LINE_DELIMITER splits: treat it as malformed
-        rows.rejected.append(row.number)
-        bad.append((row.number, row.text, "column_count", "expected a user id and item ids separated by spaces"))
-        return "skip"
-
-    for batch in _read(path, ("line",), 0, LINE_DELIMITER, False, on_invalid):
-        row = rows.next(batch.num_rows)
+    # only a line holding LINE_DELIMITER splits: treat it as malformed
+    for batch, row in _read(path, ("line",), 0, LINE_DELIMITER, False, bad,
+                            lambda found: "expected a user id and item ids separated by spaces"):
         line, not_utf8 = _text(batch.column("line"))
         fields = pc.utf8_split_whitespace(pc.utf8_trim(line, characters=SPACE))
         length = pc.list_value_length(fields)
@@ -402,28 +520,47 @@ def _sequences(path: Path) -> Iterator[pa.RecordBatch]:
         yield _structural(bad)
 
 
+def _parquet_layout(path: Path, schema: pa.Schema, options: dict) -> Layout:
+    """Map the *_col options (or their defaults) to the columns of a Parquet source, whose values must have a
+    text form to go through the same conversions as a text file's."""
+    given = {options.get(o) for o in DEFAULT_COLUMNS} - {None}
+    chosen = {}
+    for option, default in DEFAULT_COLUMNS.items():
+        name = options.get(option) or default
+        if option in OPTIONAL_COLUMNS and not options.get(option) and (name not in schema.names or name in given):
+            continue  # the default name is only a guess (see _header_layout)
+        if name not in schema.names:
+            raise PipelineError(f"{path}: no column {name!r} for {_flag(option)} (columns: {', '.join(schema.names)})")
+        if not _has_text_form(schema.field(name).type):
+            raise PipelineError(f"{path}: column {name!r} ({_flag(option)}) has type {schema.field(name).type}, "
+                                "which ingest cannot read: it takes one string, number or date a row")
+        chosen[option] = name
+    _check_roles(str(path), chosen, options)
+    return Layout(",", tuple(chosen.values()), chosen["user_col"], chosen["item_col"], chosen["time_col"],
+                  chosen.get("rating_col"), chosen.get("behavior_col"))
+
+
+def _has_text_form(type_: pa.DataType) -> bool:
+    """Whether pyarrow can cast values of this type to text (not lists, structs or maps)."""
+    try:
+        pc.cast(pa.array([], type_), pa.string())
+    except pa.ArrowException:
+        return False
+    return True
+
+
 def _parquet(path: Path, options: dict, counts: dict) -> Iterator[pa.RecordBatch]:
     """Staging batches of a Parquet source: its columns go through the same text conversions."""
     try:
         source = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a damaged file
         raise PipelineError(f"{path}: not a readable Parquet file ({err})") from None
-    names = source.schema_arrow.names
-    chosen = {}
-    for option, default in DEFAULT_COLUMNS.items():
-        name = options.get(option) or default
-        if name in names:
-            chosen[option] = name
-        elif options.get(option) or option in ("user_col", "item_col", "time_col"):
-            raise PipelineError(f"{path}: no column {name!r} for --{option.replace('_', '-')} "
-                                f"(columns: {', '.join(names)})")
-    layout = Layout(",", tuple(chosen.values()), chosen["user_col"], chosen["item_col"], chosen["time_col"],
-                    chosen.get("rating_col"), chosen.get("behavior_col"))
+    layout = _parquet_layout(path, source.schema_arrow, options)
     if options["behaviors"] is not None and layout.behavior is None:
         raise PipelineError(f"{path}: --behaviors needs a behavior column (--behavior-col)")
     row = 1
-    for batch in source.iter_batches(batch_size=1 << 20, columns=list(chosen.values())):
-        text = {n: pc.fill_null(pc.cast(batch.column(n), pa.string()), "") for n in chosen.values()}
+    for batch in source.iter_batches(batch_size=1 << 20, columns=list(layout.names)):
+        text = {n: pc.fill_null(pc.cast(batch.column(n), pa.string()), "") for n in layout.names}
         rows = pa.array(np.arange(row, row + batch.num_rows, dtype=np.int64))
         row += batch.num_rows
         if options["behaviors"] is not None:
@@ -463,6 +600,46 @@ def _stage(batches: Iterator[pa.RecordBatch], staging: Path, counts: dict) -> No
             counts["well_formed"] += rule.null_count
             writer.write_batch(batch)
             bar.update(batch.num_rows)
+
+
+def _check_staged(path: Path, fmt: str, expected: str, header: bool, counts: dict,
+                  behaviors: list[str] | None) -> None:
+    """Fail before validating when no staged row can become an event: --behaviors filtered out every row
+    (checked first: a typo there must not be blamed on the odd malformed line), there were no data rows, or
+    no line was well formed."""
+    if counts["well_formed"]:
+        return
+    if counts["filtered"]:
+        malformed = f" ({counts['staged']} more would be quarantined; the first, line {counts['first_bad'][0]}: " \
+                    f"{counts['first_bad'][1]})" if counts["staged"] else ""
+        raise PipelineError(f"{path}: all {counts['filtered']} rows were filtered out by --behaviors "
+                            f"{','.join(behaviors)}{malformed}")
+    if counts["staged"] == 0:
+        raise PipelineError(f"{path}:{2 if header else 1}: no data rows; expected lines of {expected}")
+    row, detail = counts["first_bad"]
+    raise PipelineError(f"{path}:{row}: no line is a valid {fmt} record; the first fails with: {detail}")
+
+
+def _nothing_kept(path: Path, quarantine: Path, summary: dict, filtered: int) -> PipelineError:
+    """The error for a source whose every row was quarantined (or filtered out): the commonest rules, and the
+    first row that broke the commonest one."""
+    reasons = sorted(summary["quarantine_reasons"].items(), key=lambda item: -item[1])
+    row, detail = _first_quarantined(quarantine, reasons[0][0])
+    also = f" ({filtered} more were filtered out by --behaviors)" if filtered else ""
+    return PipelineError(
+        f"{path}: no row was kept: all {summary['rows_quarantined']} rows were quarantined{also}, by rule "
+        + ", ".join(f"{rule} ({n})" for rule, n in reasons[:3]) + (", ..." if len(reasons) > 3 else "")
+        + f"; the first under {reasons[0][0]}, line {row}: {detail}; see {quarantine} for every row")
+
+
+def _first_quarantined(quarantine: Path, rule: str) -> tuple[int, str]:
+    """(line, detail) of the first quarantined row under `rule`, read a batch at a time."""
+    for batch in pq.ParquetFile(quarantine).iter_batches(columns=["row", "rule", "detail"]):
+        hits = pc.equal(batch.column("rule"), rule)
+        if pc.any(hits).as_py():
+            at = pc.index(hits, True).as_py()
+            return batch.column("row")[at].as_py(), batch.column("detail")[at].as_py()
+    raise ValueError(f"{quarantine}: no row under rule {rule}")
 
 
 def ingest(source: Path | None, fmt: str, data_dir: Path, **format_options) -> dict:
@@ -506,19 +683,14 @@ def ingest(source: Path | None, fmt: str, data_dir: Path, **format_options) -> d
             _stage(batches, staging, counts)
         except pa.ArrowInvalid as err:
             raise PipelineError(f"{path}: cannot be read as {fmt} ({err}); expected {expected}") from None
-        if counts["staged"] == 0:
-            if counts["filtered"]:
-                raise PipelineError(f"{path}: all {counts['filtered']} rows were filtered out by --behaviors "
-                                    f"{','.join(options['behaviors'])}")
-            raise PipelineError(f"{path}:{2 if header else 1}: no data rows; expected lines of {expected}")
-        if counts["well_formed"] == 0:
-            row, detail = counts["first_bad"]
-            raise PipelineError(f"{path}:{row}: no line is a valid {fmt} record; the first fails with: {detail}")
+        _check_staged(path, fmt, expected, header, counts, options["behaviors"])
         summary = validate(staging, data_dir, source=str(path),
                            id_kind="numeric" if fmt in NUMERIC_ID_FORMATS else "token",
                            rating_min=options.get("rating_min"), rating_max=options.get("rating_max"))
     finally:
         staging.unlink(missing_ok=True)
+    if summary["rows_kept"] == 0:
+        raise _nothing_kept(path, data_dir / "quarantine.parquet", summary, counts["filtered"])
     rows_in = summary["rows_in"] + counts["filtered"]
     return {
         "format": fmt,

@@ -36,6 +36,9 @@ def _check_events(events: Path, data_dir: Path) -> None:
     missing = [c for c in EVENT_COLUMNS if c not in names]
     if missing:
         raise PipelineError(f"{events}: missing column(s) {', '.join(missing)}; run `recblr ingest` again")
+    if pq.read_metadata(events).num_rows == 0:  # no --min-count can help: the source needs fixing
+        raise PipelineError(f"{events}: the events file is empty: ingest quarantined every row (see "
+                            f"{data_dir / 'quarantine.parquet'} for each row's rule)")
 
 
 def _build(con: DuckDBPyConnection, events: Path, out: Path, min_count: int, bar: tqdm) -> dict:

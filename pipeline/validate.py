@@ -7,7 +7,7 @@ most BATCH_ROWS, result_format COMPLETE, failing rows from unexpected_index_list
 10M-row log has a few hundred thousand distinct ids. The failing values are then mapped back to rows in one
 streaming pass; a row that breaks several rules is quarantined under the first in suite order.
 
-Structural rules (column_count, utf8_text) arrive already set by ingest; the whole-table rule,
+Structural rules (column_count, utf8_text, unbalanced_quote) arrive already set by ingest; the whole-table rule,
 duplicate_event, runs in DuckDB (sql/validate_*.sql), which writes the quarantine; the events are the other
 staged rows, copied in one streaming pass. Every staged row lands in exactly one of the two files, written
 under temporary names and renamed at the end.
@@ -41,7 +41,7 @@ STAGING_SCHEMA = pa.schema([
     ("detail", pa.string()),
 ])
 EVENTS_SCHEMA = pa.schema([STAGING_SCHEMA.field(n) for n in ("row", "user_id", "item_id", "timestamp", "rating", "behavior")])
-STRUCTURAL_RULES = ("column_count", "utf8_text")  # set by pipeline.ingest
+STRUCTURAL_RULES = ("column_count", "utf8_text", "unbalanced_quote")  # set by pipeline.ingest
 DUPLICATE_RULE = "duplicate_event"  # set by sql/validate_quarantine.sql
 COLUMN_MAP_EXPECTATIONS = {  # the per-value kinds that checking distinct values is exact for
     "expect_column_values_to_not_be_null", "expect_column_values_to_match_regex",

@@ -3,10 +3,15 @@ import csv
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
+from unittest import mock
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import example, given, settings, strategies as st
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -88,6 +93,55 @@ def test_csv_quoted_ids_keep_their_text(tmp_path):
     assert quarantine[3]["rule"] == "user_id_well_formed"  # token ids hold no whitespace
 
 
+def test_a_quote_left_open_quarantines_its_line_not_the_lines_after_it(tmp_path):
+    lines = ["u1,i1,101", 'u1,"i2,102', "u1,i3,103", "u1,i4,104", "u1,i5,105", 'u1,i6",106', "u1,i7,107"]
+    src = write(tmp_path / "q.csv", "user_id,item_id,timestamp\n" + "\n".join(lines) + "\n")
+    summary = ingest(src, "csv", tmp_path / "d")
+    events, quarantine = outputs(tmp_path / "d")
+    assert [(e["row"], e["item_id"]) for e in events] == [
+        (2, "i1"), (4, "i3"), (5, "i4"), (6, "i5"), (7, 'i6"'), (8, "i7")]  # alone, line 7's quote is a character
+    assert {r: (q["rule"], q["raw"]) for r, q in quarantine.items()} == {3: ("unbalanced_quote", 'u1,"i2,102')}
+    assert "does not close" in quarantine[3]["detail"]
+    assert summary["rows_in"] == len(lines) and balanced(summary)
+
+
+@pytest.mark.parametrize("block_bytes", [16, 1 << 20])  # a quote open at the end of a block, or of the file
+def test_a_quote_never_closed_is_one_bad_line(tmp_path, monkeypatch, block_bytes):
+    monkeypatch.setattr(pipeline.ingest, "BLOCK_BYTES", block_bytes)
+    src = write(tmp_path / "q.csv", 'user_id,item_id,timestamp\r\nu1,"never,102\r\nu1,i3,103\r\nu1,i4,"104')
+    summary = ingest(src, "csv", tmp_path / "d")
+    events, quarantine = outputs(tmp_path / "d")
+    assert [e["row"] for e in events] == [3]
+    assert {r: q["rule"] for r, q in quarantine.items()} == {2: "unbalanced_quote", 4: "unbalanced_quote"}
+    assert summary["rows_in"] == 3 and balanced(summary)
+
+
+def read_lines_of(path: Path) -> tuple[list, list]:
+    """(line, fields) of each row pipeline.ingest._read takes from a 3-field csv; (line, rule) of each it rejects."""
+    bad = []
+    batches = pipeline.ingest._read(path, ("a", "b", "c"), 0, ",", True, bad, str)
+    rows = [(n, tuple(r.values())) for batch, row in batches for n, r in zip(row.to_pylist(), batch.to_pylist())]
+    return rows, sorted((line, rule) for line, _, rule, _ in bad)
+
+
+@settings(max_examples=150, deadline=None)
+@given(lines=st.lists(st.tuples(st.lists(st.sampled_from(["a", ",", '"', '""', " "]), max_size=9).map("".join),
+                                st.sampled_from(["\n", "\r\n", "\r"])), min_size=1, max_size=10),
+       last_break=st.booleans(), block_bytes=st.sampled_from([24, 64, 1 << 20]))  # a line fits in 24 bytes
+@example(lines=[('"', "\r\n"), ('a,a,"a', "\r"), (',,"""', "\n"), ("", "\n"), ('a,a,"a', "\n")], last_break=True,
+         block_bytes=1 << 20)  # lines read again together: a "\r" ending one must not pair with a blank line's "\n"
+def test_a_file_reads_as_its_lines_read_one_by_one(lines, last_break, block_bytes):
+    data = "".join(text + end for text, end in lines).encode()
+    data = data if last_break else data.rstrip(b"\r\n")
+    expected_rows, expected_bad = [], []
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(pipeline.ingest, "BLOCK_BYTES", block_bytes):
+        for number, line in enumerate(data.splitlines(keepends=True), start=1):
+            rows, bad = read_lines_of(write(Path(tmp) / f"{number}.csv", line))
+            expected_rows += [(number, fields) for _, fields in rows]
+            expected_bad += [(number, rule) for _, rule in bad]
+        assert read_lines_of(write(Path(tmp) / "all.csv", data)) == (expected_rows, expected_bad)
+
+
 def test_csv_tsv_is_sniffed_and_a_missing_column_is_named(tmp_path):
     src = write(tmp_path / "log.tsv", "user_id\titem_id\ttimestamp\trating\nu\ti\t5\t1\n")
     assert ingest(src, "csv", tmp_path / "d")["rows_kept"] == 1
@@ -103,6 +157,36 @@ def test_csv_reads_parquet_through_the_same_rules(tmp_path):
     assert [e["row"] for e in events] == [1]
     assert {r: q["rule"] for r, q in quarantine.items()} == {2: "rating_in_range", 3: "user_id_not_null"}
     assert balanced(summary)
+
+
+def test_one_column_cannot_take_two_roles(tmp_path):
+    src = write(tmp_path / "r.csv", "uid,iid,ts,rating\n1,2,3,4\n")
+    pq.write_table(pa.table({"uid": ["1"], "iid": ["2"], "ts": [3], "rating": [4.0]}), tmp_path / "r.parquet")
+    for name, where in (("r.csv", "r.csv:1"), ("r.parquet", "r.parquet")):
+        with pytest.raises(PipelineError, match=rf"{where}: column 'uid' is mapped to --user-col and --item-col"):
+            ingest(tmp_path / name, "csv", tmp_path / "d", user_col="uid", item_col="uid", time_col="ts")
+        with pytest.raises(PipelineError, match=r"column 'uid' is mapped to --user-col and --rating-col"):
+            ingest(tmp_path / name, "csv", tmp_path / "d", user_col="uid", item_col="iid", time_col="ts",
+                   rating_col="uid")
+        # a column found by a default name only is a guess, which gives way to an option that names it
+        ingest(tmp_path / name, "csv", tmp_path / f"{name}.d", user_col="uid", item_col="rating", time_col="ts")
+        events, _ = outputs(tmp_path / f"{name}.d")
+        assert [(e["item_id"], e["rating"]) for e in events] == [("4", None)]
+    with pytest.raises(PipelineError, match=r"column 'user_id' is mapped to --user-col \(by default\) and --item-col"):
+        ingest(write(tmp_path / "s.csv", "user_id,item_id,timestamp\n1,2,3\n"), "csv", tmp_path / "d",
+               item_col="user_id")
+
+
+def test_a_parquet_column_without_one_scalar_a_row_is_named(tmp_path):
+    src = tmp_path / "nested.parquet"
+    pd.DataFrame({"user_id": ["a"], "item_id": [[1, 2]], "timestamp": [1]}).to_parquet(src)
+    with pytest.raises(PipelineError, match=r"nested.parquet: column 'item_id' \(--item-col\) has type list<"):
+        ingest(src, "csv", tmp_path / "d")
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+    dates = tmp_path / "dates.parquet"  # dates are scalars: they read as ISO 8601 text
+    pd.DataFrame({"user_id": ["a"], "item_id": ["x"], "timestamp": pd.to_datetime(["2024-01-02"])}).to_parquet(dates)
+    ingest(dates, "csv", tmp_path / "e")
+    assert [e["timestamp"] for e in outputs(tmp_path / "e")[0]] == [1704153600]
 
 
 def test_sequences_positions_are_timestamps(tmp_path):
@@ -135,6 +219,24 @@ def test_taobao_behaviors_are_filtered_not_quarantined(tmp_path):
     assert [(e["row"], e["behavior"]) for e in events] == [(2, "buy"), (3, "cart")]
     assert summary["rows_filtered"] == 1 and summary["rows_quarantined"] == 1 and balanced(summary)
     assert "rows_filtered" in summary["counts"]
+
+
+def test_a_behaviors_typo_is_named_not_a_malformed_line(tmp_path):
+    src = write(tmp_path / "ub.csv", "1,10,3,buy,100\n1,11,3,buy,101\n2,10,3,cart,102\n2,11,3,buy\n")
+    with pytest.raises(PipelineError, match=r"ub.csv: all 3 rows were filtered out by --behaviors purchase "
+                                            r"\(1 more would be quarantined; the first, line 4: expected 5 fields"):
+        ingest(src, "taobao", tmp_path / "d", behaviors="purchase")
+
+
+def test_a_file_with_every_row_quarantined_fails_and_keeps_both_outputs(tmp_path):
+    src = write(tmp_path / "ms.csv", "user_id,item_id,timestamp\nu1,i1,1600000000000\nu1,i2,1600000001000\n"
+                                     "u2,,5\n")  # milliseconds, not seconds
+    with pytest.raises(PipelineError, match=r"ms.csv: no row was kept: all 3 rows were quarantined, by rule "
+                                            r"timestamp_in_range \(2\), item_id_not_null \(1\); the first under "
+                                            r"timestamp_in_range, line 2: .*got '1600000000000'; see .*quarantine"):
+        ingest(src, "csv", tmp_path / "d")
+    events, quarantine = outputs(tmp_path / "d")  # nothing lost: quarantine.parquet says why
+    assert events == [] and sorted(quarantine) == [2, 3, 4]
 
 
 def read_lines(path):

@@ -81,7 +81,7 @@ def test_kcore_order_and_split_match_python(events, k):
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = write_events(Path(tmp), events)
         if not expected:
-            with pytest.raises(PipelineError, match="nothing survives"):
+            with pytest.raises(PipelineError, match="nothing survives" if events else "events file is empty"):
                 prepare(data_dir, min_count=k)
             return
         result = prepare(data_dir, min_count=k)
@@ -175,6 +175,15 @@ def test_nothing_surviving_names_the_counts_and_suggests_lower_min_count(tmp_pat
     data_dir = write_events(tmp_path, [("a", "p", 0), ("a", "q", 1), ("b", "p", 2)])
     with pytest.raises(PipelineError, match=r"3 events, 2 users, 2 items.*lower --min-count"):
         prepare(data_dir, min_count=3)
+    assert not (data_dir / "prepared").exists()
+
+
+def test_empty_events_say_ingest_quarantined_every_row_not_lower_min_count(tmp_path):
+    data_dir = write_events(tmp_path, [])  # what ingest leaves when it quarantines every row
+    with pytest.raises(PipelineError, match=r"events\.parquet: the events file is empty: ingest quarantined every "
+                                            r"row \(see .*quarantine\.parquet") as err:
+        prepare(data_dir, min_count=3)
+    assert "--min-count" not in str(err.value)
     assert not (data_dir / "prepared").exists()
 
 

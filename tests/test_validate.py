@@ -33,7 +33,7 @@ def test_suite_names_every_rule_once_with_a_message():
     rules = [e["meta"]["rule"] for e in suite["expectations"]]
     assert len(rules) == len(set(rules))
     assert all(e["meta"]["detail"] for e in suite["expectations"])
-    assert v.rule_names() == ("column_count", "utf8_text", *rules, "duplicate_event")
+    assert v.rule_names() == ("column_count", "utf8_text", "unbalanced_quote", *rules, "duplicate_event")
 
 
 @pytest.mark.parametrize("kind", ["token", "numeric"])

@@ -6,7 +6,6 @@ bar chart, with one child run per model logged like a training run.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -35,12 +34,10 @@ def train_one(prepared_dir: Path, out_dir: Path, name: str, *, train=None, overr
 
 def config_overrides(name: str, dropout: Optional[float], overrides: Optional[dict]) -> dict:
     """Model `name`'s config overrides: `dropout` where its config has that field, then `overrides` over it."""
-    from recblr.models import MODELS
+    from recblr.models import config_fields
 
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
-    fields = {f.name for f in dataclasses.fields(MODELS[name][0])}
-    return {**({"dropout": dropout} if dropout is not None and "dropout" in fields else {}), **(overrides or {})}
+    shared = {"dropout": dropout} if dropout is not None and "dropout" in config_fields(name) else {}
+    return {**shared, **(overrides or {})}
 
 
 def table_rows(results: list[dict]) -> list[dict]:

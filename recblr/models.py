@@ -35,12 +35,17 @@ MODELS: dict[str, tuple[type, type[SequentialRecommender]]] = {
 }
 
 
-def build(name: str, n_items: int, **overrides) -> SequentialRecommender:
-    """A fresh model `name` over items 1..n_items, config defaults replaced by `overrides`."""
+def config_fields(name: str) -> set[str]:
+    """The fields of model `name`'s config that overrides may set (n_items comes from the data)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return {f.name for f in dataclasses.fields(MODELS[name][0])} - {"n_items"}
+
+
+def build(name: str, n_items: int, **overrides) -> SequentialRecommender:
+    """A fresh model `name` over items 1..n_items, config defaults replaced by `overrides`."""
+    fields = config_fields(name)
     config_cls, model_cls = MODELS[name]
-    fields = {f.name for f in dataclasses.fields(config_cls)} - {"n_items"}
     unknown = set(overrides) - fields
     if unknown:
         raise ValueError(f"{name} has no config field(s) {sorted(unknown)}; fields: {sorted(fields)}")

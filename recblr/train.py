@@ -35,7 +35,7 @@ from recblr.data import (load_prepared, padded_batch, similar_length_batches, tr
                          training_windows)
 from recblr.evaluate import PRECISIONS, evaluate, precision_context
 from recblr.loss import linear_cross_entropy
-from recblr.models import MODELS, build, load, resolve_device, save
+from recblr.models import build, config_fields, load, resolve_device, save
 
 LOSS_SHOWN_EVERY_S = 1.0  # the progress bar's loss and speed; more often would stall the GPU queue for it
 # fields a resumed run may change: they alter neither the model nor what an epoch computes
@@ -418,8 +418,7 @@ def _fit(prepared_dir, run_dir, model, overrides, cfg, resume, on_epoch, rank, w
     if cfg.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # the scores matmul dominates; TF32 is ample for ranking
     torch.manual_seed(cfg.seed)
-    config_fields = {f.name for f in dataclasses.fields(MODELS[model][0])} if model in MODELS else set()
-    if "max_len" in config_fields:  # SASRec's position table spans the training windows unless set otherwise
+    if "max_len" in config_fields(model):  # SASRec's position table spans the training windows unless set otherwise
         overrides = {"max_len": cfg.max_len, **(overrides or {})}
     net = build(model, data.n_items, **(overrides or {}))
     if hasattr(net, "fit_counts"):  # the popularity baseline reads its table from the training histories

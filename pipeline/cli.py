@@ -2,7 +2,7 @@
 
 Every subcommand takes --json and then prints one JSON object as the last line of stdout; otherwise it
 prints a human-readable summary. Errors a user can fix (bad input files, missing data) exit with code 2 and
-one line on stderr naming what is wrong.
+one line on stderr naming what is wrong; under --json, stdout's last line is then {"error": that line}.
 """
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def train(
 @app.command()
 def evaluate(
     data_dir: Path = DataDir,
-    model_path: Optional[Path] = typer.Option(None, "--model-path", help="A saved model (default DATA_DIR/runs/recblr/model.pt)."),
+    model_path: Optional[Path] = typer.Option(None, "--model-path", help="A saved model (default: `recblr train`'s DATA_DIR/runs/recblr/model.pt, else the newest `recblr run` partition's model)."),
     popularity: bool = typer.Option(False, "--popularity", help="Rank by training popularity instead of a saved model."),
     split: str = typer.Option("test", "--split", help="test or valid."),
     remove_history: bool = typer.Option(False, "--remove-history", help="Drop items the user already has from the ranking."),
@@ -187,24 +187,29 @@ def evaluate(
 ) -> None:
     """Leave-one-out full-ranking HR/NDCG/MRR at 10 and 20 of a trained model or the popularity baseline."""
     from pipeline.errors import PipelineError
+    from pipeline.run import find_prepared
     from recblr.data import load_prepared
     from recblr.evaluate import evaluate as run_evaluate
     from recblr.models import build, load, resolve_device, trained_max_len
 
     try:
         device = resolve_device(device)
-        data = load_prepared(data_dir / "prepared")
+        prepared = find_prepared(data_dir)
+        data = load_prepared(prepared)
         if popularity:
             net, trained_len = build("pop", data.n_items), None
             net.fit_counts(data.item_counts())
         else:
-            path = model_path or data_dir / "runs" / "recblr" / "model.pt"
+            # a `recblr run` partition keeps its model beside its prepared data
+            default = data_dir / "runs" / "recblr" if prepared == data_dir / "prepared" else prepared.parent / "model"
+            path = model_path or default / "model.pt"
             net, trained_len = load(path), trained_max_len(path)
         metrics = run_evaluate(net.to(device), data, split, remove_history=remove_history,
                                max_len=max_len if max_len is not None else trained_len or 50)
     except (FileNotFoundError, ValueError) as err:
         raise PipelineError(str(err)) from err
-    emit({**metrics, "split": split, "users": data.n_users, "remove_history": remove_history}, as_json,
+    emit({**metrics, "split": split, "users": data.n_users, "remove_history": remove_history,
+          "prepared": str(prepared), "model": "popularity" if popularity else str(path)}, as_json,
          f"evaluate ({split})")
 
 
@@ -305,6 +310,8 @@ def main() -> None:
         app()
     except PipelineError as err:
         console.print(f"[red]error:[/red] {err}")
+        if "--json" in sys.argv[1:]:
+            sys.stdout.write(json.dumps({"error": str(err)}) + "\n")
         raise SystemExit(2)
 
 

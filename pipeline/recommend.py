@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.run import find_prepared
 from recblr.data import Sequences, load_prepared
 from recblr.evaluate import PRECISIONS, mask_seen, next_item_hidden, next_item_scores
 from recblr.models import resolve_device
@@ -108,18 +109,6 @@ def _dense_ids(path: Path, idx_col: str, id_col: str) -> np.ndarray:
     ids = np.empty(int(idx.max(initial=-1)) + 1, dtype=object)
     ids[idx] = np.asarray(table.column(id_col).to_pylist(), dtype=object).astype(str)
     return ids
-
-
-def find_prepared(data_dir: Path) -> Path:
-    """DATA_DIR/prepared (`recblr prepare`), else the newest DATA_DIR/runs/<key>/prepared (`recblr run`)."""
-    data_dir = Path(data_dir)
-    if (data_dir / "prepared" / "sequences.parquet").is_file():
-        return data_dir / "prepared"
-    runs = [path.parent for path in (data_dir / "runs").glob("*/prepared/sequences.parquet")]
-    if not runs:
-        raise PipelineError(f"{data_dir}: no prepared/ and no runs/<key>/prepared/; run `recblr prepare` "
-                            f"or `recblr run` first")
-    return max(runs, key=lambda path: (path / "sequences.parquet").stat().st_mtime)
 
 
 def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion", k: int = 10,

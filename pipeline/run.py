@@ -1,8 +1,10 @@
 """The pipeline's steps, as plain functions: the Airflow DAG runs one per task, `recblr run` runs them all.
 
-Every step writes under a run partition `DATA_DIR/runs/<run key>/` (the run key is the logical date), into a
-temporary folder first that is then swapped into place, so rerunning a date replaces its outputs and a
-failed step leaves the previous ones intact. Steps take and return plain JSON types (Airflow XComs).
+Every step writes under a run partition `DATA_DIR/runs/<run key>/` (the run key is the logical date). Each
+output is written beside its place and renamed into it (ingest and prepare do this themselves, the model
+folder is swapped in here), so rerunning a date replaces its outputs, a failed step leaves the previous ones
+intact (but for an ingest that quarantines every row: it writes both files, so that the quarantine shows why) and
+its errors name the partition's own paths. Steps take and return plain JSON types (Airflow XComs).
 
     ingest -> validate -> prepare -> train -> evaluate -> register (and promote)
 """
@@ -32,10 +34,16 @@ def partition(data_dir: Path, run_key: str) -> Path:
     return path
 
 
-def _fresh(path: Path) -> Path:
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
+def find_prepared(data_dir: Path) -> Path:
+    """DATA_DIR/prepared (`recblr prepare`), else the newest DATA_DIR/runs/<key>/prepared (`recblr run`)."""
+    data_dir = Path(data_dir)
+    if (data_dir / "prepared" / "sequences.parquet").is_file():
+        return data_dir / "prepared"
+    runs = [path.parent for path in (data_dir / "runs").glob("*/prepared/sequences.parquet")]
+    if not runs:
+        raise PipelineError(f"{data_dir}: no prepared/ and no runs/<key>/prepared/; run `recblr prepare` "
+                            f"or `recblr run` first")
+    return max(runs, key=lambda path: (path / "sequences.parquet").stat().st_mtime)
 
 
 def _publish(tmp: Path, target: Path) -> Path:
@@ -60,19 +68,14 @@ def ingest_step(data_dir: Path, run_key: str, source: str | None = None, fmt: st
     from pipeline.synthetic import write_synthetic_log
 
     part = partition(data_dir, run_key)
-    work = _fresh(part / ".ingest.tmp")
     if source is None:
         if fmt != "csv":
             raise PipelineError(f"without a source the pipeline generates the synthetic csv log; got format {fmt}")
         source = part / "raw" / "synthetic.csv"
-        source.parent.mkdir(exist_ok=True)
-        os.replace(write_synthetic_log(work / "synthetic.csv", **(synthetic or {})), source)
+        staged = write_synthetic_log(source.with_name(".synthetic.csv.tmp"), **(synthetic or {}))
+        os.replace(staged, source)
         options.setdefault("rating_col", "rating")
-    summary = ingest(Path(source), fmt, work, **options)
-    for name in ("events.parquet", "quarantine.parquet"):
-        os.replace(work / name, part / name)
-    shutil.rmtree(work)
-    return {**summary, "output": str(part / "events.parquet"), "quarantine": str(part / "quarantine.parquet")}
+    return ingest(Path(source), fmt, part, **options)
 
 
 def validate_step(data_dir: Path, run_key: str, max_quarantined: float = 0.05) -> dict:
@@ -103,13 +106,8 @@ def prepare_step(data_dir: Path, run_key: str, min_count: int = 5) -> dict:
     from pipeline.prepare import prepare
     from pipeline.tracking import dataset_digest
 
-    part = partition(data_dir, run_key)
-    work = _fresh(part / ".prepare.tmp")
-    os.link(part / "events.parquet", work / "events.parquet")
-    summary = prepare(work, min_count=min_count)
-    prepared = _publish(work / "prepared", part / "prepared")
-    shutil.rmtree(work)
-    return {**summary, "output": str(prepared), "digest": dataset_digest(prepared)}
+    summary = prepare(partition(data_dir, run_key), min_count=min_count)
+    return {**summary, "digest": dataset_digest(Path(summary["output"]))}
 
 
 def train_config(train: dict | None):
@@ -149,17 +147,18 @@ def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "re
     part = partition(data_dir, run_key)
     nproc = resolve_nproc(nproc_per_node)
     config = train_config(train)
-    work = _fresh(part / ".model.tmp")
+    work = part / ".model.tmp"
+    shutil.rmtree(work, ignore_errors=True)  # a worker killed outright leaves its folder to the next attempt
     run_id = tracking.start_training_run(tracking_uri, Path(data_dir).name, run_key, part / "prepared")
     try:
         result = fit_on_processes(nproc, part, work, model, overrides=overrides or None, train=config,
                                   on_epoch=tracking.log_epoch)
         tracking.log_training(result, part / "prepared")
-    except (ValueError, FileNotFoundError, OutOfGPUMemory, TrainingDiverged) as err:  # bad setting or data, memory, NaN
+    except BaseException as err:
         mlflow.end_run("FAILED")
-        raise PipelineError(f"train {model} on {part / 'prepared'}: {err}") from err
-    except BaseException:
-        mlflow.end_run("FAILED")
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(err, (ValueError, FileNotFoundError, OutOfGPUMemory, TrainingDiverged)):  # setting, data, NaN
+            raise PipelineError(f"train {model} on {part / 'prepared'}: {err}") from err
         raise
     mlflow.end_run()
     target = _publish(work, part / "model")

@@ -39,12 +39,20 @@ def test_run_twice_for_one_date_replaces_instead_of_adding(tmp_path):
     assert second["champion"] is False, second["gate"]
     assert {a: str(client.get_model_version_by_alias("recblr", a).version) for a in ("champion", "challenger")} == \
         {"champion": "1", "challenger": second["version"]}
+    scored = recblr("evaluate", "--data-dir", str(data_dir), "--json")  # finds the partition's data and model
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert json.loads(scored.stdout.splitlines()[-1])["ndcg_at_10"] == pytest.approx(second["test_ndcg_at_10"])
 
 
-def test_bad_source_exits_2_naming_the_file(tmp_path):
+@pytest.mark.parametrize("as_json", [False, True])
+def test_bad_source_exits_2_naming_the_file(tmp_path, as_json):
     missing = tmp_path / "missing.csv"
-    result = recblr("run", "--data-dir", str(tmp_path / "d"), "--source", str(missing))
+    result = recblr("run", "--data-dir", str(tmp_path / "d"), "--source", str(missing), *["--json"] * as_json)
     assert result.returncode == 2 and str(missing) in result.stderr.replace("\n", "")
+    if as_json:  # a script reading the last line gets the error instead of a parse failure
+        assert str(missing) in json.loads(result.stdout.splitlines()[-1])["error"]
+    else:
+        assert result.stdout == ""
 
 
 @pytest.mark.parametrize("option, value, named", [("--nproc-per-node", "0", "nproc_per_node"),

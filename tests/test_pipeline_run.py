@@ -1,4 +1,5 @@
-"""pipeline.run's training knobs: one mapping of TrainConfig fields, checked before any step runs."""
+"""pipeline.run: one mapping of TrainConfig fields, checked before any step runs; steps that fail name the partition's
+own files, leave its earlier outputs in place and leave no work folders behind."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +7,7 @@ import dataclasses
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.run import run_pipeline, train_config
+from pipeline.run import ingest_step, partition, prepare_step, run_pipeline, train_config, train_step
 from recblr.train import TrainConfig
 
 
@@ -48,3 +49,57 @@ def test_every_recblr_run_option_named_as_a_train_config_field_reaches_run_pipel
     result = CliRunner().invoke(app, ["run", "--data-dir", str(tmp_path / "d"), *args])
     assert isinstance(result.exception, PipelineError), result.output
     assert given["train"] == changed
+
+
+def _hidden(folder):
+    return sorted(p.name for p in folder.rglob(".*"))
+
+
+def test_a_failed_prepare_names_the_partition_and_keeps_its_previous_output(tmp_path):
+    data_dir, part = tmp_path / "d", partition(tmp_path / "d", "k")
+    ingest_step(data_dir, "k", synthetic={"n_users": 60, "n_items": 40, "mean_events": 20})
+    before = prepare_step(data_dir, "k")["users"]
+    few = tmp_path / "few.csv"
+    few.write_text("user_id,item_id,timestamp\n" + "".join(f"u{n % 3},i{n},{n}\n" for n in range(12)))
+    ingest_step(data_dir, "k", str(few))
+    with pytest.raises(PipelineError, match="nothing survives") as err:
+        prepare_step(data_dir, "k")
+    assert str(part / "events.parquet") in str(err.value) and ".tmp" not in str(err.value)
+    assert _hidden(part) == []
+    from recblr.data import load_prepared
+
+    assert load_prepared(part / "prepared").n_users == before
+
+
+def test_an_ingest_that_quarantines_every_row_leaves_its_quarantine_in_the_partition(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,item_id,timestamp\nu1,i1,yesterday\nu2,i2,soon\n")
+    part = partition(tmp_path / "d", "k")
+    with pytest.raises(PipelineError) as err:
+        ingest_step(tmp_path / "d", "k", str(bad))
+    assert str(part / "quarantine.parquet") in str(err.value) and ".tmp" not in str(err.value)
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(part / "quarantine.parquet").column("rule").to_pylist() == ["timestamp_parses"] * 2
+    assert _hidden(part) == []
+
+
+def test_a_failed_training_leaves_the_previous_model_and_no_work_folder(tmp_path, monkeypatch):
+    from pipeline import launch
+    from recblr.train import TrainingDiverged
+    from tests.prepared_data import markov_sequences, write_prepared
+
+    part = partition(tmp_path / "d", "k")
+    write_prepared(part / "prepared", markov_sequences(8, 10, 6), 10)
+    (part / "model").mkdir()
+    (part / "model" / "model.pt").write_bytes(b"yesterday's weights")
+
+    def diverge(nproc, data_dir, run_dir, model, **kwargs):
+        run_dir.mkdir(parents=True)
+        (run_dir / "checkpoint.pt").write_bytes(b"half an epoch")
+        raise TrainingDiverged("loss is nan in epoch 1")
+
+    monkeypatch.setattr(launch, "fit_on_processes", diverge)
+    with pytest.raises(PipelineError, match="loss is nan"):
+        train_step(tmp_path / "d", "k", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert _hidden(part) == [] and (part / "model" / "model.pt").read_bytes() == b"yesterday's weights"

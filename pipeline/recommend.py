@@ -138,7 +138,7 @@ def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion
     if len(user_ids) != data.n_users:
         raise PipelineError(f"{users_path}: {len(user_ids)} users but sequences.parquet has {data.n_users}")
 
-    uri = resolve_tracking_uri(data_dir, tracking_uri)
+    uri = resolve_tracking_uri(data_dir, tracking_uri, must_exist=True)  # reading: never create a store
     mlflow.set_tracking_uri(uri)
     try:
         version = MlflowClient(uri).get_model_version_by_alias(model_name, alias)

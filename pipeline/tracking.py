@@ -4,6 +4,9 @@ One experiment per dataset (`recblr-<dataset>`). The default store is embedded: 
 artifact folder under the data root (`<data root>/mlflow/`), so a fresh machine needs no server; any
 other tracking URI (an `http://` server) works the same. Each pipeline run is tagged with its run key
 (the logical date), and a rerun of the same key replaces the earlier MLflow run instead of adding one.
+The store is opened through `resolve_tracking_uri` or `use_experiment`, which both run `check_store`: a server
+that is down or a mistyped SQLite path is one error within seconds, not minutes of MLflow's silent retries or a
+new empty store.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ GATE_METRIC = "test_ndcg_at_10"
 RUN_KEY_TAG = "recblr.run_key"
 DIGEST_TAG = "recblr.dataset_digest"
 PYFUNC_FILE = Path(__file__).with_name("recblr_pyfunc.py")
+PROBE_TIMEOUT_S = 5.0
 SIGNATURE = mlflow.models.ModelSignature(
     inputs=Schema([ColSpec(Array(DataType.string), "history")]),
     outputs=Schema([ColSpec(Array(DataType.string), "item_ids"), ColSpec(Array(DataType.double), "scores")]),
@@ -35,16 +39,108 @@ SIGNATURE = mlflow.models.ModelSignature(
 )
 
 
-def default_tracking_uri(data_dir: Path) -> str:
-    """SQLite store beside the dataset folders: data/<dataset> -> data/mlflow/mlflow.db."""
+def default_tracking_uri(data_dir: Path, create: bool = True) -> str:
+    """SQLite store beside the dataset folders: data/<dataset> -> data/mlflow/mlflow.db (its folder made if create)."""
     root = Path(data_dir).resolve().parent / "mlflow"
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
-def resolve_tracking_uri(data_dir: Path, tracking_uri: str | None = None) -> str:
-    """The URI given, else $MLFLOW_TRACKING_URI, else the embedded SQLite store of `data_dir`."""
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(data_dir)
+def resolve_tracking_uri(data_dir: Path, tracking_uri: str | None = None, *, must_exist: bool = False) -> str:
+    """The URI given, else $MLFLOW_TRACKING_URI, else the embedded SQLite store of `data_dir`; checked by
+    `check_store` (must_exist for commands that only read the store)."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(data_dir, create=not must_exist)
+    return check_store(uri, must_exist=must_exist, data_dir=data_dir)
+
+
+def check_store(uri: str, *, must_exist: bool = False, data_dir: Path | None = None,
+                timeout: float = PROBE_TIMEOUT_S) -> str:
+    """Return `uri` if MLflow can use it, else raise a PipelineError naming it and what is wrong.
+
+    http(s): one GET /health, no retries, `timeout` seconds (MLflow's own client retries with backoff for
+    minutes, silently). sqlite: with must_exist the file must be there, since MLflow would create an empty store
+    on a mistyped path and a reader would then report a missing model; otherwise MLflow must be able to make
+    its folder.
+    Other stores (postgresql://, ...) are left to MLflow. data_dir only words the hint of a missing store.
+    """
+    if uri.startswith(("http://", "https://")):
+        _probe_server(uri, timeout)
+    elif uri.startswith("sqlite:"):
+        _check_sqlite(uri, must_exist, data_dir)
+    return uri
+
+
+def _probe_server(uri: str, timeout: float) -> None:
+    import requests
+    from mlflow.utils.credentials import get_default_host_creds
+
+    url = uri.rstrip("/") + "/health"
+    fix = "start it (`recblr ui` serves one) or check --tracking-uri / $MLFLOW_TRACKING_URI"
+    creds = get_default_host_creds(uri)  # the TLS settings ($MLFLOW_TRACKING_INSECURE_TLS, ...) MLflow will use
+    try:
+        answer = requests.get(url, timeout=timeout, verify=creds.verify, cert=creds.client_cert_path)
+    except requests.Timeout as err:
+        raise PipelineError(f"tracking server {uri} did not answer GET {url} within {timeout:g} s; {fix}") from err
+    except requests.RequestException as err:
+        raise PipelineError(f"cannot reach tracking server {uri}: {_os_reason(err)}; {fix}") from err
+    if answer.status_code in (401, 403):  # up, behind an authenticating proxy; MLflow sends the credentials
+        return
+    if answer.status_code != 200 or answer.text.strip() != "OK":
+        raise PipelineError(f"{uri} is not an MLflow tracking server (or not a healthy one): GET {url} answered "
+                            f"HTTP {answer.status_code} {answer.text.strip()[:60]!r} instead of MLflow's 200 'OK'; "
+                            f"check --tracking-uri / $MLFLOW_TRACKING_URI")
+
+
+def _os_reason(err: BaseException) -> str:
+    """The operating system's words under a requests error ("Connection refused"), else the error's text."""
+    pending, seen = [err], set()
+    while pending:
+        cause = pending.pop()
+        if id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        # urllib3 keeps the socket error as a MaxRetryError's reason, the NewConnectionError's context
+        pending += [c for c in (cause.__cause__, cause.__context__, getattr(cause, "reason", None), *cause.args)
+                    if isinstance(c, BaseException)]
+    return str(err)
+
+
+def _check_sqlite(uri: str, must_exist: bool, data_dir: Path | None) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        database = make_url(uri).database
+    except ArgumentError as err:
+        raise PipelineError(f"{uri}: not a SQLite URL ({err}); the form is sqlite:////absolute/path/mlflow.db") from err
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database).resolve()
+    if must_exist and not path.exists():
+        hint = ""
+        if data_dir is not None:
+            default = Path(default_tracking_uri(data_dir, create=False).removeprefix("sqlite:///"))
+            first_run = f"`recblr run --data-dir {data_dir}` trains and registers a model there"
+            hint = (f"; {first_run}" if path == default
+                    else f"; check --tracking-uri / $MLFLOW_TRACKING_URI (the default store of {data_dir} is "
+                         f"{default}{'' if default.is_file() else '; ' + first_run})")
+        raise PipelineError(f"no tracking store at {path}: no such file{hint}")
+    if not path.parent.is_dir():  # MLflow makes the missing folders, with a traceback when it cannot
+        ancestor = next(folder for folder in path.parents if folder.exists())
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            why = "a file, not a folder" if not ancestor.is_dir() else "a folder this user cannot write to"
+            raise PipelineError(f"{uri}: cannot create the store's folder {path.parent}: {ancestor} is {why}; "
+                                f"check --tracking-uri / $MLFLOW_TRACKING_URI")
+    if path.is_dir():
+        raise PipelineError(f"{uri}: {path} is a folder; name the SQLite file (e.g. {path / 'mlflow.db'})")
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                raise PipelineError(f"{uri}: {path} is not a SQLite database; check --tracking-uri / "
+                                    f"$MLFLOW_TRACKING_URI")
 
 
 def server_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000,
@@ -69,7 +165,7 @@ def server_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000,
 
 def use_experiment(tracking_uri: str, dataset: str) -> str:
     """Point MLflow at the store and return the dataset's experiment id, creating it on first use."""
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(check_store(tracking_uri))
     name = f"recblr-{dataset}"
     found = mlflow.get_experiment_by_name(name)
     if found is not None:

@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -153,6 +159,30 @@ def test_missing_champion_and_bad_k_are_clear_errors(registered, tmp_path):
         recommend(registered["data_dir"], model_name=NAME, k=26, out=out, tracking_uri=registered["uri"],
                   progress=False)
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_mistyped_store_is_refused_not_created(registered):
+    typo = Path(registered["uri"].removeprefix("sqlite:///")).with_name("mlfow.db")
+    with pytest.raises(PipelineError, match=f"no tracking store at {re.escape(str(typo))}: no such file"):
+        recommend(registered["data_dir"], model_name=NAME, tracking_uri=f"sqlite:///{typo}", progress=False)
+    assert not typo.exists()
+
+
+@pytest.mark.parametrize("store", ["http", "sqlite"])
+def test_cli_exits_2_with_one_line_naming_an_unusable_store(registered, tmp_path, store):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}" if store == "http" else f"sqlite:///{tmp_path / 'mlfow.db'}"
+    done = subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", "recommend",
+                           "--data-dir", str(registered["data_dir"]), "--model-name", NAME, "--tracking-uri", uri],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "500"},
+                          timeout=60)  # MLflow's own client retries an unreachable server for minutes
+    assert done.returncode == 2 and done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("error: ") and uri.removeprefix("sqlite:///") in line
+    assert ("Connection refused" if store == "http" else "no such file") in line
+    assert not (tmp_path / "mlfow.db").exists()
 
 
 def test_inputs_move_to_the_models_vocabulary_by_raw_id():

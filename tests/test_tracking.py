@@ -1,8 +1,13 @@
 """MLflow side without Airflow: the pyfunc round trip, the champion gate, and run replacement per run key."""
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import socket
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import mlflow
@@ -12,7 +17,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline import tracking
+from pipeline import run, tracking
+from pipeline.errors import PipelineError
 from prepared_data import write_prepared
 from recblr import models
 
@@ -65,9 +71,123 @@ def test_default_store_is_sqlite_beside_the_datasets(root, store, monkeypatch):
     experiment = MlflowClient(store).get_experiment(tracking.use_experiment(store, "other"))
     assert experiment.name == "recblr-other"
     assert experiment.artifact_location == (root / "data" / "mlflow" / "artifacts").resolve().as_uri()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.resolve_tracking_uri(root / "data" / "toy") == "http://127.0.0.1:5000"
+    from_env = f"sqlite:///{root / 'env.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", from_env)
+    assert tracking.resolve_tracking_uri(root / "data" / "toy") == from_env
     assert tracking.resolve_tracking_uri(root / "data" / "toy", "sqlite:///x.db") == "sqlite:///x.db"
+    assert not (root / "env.db").exists()  # resolving checks the store, it creates none
+
+
+@pytest.fixture
+def closed_port():
+    """A loopback port nobody listens on: bound by the OS, then released."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def http_server(status: int, body: str):
+    """A local HTTP server answering every GET with `status` and `body`; yields (its URL, the paths asked for)."""
+    asked = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):  # keep pytest's output to the test's own
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.timeout(30)  # MLflow's own client would retry with backoff for minutes
+def test_an_unreachable_server_is_one_error_naming_it_wherever_the_store_is_opened(tmp_path, closed_port,
+                                                                                    monkeypatch):
+    url = f"http://127.0.0.1:{closed_port}"
+    refused = rf"cannot reach tracking server {re.escape(url)}: Connection refused"
+    with pytest.raises(PipelineError, match=refused):
+        tracking.check_store(url)
+    with pytest.raises(PipelineError, match=refused):  # compare and the train step open the store here
+        tracking.use_experiment(url, "toy")
+    with pytest.raises(PipelineError, match=refused):
+        run.train_step(tmp_path / "d", "2026-01-01", url)
+    with pytest.raises(PipelineError, match=refused):  # `recblr run`: before ingest does any work
+        run.run_pipeline(tmp_path / "fresh", tracking_uri=url)
+    assert not (tmp_path / "fresh" / "runs").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # the DAG's tasks and `recblr recommend`/`ui` resolve it
+    with pytest.raises(PipelineError, match=refused):
+        tracking.resolve_tracking_uri(tmp_path / "d")
+
+
+def test_a_server_that_accepts_but_never_answers_fails_after_the_probe_timeout():
+    with socket.socket() as silent:  # the kernel completes connections to a listening socket; nothing answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(PipelineError, match=rf"{re.escape(url)} did not answer GET {re.escape(url)}/health "
+                                                r"within 0\.2 s"):
+            tracking.check_store(url, timeout=0.2)
+
+
+@pytest.mark.parametrize("status, body, mlflow_like", [
+    (200, "OK", True),
+    (401, "login first", True),  # an authenticating proxy in front: reachable, MLflow sends the credentials
+    (403, "", True),
+    (404, "<html>Not Found</html>", False),  # some other web server on that port
+    (200, "<!doctype html><title>Airflow</title>", False),  # a UI that answers every path
+    (502, "Bad Gateway", False),  # a proxy whose MLflow is down
+])
+def test_only_mlflows_health_answer_passes_the_probe(status, body, mlflow_like):
+    with http_server(status, body) as (url, asked):
+        uri = f"{url}/mlflow/"  # a server behind a path prefix answers /health under it
+        if mlflow_like:
+            assert tracking.check_store(uri) == uri
+        else:
+            with pytest.raises(PipelineError, match=rf"{re.escape(uri)} is not an MLflow tracking server.*"
+                                                    rf"HTTP {status}"):
+                tracking.check_store(uri)
+    assert asked == ["/mlflow/health"]
+
+
+def test_a_sqlite_store_must_exist_to_be_read_and_be_makeable_to_be_written(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data_dir = tmp_path / "data" / "shop"
+    typo = tmp_path / "data" / "mlflow" / "mlfow.db"
+    (tmp_path / "data" / "mlflow").mkdir(parents=True)
+    with pytest.raises(PipelineError, match=rf"no tracking store at {re.escape(str(typo))}: no such file; .*"
+                                            rf"default store of .* is {re.escape(str(typo.with_name('mlflow.db')))}"):
+        tracking.resolve_tracking_uri(data_dir, f"sqlite:///{typo}", must_exist=True)
+    with pytest.raises(PipelineError, match=r"no tracking store at .*mlflow\.db: no such file; `recblr run"):
+        tracking.resolve_tracking_uri(tmp_path / "elsewhere" / "shop", must_exist=True)  # the default store
+    assert not typo.exists() and not (tmp_path / "elsewhere").exists()
+    new = tmp_path / "new" / "folder" / "mlflow.db"
+    for writable in (typo, new):  # a writer's first run creates the store, and its folders
+        assert tracking.check_store(f"sqlite:///{writable}") == f"sqlite:///{writable}"
+    assert not typo.exists() and not new.parent.parent.exists()
+    not_sqlite = tmp_path / "events.csv"
+    not_sqlite.write_text("user,item\n1,2\n")
+    under_a_file = not_sqlite / "mlflow" / "mlflow.db"
+    unmakeable = rf"cannot create the store's folder {re.escape(str(under_a_file.parent))}: .* is a file"
+    for opening in (tracking.check_store, lambda uri: tracking.use_experiment(uri, "shop")):
+        with pytest.raises(PipelineError, match=unmakeable):
+            opening(f"sqlite:///{under_a_file}")
+    with pytest.raises(PipelineError, match="is not a SQLite database"):
+        tracking.check_store(f"sqlite:///{not_sqlite}", must_exist=True)
+    with pytest.raises(PipelineError, match="is a folder; name the SQLite file"):
+        tracking.check_store(f"sqlite:///{tmp_path}")
+    with pytest.raises(PipelineError, match="sqlite:mlflow.db: not a SQLite URL"):
+        tracking.check_store("sqlite:mlflow.db")
 
 
 def test_flatten_nested_config():

@@ -26,37 +26,45 @@ from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from pipeline import run
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, ServiceUnavailable
 
 DATA_DIR = Path(os.environ.get("RECBLR_DATA_DIR", Path(__file__).resolve().parent.parent / "data" / "default"))
 # one asset for every run's prepared/; each event's extra names the partition and the data digest
 PREPARED = Asset(name="recblr_prepared", uri=f"file://{DATA_DIR.resolve()}/runs")
-IO_RETRIES = {"retries": int(os.environ.get("RECBLR_RETRIES", "2")),
-              "retry_delay": timedelta(seconds=int(os.environ.get("RECBLR_RETRY_DELAY_S", "300")))}
+# every task but validate, whose verdict a retry cannot change: files, the GPU worker and the tracking server
+# can fail for a while
+RETRIES = {"retries": int(os.environ.get("RECBLR_RETRIES", "2")),
+            "retry_delay": timedelta(seconds=int(os.environ.get("RECBLR_RETRY_DELAY_S", "300")))}
 # the params that are TrainConfig fields, handed to training as they are: a new knob is a Param and its name here
 TRAIN_PARAMS = ("epochs", "max_len", "time_budget_s", "compile", "recompute", "batch_by_length")
 
 
 def _fail_fast(step):
-    """A PipelineError is bad input, which a retry cannot fix: fail the task at once with its message."""
+    """A PipelineError is bad input, which a retry cannot fix: fail the task at once with its message. A tracking
+    server that does not answer may be back by the next try, so that error takes the task's retries."""
     @functools.wraps(step)
     def wrapper(*args, **kwargs):
         try:
             return step(*args, **kwargs)
+        except ServiceUnavailable:
+            raise
         except PipelineError as err:
             raise AirflowFailException(str(err)) from err
     return wrapper
 
 
 def _run():
-    """(data dir, run key, params, tracking URI) of the current DAG run."""
+    """(data dir, run key, params) of the current DAG run."""
     ctx = get_current_context()
     params = ctx["params"]
+    return Path(params["data_dir"]), run.run_key_for(ctx.get("logical_date"), ctx["run_id"]), params
+
+
+def _tracking_uri(data_dir: Path, params) -> str:
+    """The run's tracking store, checked: only the tasks that log to it need it up."""
     from pipeline.tracking import resolve_tracking_uri
 
-    data_dir = Path(params["data_dir"])
-    return data_dir, run.run_key_for(ctx.get("logical_date"), ctx["run_id"]), params, \
-        resolve_tracking_uri(data_dir, params["tracking_uri"])
+    return resolve_tracking_uri(data_dir, params["tracking_uri"])
 
 
 @dag(
@@ -105,44 +113,47 @@ def _run():
     },
 )
 def recblr_training():
-    @task(**IO_RETRIES)
+    @task(**RETRIES)
     @_fail_fast
     def ingest() -> dict:
-        data_dir, key, p, _ = _run()
+        data_dir, key, p = _run()
         return run.ingest_step(data_dir, key, p["source"], p["format"], p["synthetic"], **p["format_options"])
 
     @task
     @_fail_fast
     def validate(ingested: dict) -> dict:
-        data_dir, key, p, _ = _run()
+        data_dir, key, p = _run()
         return run.validate_step(data_dir, key, p["max_quarantined"])
 
-    @task(outlets=[PREPARED], **IO_RETRIES)
+    @task(outlets=[PREPARED], **RETRIES)
     @_fail_fast
     def prepare(validated: dict) -> dict:
-        data_dir, key, p, _ = _run()
+        data_dir, key, p = _run()
         summary = run.prepare_step(data_dir, key, p["min_count"])
         get_current_context()["outlet_events"][PREPARED].extra = {"path": summary["output"], "run_key": key,
                                                                    "digest": summary["digest"]}
         return summary
 
-    @task(queue="gpu")
+    @task(queue="gpu", **RETRIES)
     @_fail_fast
     def train(prepared: dict) -> dict:
-        data_dir, key, p, uri = _run()
+        data_dir, key, p = _run()
+        uri = _tracking_uri(data_dir, p)
         return run.train_step(data_dir, key, uri, p["model"], {k: p[k] for k in TRAIN_PARAMS}, p["overrides"],
                               p["nproc_per_node"])
 
-    @task(**IO_RETRIES)
+    @task(**RETRIES)
     @_fail_fast
     def evaluate(trained: dict) -> dict:
-        data_dir, key, p, uri = _run()
+        data_dir, key, p = _run()
+        uri = _tracking_uri(data_dir, p)
         return run.evaluate_step(data_dir, key, uri, trained["run_id"], trained["model_path"])
 
-    @task(**IO_RETRIES)
+    @task(**RETRIES)
     @_fail_fast
     def register(trained: dict, evaluated: dict) -> dict:
-        data_dir, key, p, uri = _run()
+        data_dir, key, p = _run()
+        uri = _tracking_uri(data_dir, p)
         return run.register_step(data_dir, key, uri, trained["run_id"], trained["model_path"], p["model_name"])
 
     trained = train(prepare(validate(ingest())))

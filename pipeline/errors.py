@@ -3,3 +3,7 @@
 
 class PipelineError(Exception):
     """Bad input or a missing prerequisite, with a message naming the file, the line and the rule."""
+
+
+class ServiceUnavailable(PipelineError):
+    """A service the pipeline needs (the tracking server) did not answer: unlike bad input, worth a retry."""

@@ -22,7 +22,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,10 @@ def _probe_server(uri: str, timeout: float) -> None:
     try:
         answer = requests.get(url, timeout=timeout, verify=creds.verify, cert=creds.client_cert_path)
     except requests.Timeout as err:
-        raise PipelineError(f"tracking server {uri} did not answer GET {url} within {timeout:g} s; {fix}") from err
+        raise ServiceUnavailable(f"tracking server {uri} did not answer GET {url} within {timeout:g} s; {fix}") \
+            from err
     except requests.RequestException as err:
-        raise PipelineError(f"cannot reach tracking server {uri}: {_os_reason(err)}; {fix}") from err
+        raise ServiceUnavailable(f"cannot reach tracking server {uri}: {_os_reason(err)}; {fix}") from err
     if answer.status_code in (401, 403):  # up, behind an authenticating proxy; MLflow sends the credentials
         return
     if answer.status_code != 200 or answer.text.strip() != "OK":

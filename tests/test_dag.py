@@ -53,22 +53,44 @@ def test_schedule_params_and_task_order(dag):
     for before, after in zip(ORDER, ORDER[1:]):
         assert before in tasks[after].upstream_task_ids
     assert tasks["train"].queue == "gpu"
-    for io in ("ingest", "prepare", "evaluate", "register"):
-        assert tasks[io].retries >= 1 and tasks[io].retry_delay.total_seconds() > 0
+    for name in ("ingest", "prepare", "train", "evaluate", "register"):
+        assert tasks[name].retries >= 1 and tasks[name].retry_delay.total_seconds() > 0
+    assert tasks["validate"].retries == 0  # the same files give the same verdict
     assert [a.name for a in tasks["prepare"].outlets] == ["recblr_prepared"]
 
 
-def test_train_params_are_every_param_named_as_a_train_config_field(dag):
+def _load_dag_module():
     import importlib.util
-
-    from recblr.train import TrainConfig
 
     spec = importlib.util.spec_from_file_location("recblr_training_dag", REPO / "dags" / "recblr_training.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_train_params_are_every_param_named_as_a_train_config_field(dag):
+    from recblr.train import TrainConfig
+
+    module = _load_dag_module()
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert len(set(module.TRAIN_PARAMS)) == len(module.TRAIN_PARAMS)
     assert set(module.TRAIN_PARAMS) == fields & set(dag.params)
+
+
+def test_bad_input_fails_at_once_and_a_tracking_outage_takes_the_retries(dag):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipeline.errors import PipelineError, ServiceUnavailable
+
+    module = _load_dag_module()
+
+    def fails_with(error):
+        return module._fail_fast(lambda: (_ for _ in ()).throw(error))
+
+    with pytest.raises(AirflowFailException, match="bad row"):
+        fails_with(PipelineError("bad row"))()
+    with pytest.raises(ServiceUnavailable, match="cannot reach"):
+        fails_with(ServiceUnavailable("cannot reach tracking server"))()
 
 
 def test_params_reject_a_wrong_type(dag):

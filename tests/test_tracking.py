@@ -18,7 +18,7 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline import run, tracking
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, ServiceUnavailable
 from prepared_data import write_prepared
 from recblr import models
 
@@ -116,7 +116,7 @@ def test_an_unreachable_server_is_one_error_naming_it_wherever_the_store_is_open
                                                                                     monkeypatch):
     url = f"http://127.0.0.1:{closed_port}"
     refused = rf"cannot reach tracking server {re.escape(url)}: Connection refused"
-    with pytest.raises(PipelineError, match=refused):
+    with pytest.raises(ServiceUnavailable, match=refused):  # the DAG retries this one, not bad input
         tracking.check_store(url)
     with pytest.raises(PipelineError, match=refused):  # compare and the train step open the store here
         tracking.use_experiment(url, "toy")
@@ -135,7 +135,7 @@ def test_a_server_that_accepts_but_never_answers_fails_after_the_probe_timeout()
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        with pytest.raises(PipelineError, match=rf"{re.escape(url)} did not answer GET {re.escape(url)}/health "
+        with pytest.raises(ServiceUnavailable, match=rf"{re.escape(url)} did not answer GET {re.escape(url)}/health "
                                                 r"within 0\.2 s"):
             tracking.check_store(url, timeout=0.2)
 
@@ -155,8 +155,9 @@ def test_only_mlflows_health_answer_passes_the_probe(status, body, mlflow_like):
             assert tracking.check_store(uri) == uri
         else:
             with pytest.raises(PipelineError, match=rf"{re.escape(uri)} is not an MLflow tracking server.*"
-                                                    rf"HTTP {status}"):
+                                                    rf"HTTP {status}") as err:
                 tracking.check_store(uri)
+            assert not isinstance(err.value, ServiceUnavailable)  # a wrong URI: no retry will fix it
     assert asked == ["/mlflow/health"]
 
 

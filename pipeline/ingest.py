@@ -6,10 +6,12 @@ pipeline.validate then splits into events.parquet and quarantine.parquet. Lines 
 fields reach the parser's invalid-row handler with their text (rule column_count); lines that are not UTF-8
 get rule utf8_text. A record is one line, so a quoted value cannot span lines: a line that leaves a double
 quote open gets rule unbalanced_quote, and each line the quote ran on into is read as a record of its own.
-`row` is the physical line number (1-based, header included), so every message points into the file.
-Counts always add up: rows_in = rows_kept + rows_quarantined + rows_filtered, where rows_filtered are rows
-dropped on purpose by --behaviors (0 without it). For `sequences` a row is one event (one item of a line)
-and a line without items is one quarantined row.
+`row` is the physical line number (1-based, header included), so every message points into the file, and the
+quarantine's `raw` is that line as it is in the file (a byte that is not UTF-8 shows as \\xNN), read back once
+validate has decided, from the blocks that hold quarantined lines only; a Parquet source has no lines, its `raw`
+is the row's values. Counts always add up: rows_in = rows_kept + rows_quarantined + rows_filtered, where
+rows_filtered are rows dropped on purpose by --behaviors (0 without it). For `sequences` a row is one event (one
+item of a line) and a line without items is one quarantined row.
 
 A file that cannot be read at all (missing, empty, binary, no valid line) raises PipelineError naming the
 file, the line and the layout expected. Outputs are renamed into place at the end, so a failure leaves no
@@ -18,7 +20,9 @@ quarantine.parquet shows why.
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -187,13 +191,14 @@ def _layout(path: Path, fmt: str, options: dict) -> Layout:
 
 
 def _text(column: pa.Array) -> tuple[pa.Array, pa.Array | None]:
-    """Bytes -> UTF-8 strings, plus a mask of the rows that were not valid UTF-8 (None when all were)."""
+    """Bytes -> UTF-8 strings (a byte that is not UTF-8 shows as \\xNN), plus a mask of the rows that were not valid
+    UTF-8 (None when all were)."""
     try:
         return column.cast(pa.string()), None
     except pa.ArrowInvalid:  # rare: decode row by row and flag the bad ones
         values = column.to_pylist()
         bad = [not _is_utf8(v) for v in values]
-        return pa.array([v.decode("utf-8", "replace") for v in values], pa.string()), pa.array(bad)
+        return pa.array([v.decode("utf-8", "backslashreplace") for v in values], pa.string()), pa.array(bad)
 
 
 def _is_utf8(value: bytes) -> bool:
@@ -244,11 +249,11 @@ def _staging_batch(row, user, item, timestamp, rating=None, behavior=None, raw=N
                            schema=STAGING_SCHEMA)
 
 
-def _structural(bad: list[tuple[int, str, str, str]]) -> pa.RecordBatch:
-    """Staging rows for lines rejected before typing: (line number, raw text, rule, detail)."""
-    rows, raws, rules, details = zip(*bad)
-    return _staging_batch(pa.array(rows, pa.int64()), None, None, None, raw=pa.array(raws, pa.string()),
-                          rule=pa.array(rules, pa.string()), detail=pa.array(details, pa.string()))
+def _structural(bad: list[tuple[int, str, str]]) -> pa.RecordBatch:
+    """Staging rows for lines rejected before typing: (line number, rule, detail)."""
+    rows, rules, details = zip(*bad)
+    return _staging_batch(pa.array(rows, pa.int64()), None, None, None, rule=pa.array(rules, pa.string()),
+                          detail=pa.array(details, pa.string()))
 
 
 def _line_breaks(data: bytes) -> int:
@@ -291,7 +296,7 @@ class _Parser:
 
     def parse(self, text: bytes, skip: int) -> tuple[pa.Table, np.ndarray, list, int]:
         """The rows of `text` after `skip` header lines: their fields, their lines (0-based), the lines rejected as
-        (line, text, rule, detail), and how many lines `text` has. A line with another number of fields breaks
+        (line, rule, detail), and how many lines `text` has. A line with another number of fields breaks
         column_count (detail from `wrong_count`, given the number found), one that leaves a quote open breaks
         unbalanced_quote."""
         table, rejected = self._csv(text, skip)
@@ -307,7 +312,7 @@ class _Parser:
         # pyarrow numbers rows, not lines (header included): row r starts on line r - 1, plus the breaks
         # swallowed by the rows before it
         start = np.arange(-1, total) + np.cumsum(breaks) - breaks
-        bad = [(int(start[r.number]), r.text, "column_count", self.wrong_count(r.actual_columns))
+        bad = [(int(start[r.number]), "column_count", self.wrong_count(r.actual_columns))
                for r in rejected if not breaks[r.number]]
         if not breaks.any():
             return table, start[accepted], bad, lines
@@ -363,7 +368,7 @@ class _Parser:
         opened one is rejected, and the lines it swallowed are parsed again, all of them together."""
         lines = text.splitlines(keepends=True)
         opened = start[breaks > 0]
-        bad = [(int(at), lines[at].rstrip(b"\r\n").decode("utf-8", "replace"), "unbalanced_quote",
+        bad = [(int(at), "unbalanced_quote",
                 "a double quote opens a value that the line does not close (a value cannot span lines)")
                for at in opened]
         # the lines after each opening one, as many as its row swallowed (its last break may be the text's end)
@@ -384,26 +389,29 @@ class _Parser:
 
 
 def _read(path: Path, names: tuple[str, ...], skip: int, delimiter: str, quoted: bool, bad: list,
-          wrong_count: Callable[[int], str]) -> Iterator[tuple[pa.RecordBatch, pa.Array]]:
+          wrong_count: Callable[[int], str], blocks: list) -> Iterator[tuple[pa.RecordBatch, pa.Array]]:
     """Batches of every field as bytes (UTF-8 is checked per row later), with each row's line number (1-based,
-    header included); rejected lines go to `bad` (see _Parser.parse)."""
-    parser, first = _Parser(names, delimiter, quoted, wrong_count), 1
+    header included); rejected lines go to `bad` (see _Parser.parse), the first line and byte offset of each block
+    to `blocks` (see _SourceLines)."""
+    parser, first, offset = _Parser(names, delimiter, quoted, wrong_count), 1, 0
     for block in _blocks(path):
+        blocks.append((first, offset))
         table, rows, rejected, lines = parser.parse(block, skip if first == 1 else 0)
         bad += [(first + at, *rest) for at, *rest in rejected]
         if table.num_rows:
             yield table.combine_chunks().to_batches()[0], pa.array(rows + first)
         first += lines
+        offset += len(block)
 
 
-def _delimited(path: Path, layout: Layout, behaviors: list[str] | None, counts: dict) -> Iterator[pa.RecordBatch]:
-    """Staging batches of a delimited text file."""
-    bad: list[tuple[int, str, str, str]] = []
+def _delimited(path: Path, layout: Layout, behaviors: list[str] | None, counts: dict,
+               blocks: list) -> Iterator[pa.RecordBatch]:
+    """Staging batches of a delimited text file; `blocks` as in _read."""
+    bad: list[tuple[int, str, str]] = []
     mapped = [n for n in (layout.user, layout.item, layout.time, layout.rating, layout.behavior) if n]
-    joiner = layout.delimiter * (1 + bool(layout.gaps))  # MovieLens' "::" is two delimiters
     for batch, row in _read(path, layout.names, int(layout.header), layout.delimiter, layout.quoted, bad,
-                            lambda found: f"expected {len(layout.names)} fields ({layout.describe()}), found {found}"):
-        fields = [batch.column(n) for n in layout.names if n not in layout.gaps]
+                            lambda found: f"expected {len(layout.names)} fields ({layout.describe()}), found {found}",
+                            blocks):
         text, checks = {}, []
         for name in dict.fromkeys(mapped + list(layout.gaps)):
             text[name], not_utf8 = _text(batch.column(name))
@@ -418,8 +426,7 @@ def _delimited(path: Path, layout: Layout, behaviors: list[str] | None, counts: 
         for mask, rule, detail in checks:
             mask = pc.and_not(mask, drop)  # a line is reported once, under its first problem
             if pc.any(mask).as_py():
-                raws = pc.if_else(blank.filter(mask), "", _joined([f.filter(mask) for f in fields], joiner))
-                bad += zip(row.filter(mask).to_pylist(), raws.to_pylist(), repeat(rule), repeat(detail))
+                bad += zip(row.filter(mask).to_pylist(), repeat(rule), repeat(detail))
                 drop = pc.or_(drop, mask)
         if behaviors is not None:
             behavior = _field(text[layout.behavior])
@@ -428,8 +435,8 @@ def _delimited(path: Path, layout: Layout, behaviors: list[str] | None, counts: 
             drop = pc.or_(drop, pc.invert(wanted))
         if pc.any(drop).as_py():
             keep = pc.invert(drop)
-            row, fields, text = row.filter(keep), [f.filter(keep) for f in fields], {n: t.filter(keep) for n, t in text.items()}
-        yield _events(row, text, layout, fields, joiner)
+            row, text = row.filter(keep), {n: t.filter(keep) for n, t in text.items()}
+        yield _events(row, text, layout)
         if bad:
             yield _structural(bad)
             bad.clear()
@@ -444,25 +451,21 @@ def _all(masks: list[pa.Array]) -> pa.Array:
     return out
 
 
-def _joined(fields: list[pa.Array], joiner: str) -> pa.Array:
-    """The fields of each row joined back into its line (quotes aside), as text."""
-    binary = pa.types.is_binary(fields[0].type)
-    joined = pc.binary_join_element_wise(*fields, pa.scalar(joiner.encode(), pa.binary()) if binary else joiner)
-    return _text(joined)[0] if binary else joined
-
-
-def _events(row: pa.Array, text: dict, layout: Layout, fields: list[pa.Array], joiner: str) -> pa.RecordBatch:
-    """Typed staging rows from the text of the mapped fields; `fields` are all of the line's fields."""
+def _events(row: pa.Array, text: dict, layout: Layout, shown: list[pa.Array] | None = None) -> pa.RecordBatch:
+    """Typed staging rows from the text of the mapped fields. `shown`, for a source without lines to show (Parquet),
+    are all of a row's fields as text, joined by commas into the raw of rows sure to be quarantined."""
     user, item = _field(text[layout.user]), _field(text[layout.item])
     timestamp = _parse_timestamp(_field(text[layout.time]))
     rating = _parse_rating(_field(text[layout.rating])) if layout.rating else None
     behavior = _field(text[layout.behavior]) if layout.behavior else None
-    # the line's text for rows sure to be quarantined, whose values alone would not show what was there
-    # (an empty field, text that did not parse); other rejects are shown by their values
+    if shown is None:  # a text source: the quarantine shows the line itself (see _show_source_lines)
+        return _staging_batch(row, user, item, timestamp, rating, behavior)
+    # for rows sure to be quarantined, whose values alone would not show what was there (an empty field, text
+    # that did not parse); other rejects are shown by their values
     unparsed = pc.or_(pc.or_(pc.is_null(user), pc.is_null(item)), pc.is_null(timestamp))
     if rating is not None:
         unparsed = pc.or_(unparsed, pc.fill_null(pc.is_nan(rating), False))
-    raw = pc.if_else(unparsed, _joined(fields, joiner), pa.scalar(None, pa.string())) \
+    raw = pc.if_else(unparsed, pc.binary_join_element_wise(*shown, ","), pa.scalar(None, pa.string())) \
         if pc.any(unparsed).as_py() else None
     return _staging_batch(row, user, item, timestamp, rating, behavior, raw)
 
@@ -484,24 +487,23 @@ def _line_starts(users: pa.Array, lengths: np.ndarray, seen: dict) -> np.ndarray
     return starts + carried[user]
 
 
-def _sequences(path: Path) -> Iterator[pa.RecordBatch]:
+def _sequences(path: Path, blocks: list) -> Iterator[pa.RecordBatch]:
     """Staging batches of a `user item1 item2 ...` file: one event per item, timestamp = 1-based position in the
-    user's sequence; a later line of the same user continues it."""
+    user's sequence; a later line of the same user continues it. `blocks` as in _read."""
     seen: dict = {}
-    bad: list[tuple[int, str, str, str]] = []
+    bad: list[tuple[int, str, str]] = []
     # only a line holding LINE_DELIMITER splits: treat it as malformed
     for batch, row in _read(path, ("line",), 0, LINE_DELIMITER, False, bad,
-                            lambda found: "expected a user id and item ids separated by spaces"):
+                            lambda found: "expected a user id and item ids separated by spaces", blocks):
         line, not_utf8 = _text(batch.column("line"))
         fields = pc.utf8_split_whitespace(pc.utf8_trim(line, characters=SPACE))
         length = pc.list_value_length(fields)
         short = pc.less(length, 2)
         if not_utf8 is not None:
-            for r, text in zip(row.filter(not_utf8).to_pylist(), line.filter(not_utf8).to_pylist()):
-                bad.append((r, text, "utf8_text", "line is not valid UTF-8 text"))
+            bad += zip(row.filter(not_utf8).to_pylist(), repeat("utf8_text"), repeat("line is not valid UTF-8 text"))
             short = pc.and_not(short, not_utf8)
-        for r, text in zip(row.filter(short).to_pylist(), line.filter(short).to_pylist()):
-            bad.append((r, text, "column_count", "expected a user id and at least one item id separated by spaces"))
+        bad += zip(row.filter(short).to_pylist(), repeat("column_count"),
+                   repeat("expected a user id and at least one item id separated by spaces"))
         keep = pc.invert(pc.or_(short, not_utf8)) if not_utf8 is not None else pc.invert(short)
         fields, row = fields.filter(keep), row.filter(keep)
         items = pc.list_slice(fields, 1)
@@ -518,6 +520,64 @@ def _sequences(path: Path) -> Iterator[pa.RecordBatch]:
             bad.clear()
     if bad:
         yield _structural(bad)
+
+
+class _SourceLines:
+    """Lines of a text source by number (1-based, as `row` counts them), read back from the blocks that hold them:
+    `blocks` holds the first line and byte offset of each block, as _read recorded them, so only the blocks with an
+    asked-for line are read again."""
+
+    def __init__(self, path: Path, blocks: list[tuple[int, int]]):
+        self.firsts, self.offsets = np.array([first for first, _ in blocks]), [offset for _, offset in blocks]
+        self.file = path.open("rb")
+        self.block, self.lines = -1, []
+
+    def __enter__(self) -> _SourceLines:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def text(self, rows: np.ndarray) -> pa.Array:
+        """The lines numbered `rows`, without their line breaks, as text; fastest in ascending order."""
+        order = np.argsort(rows, kind="stable")
+        ascending = rows[order]
+        block = np.searchsorted(self.firsts, ascending, side="right") - 1
+        lines = []
+        for index in np.unique(block):
+            self._load(index)
+            lines += [self.lines[at] for at in ascending[block == index] - self.firsts[index]]
+        return _text(pa.array(lines, pa.binary()).take(pa.array(np.argsort(order))))[0]
+
+    def _load(self, index: int) -> None:
+        if index == self.block:
+            return
+        start = self.offsets[index]
+        self.file.seek(start)
+        data = self.file.read(self.offsets[index + 1] - start if index + 1 < len(self.offsets) else -1)
+        lines = data.splitlines()  # as pyarrow counts lines: "\n", "\r" and "\r\n" each end one
+        if start == 0 and lines:
+            lines[0] = lines[0].removeprefix(codecs.BOM_UTF8)  # pyarrow skips it too: it is not the line's text
+        self.block, self.lines = index, lines
+
+
+def _show_source_lines(quarantine: Path, path: Path, blocks: list[tuple[int, int]]) -> None:
+    """Set the quarantine's raw to each row's line as it is in the text source, so that it can be found and fixed
+    there: validate only knows the values (quotes and spacing gone), and ingest stages no text, since which rows
+    go to quarantine is mostly known only after validate. The lines are read back from their blocks only."""
+    with pq.ParquetFile(quarantine) as rejected:
+        if not rejected.metadata.num_rows:
+            return
+        shown = quarantine.with_name(f".quarantine-{uuid.uuid4().hex[:8]}.parquet")
+        try:
+            with _SourceLines(path, blocks) as lines, pq.ParquetWriter(shown, rejected.schema_arrow) as writer:
+                for batch in rejected.iter_batches():
+                    at = batch.schema.get_field_index("raw")
+                    writer.write_batch(batch.set_column(at, batch.schema.field(at),
+                                                        lines.text(batch.column("row").to_numpy())))
+            os.replace(shown, quarantine)
+        finally:
+            shown.unlink(missing_ok=True)
 
 
 def _parquet_layout(path: Path, schema: pa.Schema, options: dict) -> Layout:
@@ -568,7 +628,7 @@ def _parquet(path: Path, options: dict, counts: dict) -> Iterator[pa.RecordBatch
                                   False)
             counts["filtered"] += len(rows) - (pc.sum(wanted).as_py() or 0)
             rows, text = rows.filter(wanted), {n: t.filter(wanted) for n, t in text.items()}
-        yield _events(rows, text, layout, list(text.values()), ",")
+        yield _events(rows, text, layout, shown=list(text.values()))
 
 
 def _check_options(fmt: str, options: dict) -> dict:
@@ -663,18 +723,19 @@ def ingest(source: Path | None, fmt: str, data_dir: Path, **format_options) -> d
         source = write_synthetic_log(data_dir / "raw" / "synthetic.csv")
     path = _resolve(Path(source), fmt)
     counts = {"staged": 0, "filtered": 0, "well_formed": 0, "first_bad": None}
+    blocks: list[tuple[int, int]] = []  # of a text source, to show quarantined lines (see _SourceLines)
     if fmt == "csv" and _head(path).startswith(b"PAR1"):
         expected, header = "a Parquet file", False
         batches = _parquet(path, options, counts)
     elif fmt == "sequences":
         expected, header = "user item1 item2 ... separated by spaces", False
-        batches = _sequences(path)
+        batches = _sequences(path, blocks)
     else:
         layout = _layout(path, fmt, options)
         if options["behaviors"] is not None and layout.behavior is None:
             raise PipelineError(f"{path}: --behaviors needs a behavior column (--behavior-col)")
         expected, header = layout.describe(), layout.header
-        batches = _delimited(path, layout, options["behaviors"], counts)
+        batches = _delimited(path, layout, options["behaviors"], counts, blocks)
 
     data_dir.mkdir(parents=True, exist_ok=True)
     staging = data_dir / f".staging-{uuid.uuid4().hex[:8]}.parquet"
@@ -689,6 +750,8 @@ def ingest(source: Path | None, fmt: str, data_dir: Path, **format_options) -> d
                            rating_min=options.get("rating_min"), rating_max=options.get("rating_max"))
     finally:
         staging.unlink(missing_ok=True)
+    if blocks:
+        _show_source_lines(data_dir / "quarantine.parquet", path, blocks)
     if summary["rows_kept"] == 0:
         raise _nothing_kept(path, data_dir / "quarantine.parquet", summary, counts["filtered"])
     rows_in = summary["rows_in"] + counts["filtered"]

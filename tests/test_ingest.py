@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -116,12 +117,68 @@ def test_a_quote_never_closed_is_one_bad_line(tmp_path, monkeypatch, block_bytes
     assert summary["rows_in"] == 3 and balanced(summary)
 
 
-def read_lines_of(path: Path) -> tuple[list, list]:
+def file_lines(data: bytes) -> list[str]:
+    """The file's lines as the quarantine must show them: split where pyarrow splits ("\\n", "\\r", "\\r\\n"),
+    decoded, a byte that is not UTF-8 as \\xNN."""
+    return [line.decode("utf-8", "backslashreplace") for line in data.splitlines()]
+
+
+RAW_CASES = {  # format, file name, content, {line: rule} of the lines quarantined
+    "csv": ("csv", "log.csv", b'user_id,item_id,timestamp\nu1,i1,100\n1,"3, a",abc\n"4",5,  7e\nu2,"i 2",101\n'
+                              b' u1 , i1 , 100 \nu3,i3\nu4,"i4,102\n5",103\nu5,i5,1704164645\n'
+                              b'u5,i5,2024-01-02T03:04:05Z\nu6,caf\xe9,104\r\n\n',
+            {3: "item_id_well_formed",  # the delimiter inside quotes
+             4: "timestamp_parses", 5: "item_id_well_formed",  # stray spaces; a quoted id GX rejects
+             6: "duplicate_event",  # of line 2 once trimmed
+             7: "column_count", 8: "unbalanced_quote", 9: "column_count",  # a quoted value run on to the next line
+             11: "duplicate_event",  # the same second as line 10
+             12: "utf8_text", 13: "column_count"}),  # Latin-1; a blank line
+    "tsv": ("csv", "log.tsv", b'user_id\titem_id\ttimestamp\nu1\t"a\tb"\t5\n u2 \ti2\t x \nu3\ti3\t7\n',
+            {2: "item_id_well_formed", 3: "timestamp_parses"}),
+    "movielens": ("movielens", "ratings.dat", b"1::10::5::978300760\n2::10::4\n x::10::4::978300763\n"
+                                              b"1::10::5.0::978300760\n2::11::4::978300761\n",
+                  {2: "column_count", 3: "user_id_well_formed", 4: "duplicate_event"}),
+    "recbole": ("recbole", "x.inter", b"user_id:token\titem_id:token\ttimestamp:float\nu1\tA\t881250949\n"
+                                      b"u1\tA\t881250949.0\n\tC\t5\nu2\tB\t881250950\n",
+                {3: "duplicate_event", 4: "user_id_not_null"}),
+    "taobao": ("taobao", "ub.csv", b"1,100,7,pv,1511544070\n1,100,7,pv,1511544070\r\n1,101,7,buy\r\n"
+                                   b"1,102,7,buy,1511544071\n",
+               {2: "duplicate_event", 3: "column_count"}),
+    "sequences": ("sequences", "seq.txt", b"u1 a b\nlonely\nu2  c\x01\td\nu3 caf\xe9\n",
+                  {2: "column_count", 3: "item_id_well_formed", 4: "utf8_text"}),  # a control character in an id
+}
+
+
+@pytest.mark.parametrize("block_bytes", [40, 1 << 20])  # the lines in several blocks, or in one
+@pytest.mark.parametrize("case", RAW_CASES)
+def test_the_quarantine_shows_each_line_as_it_is_in_the_file(tmp_path, monkeypatch, case, block_bytes):
+    monkeypatch.setattr(pipeline.ingest, "BLOCK_BYTES", block_bytes)
+    fmt, name, data, rules = RAW_CASES[case]
+    summary = ingest(write(tmp_path / name, data), fmt, tmp_path / "d")
+    _, quarantine = outputs(tmp_path / "d")
+    assert {r: q["rule"] for r, q in quarantine.items()} == rules
+    lines = file_lines(data)
+    assert {r: q["raw"] for r, q in quarantine.items()} == {r: lines[r - 1] for r in rules}
+    assert balanced(summary)
+
+
+def test_raw_keeps_quotes_spacing_and_the_bytes_that_are_not_utf8(tmp_path):
+    ingest(write(tmp_path / "log.csv", RAW_CASES["csv"][2]), "csv", tmp_path / "d")
+    _, quarantine = outputs(tmp_path / "d")
+    assert quarantine[3]["raw"] == '1,"3, a",abc'  # not 1,3, a,abc: four fields, it seems
+    assert quarantine[4]["raw"] == '"4",5,  7e'
+    assert quarantine[6]["raw"] == " u1 , i1 , 100 "
+    assert (quarantine[8]["raw"], quarantine[9]["raw"]) == ('u4,"i4,102', '5",103')  # each line of the record
+    assert quarantine[11]["raw"] == "u5,i5,2024-01-02T03:04:05Z"  # not the values: u5,i5,1704164645
+    assert quarantine[12]["raw"] == "u6,caf\\xe9,104" and "UTF-8" in quarantine[12]["detail"]
+
+
+def read_lines_of(path: Path, blocks: list | None = None) -> tuple[list, list]:
     """(line, fields) of each row pipeline.ingest._read takes from a 3-field csv; (line, rule) of each it rejects."""
     bad = []
-    batches = pipeline.ingest._read(path, ("a", "b", "c"), 0, ",", True, bad, str)
+    batches = pipeline.ingest._read(path, ("a", "b", "c"), 0, ",", True, bad, str, [] if blocks is None else blocks)
     rows = [(n, tuple(r.values())) for batch, row in batches for n, r in zip(row.to_pylist(), batch.to_pylist())]
-    return rows, sorted((line, rule) for line, _, rule, _ in bad)
+    return rows, sorted((line, rule) for line, rule, _ in bad)
 
 
 @settings(max_examples=150, deadline=None)
@@ -139,7 +196,12 @@ def test_a_file_reads_as_its_lines_read_one_by_one(lines, last_break, block_byte
             rows, bad = read_lines_of(write(Path(tmp) / f"{number}.csv", line))
             expected_rows += [(number, fields) for _, fields in rows]
             expected_bad += [(number, rule) for _, rule in bad]
-        assert read_lines_of(write(Path(tmp) / "all.csv", data)) == (expected_rows, expected_bad)
+        blocks = []
+        assert read_lines_of(write(Path(tmp) / "all.csv", data), blocks) == (expected_rows, expected_bad)
+        # the quarantine's raw comes from these blocks: every line number must give back that line
+        numbers = np.arange(1, len(data.splitlines()) + 1)
+        with pipeline.ingest._SourceLines(Path(tmp) / "all.csv", blocks) as source:
+            assert source.text(numbers[::-1]).to_pylist() == [line.decode() for line in data.splitlines()][::-1]
 
 
 def test_csv_tsv_is_sniffed_and_a_missing_column_is_named(tmp_path):
@@ -293,8 +355,7 @@ def test_a_corrupted_copy_of_a_real_log_loses_no_row(tmp_path, shared_data):
     events, quarantine = outputs(tmp_path / "d")
     assert summary["rows_in"] == len(out) == summary["rows_kept"] + summary["rows_quarantined"]
     assert {r: q["rule"] for r, q in quarantine.items() if r in damage} == {r: rule for r, (_, rule) in damage.items()}
-    assert all(quarantine[r]["raw"] == text for r, (text, rule) in damage.items()
-               if rule in ("column_count", "timestamp_parses"))
+    assert {r: quarantine[r]["raw"] for r in damage} == {r: text for r, (text, _) in damage.items()}
     kept_rows = {e["row"] for e in events}
     assert not kept_rows & set(damage) and len(kept_rows) == len(events)
 
@@ -363,8 +424,16 @@ def test_lines_that_are_not_utf8_are_quarantined_not_fatal(tmp_path):
     summary = ingest(src, "csv", tmp_path / "d")
     events, quarantine = outputs(tmp_path / "d")
     assert [e["row"] for e in events] == [2, 4]
-    assert quarantine[3]["rule"] == "utf8_text" and quarantine[3]["raw"].startswith("u")
+    assert quarantine[3]["rule"] == "utf8_text" and quarantine[3]["raw"] == "u\\xff2,i2,11"
+    assert "not valid UTF-8" in quarantine[3]["detail"] and quarantine[3]["source"] == str(src)
     seq = write(tmp_path / "seq.txt", b"u1 a b\nu2 \xfe c\n")
     ingest(seq, "sequences", tmp_path / "s")
     _, quarantine = outputs(tmp_path / "s")
-    assert {r: q["rule"] for r, q in quarantine.items()} == {2: "utf8_text"}
+    assert {r: (q["rule"], q["raw"]) for r, q in quarantine.items()} == {2: ("utf8_text", "u2 \\xfe c")}
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    src = write(tmp_path / "ub.csv", "\ufeff1,100,7,pv\n1,101,7,buy,1511544071\n")
+    ingest(src, "taobao", tmp_path / "d")
+    events, quarantine = outputs(tmp_path / "d")
+    assert [e["user_id"] for e in events] == ["1"] and quarantine[1]["raw"] == "1,100,7,pv"

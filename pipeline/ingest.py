@@ -9,9 +9,11 @@ quote open gets rule unbalanced_quote, and each line the quote ran on into is re
 `row` is the physical line number (1-based, header included), so every message points into the file, and the
 quarantine's `raw` is that line as it is in the file (a byte that is not UTF-8 shows as \\xNN), read back once
 validate has decided, from the blocks that hold quarantined lines only; a Parquet source has no lines, its `raw`
-is the row's values. Counts always add up: rows_in = rows_kept + rows_quarantined + rows_filtered, where
-rows_filtered are rows dropped on purpose by --behaviors (0 without it). For `sequences` a row is one event (one
-item of a line) and a line without items is one quarantined row.
+is the row's values. Text is UTF-8; a file that starts with a UTF-16 or UTF-32 byte order mark is decoded as it
+is read, one without the mark is refused with the iconv command that converts it. Counts always add up:
+rows_in = rows_kept + rows_quarantined + rows_filtered, where rows_filtered are rows dropped on purpose by
+--behaviors (0 without it). For `sequences` a row is one event (one item of a line) and a line without items is
+one quarantined row.
 
 A file that cannot be read at all (missing, empty, binary, no valid line) raises PipelineError naming the
 file, the line and the layout expected. Outputs are renamed into place at the end, so a failure leaves no
@@ -22,13 +24,14 @@ from __future__ import annotations
 
 import codecs
 import csv
+import io
 import os
 import time
 import uuid
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -60,6 +63,9 @@ HEAD_BYTES = 64 << 10
 BLOCK_BYTES = 16 << 20  # the read unit, and so about the longest line ingest can take
 LINE_DELIMITER = "\x1f"  # reads `sequences` lines whole: pyarrow refuses NUL, and no text log holds 0x1f
 SPACE = " \t\r"
+# A byte order mark names its encoding; UTF-32LE's starts with UTF-16LE's, so it is looked for first.
+BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                    (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 INT_PATTERN = r"^[+-]?[0-9]{1,18}$"
 FLOAT_PATTERN = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 
@@ -90,9 +96,65 @@ MOVIELENS_DAT = Layout(":", ("user", "gap1", "item", "gap2", "rating", "gap3", "
 MOVIELENS_UDATA = Layout("\t", ("user", "item", "rating", "timestamp"), "user", "item", "timestamp", rating="rating")
 
 
-def _head(path: Path) -> bytes:
+class _Utf8Of(io.RawIOBase):
+    """A UTF-16 or UTF-32 file read as UTF-8, the one encoding the parser takes; the decoder drops the byte order
+    mark. Text that is not valid in the encoding stops the ingest: decoding it anyway would make up characters."""
+
+    def __init__(self, path: Path, encoding: str):
+        super().__init__()
+        self.path, self.encoding, self.file = path, encoding, path.open("rb")
+        self.decoder, self.pending, self.decoded = codecs.getincrementaldecoder(encoding)(), b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            data = self.file.read(len(buffer))
+            try:
+                self.pending = self.decoder.decode(data, final=not data).encode()
+            except UnicodeDecodeError as err:  # err.object: the bytes decoded, some left over from the last read
+                at = self.decoded + len(data) - len(err.object) + err.start
+                raise PipelineError(f"{self.path}: not valid {self.encoding} text at byte {at} "
+                                    f"({err.reason})") from None
+            self.decoded += len(data)
+            if not data:
+                break
+        size = min(len(buffer), len(self.pending))
+        buffer[:size], self.pending = self.pending[:size], self.pending[size:]
+        return size
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+def _open(path: Path) -> BinaryIO:
+    """The file as UTF-8 bytes: one that starts with a UTF-16 or UTF-32 byte order mark (Excel's "Unicode text",
+    many Windows tools) is decoded as it is read. Only these marks are trusted: without one, guessing an encoding
+    could read a log as the wrong text without a word."""
     with path.open("rb") as f:
+        start = f.read(4)
+    encoding = next((name for mark, name in BYTE_ORDER_MARKS if start.startswith(mark)), None)
+    return path.open("rb") if encoding is None else io.BufferedReader(_Utf8Of(path, encoding))
+
+
+def _head(path: Path) -> bytes:
+    with _open(path) as f:
         return f.read(HEAD_BYTES)
+
+
+def _unmarked_utf(head: bytes) -> str | None:
+    """The UTF-16 or UTF-32 variant that a head holding NUL bytes reads as, without NULs and with a line break: text
+    written without a byte order mark (in ASCII text every other byte, or three in four, is NUL)."""
+    for encoding in ("UTF-32LE", "UTF-32BE", "UTF-16LE", "UTF-16BE"):
+        try:
+            text = codecs.getincrementaldecoder(encoding)().decode(head)  # not final: the head may cut a character
+        except UnicodeDecodeError:
+            continue
+        if "\x00" not in text and "\n" in text:
+            return encoding
+    return None
 
 
 def _first_line(path: Path, expected: str) -> str:
@@ -119,6 +181,11 @@ def _resolve(source: Path, fmt: str) -> Path:
         raise PipelineError(f"{path}:1: file is empty; expected {fmt} records")
     head = _head(path)
     if not (fmt == "csv" and head.startswith(b"PAR1")) and b"\x00" in head:
+        encoding = _unmarked_utf(head)
+        if encoding:
+            raise PipelineError(f"{path}:1: {encoding} text without a byte order mark; ingest reads UTF-8 (and UTF-16 "
+                                f"or UTF-32 that starts with its mark): convert it first, e.g. iconv -f {encoding} "
+                                f"-t UTF-8 {path} > {path.with_suffix('')}.utf8{path.suffix}")
         line = head[:head.index(b"\x00")].count(b"\n") + 1
         raise PipelineError(f"{path}:{line}: binary data (a NUL byte); expected a {fmt} text file "
                             "(decompress archives first)")
@@ -273,7 +340,7 @@ def _blocks(path: Path) -> Iterator[bytes]:
     """The file in blocks of about BLOCK_BYTES that end with a line break, to be parsed one by one: a quote left
     open swallows lines of its own block at most."""
     rest = b""
-    with path.open("rb") as f:
+    with _open(path) as f:
         while chunk := f.read(BLOCK_BYTES):
             # cut after the chunk's last line break; a "\r" that ends it may be the first half of a "\r\n"
             cut = max(chunk.rfind(b"\n"), chunk.rfind(b"\r", 0, len(chunk) - 1)) + 1
@@ -529,7 +596,7 @@ class _SourceLines:
 
     def __init__(self, path: Path, blocks: list[tuple[int, int]]):
         self.firsts, self.offsets = np.array([first for first, _ in blocks]), [offset for _, offset in blocks]
-        self.file = path.open("rb")
+        self.path, self.file, self.position = path, _open(path), 0
         self.block, self.lines = -1, []
 
     def __enter__(self) -> _SourceLines:
@@ -553,8 +620,16 @@ class _SourceLines:
         if index == self.block:
             return
         start = self.offsets[index]
-        self.file.seek(start)
+        if self.file.seekable():
+            self.file.seek(start)
+        else:  # a decoded UTF-16 or UTF-32 file only reads on
+            if self.position > start:
+                self.file.close()
+                self.file, self.position = _open(self.path), 0
+            while self.position < start:
+                self.position += len(self.file.read(min(BLOCK_BYTES, start - self.position)))
         data = self.file.read(self.offsets[index + 1] - start if index + 1 < len(self.offsets) else -1)
+        self.position = start + len(data)
         lines = data.splitlines()  # as pyarrow counts lines: "\n", "\r" and "\r\n" each end one
         if start == 0 and lines:
             lines[0] = lines[0].removeprefix(codecs.BOM_UTF8)  # pyarrow skips it too: it is not the line's text

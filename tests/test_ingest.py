@@ -432,8 +432,60 @@ def test_lines_that_are_not_utf8_are_quarantined_not_fatal(tmp_path):
     assert {r: (q["rule"], q["raw"]) for r, q in quarantine.items()} == {2: ("utf8_text", "u2 \\xfe c")}
 
 
+def test_a_header_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    src = write(tmp_path / "latin1.csv", b"user_id,caf\xe9,timestamp\nu1,i1,10\n")
+    with pytest.raises(PipelineError, match=rf"{src}:1: not UTF-8 text"):
+        ingest(src, "csv", tmp_path / "d")
+
+
+WINDOWS_EXPORT = 'user_id,item_id,timestamp\r\nu1,café,100\r\n1,"3, a",abc\r\nu2,i2\r\nü3,"i3,102\r\nu4,i4,103\r\n'
+
+
+@pytest.mark.parametrize("encoding, mark", [("utf-16-le", "\ufeff"), ("utf-16-be", "\ufeff"),
+                                            ("utf-32-le", "\ufeff"), ("utf-32-be", "\ufeff"),
+                                            ("utf-8", "\ufeff"), ("utf-8", "")])
+def test_utf16_and_utf32_with_a_byte_order_mark_read_as_utf8(tmp_path, monkeypatch, encoding, mark):
+    monkeypatch.setattr(pipeline.ingest, "BLOCK_BYTES", 40)  # the quarantined lines in blocks of their own
+    expected = ingest(write(tmp_path / "plain.csv", WINDOWS_EXPORT), "csv", tmp_path / "plain")
+    summary = ingest(write(tmp_path / "export.csv", (mark + WINDOWS_EXPORT).encode(encoding)), "csv", tmp_path / "d")
+    events, quarantine = outputs(tmp_path / "d")
+    assert events == outputs(tmp_path / "plain")[0] and events[0]["item_id"] == "café"
+    assert [(r, q["raw"], q["rule"]) for r, q in quarantine.items()] == [
+        (3, '1,"3, a",abc', "item_id_well_formed"), (4, "u2,i2", "column_count"),
+        (5, 'ü3,"i3,102', "unbalanced_quote")]
+    assert {k: summary[k] for k in ("rows_in", "rows_kept", "rows_quarantined")} == \
+        {k: expected[k] for k in ("rows_in", "rows_kept", "rows_quarantined")}
+
+
 def test_a_utf8_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
     src = write(tmp_path / "ub.csv", "\ufeff1,100,7,pv\n1,101,7,buy,1511544071\n")
     ingest(src, "taobao", tmp_path / "d")
     events, quarantine = outputs(tmp_path / "d")
     assert [e["user_id"] for e in events] == ["1"] and quarantine[1]["raw"] == "1,100,7,pv"
+
+
+@pytest.mark.parametrize("encoding", ["UTF-16LE", "UTF-16BE", "UTF-32LE", "UTF-32BE"])
+def test_utf16_without_a_byte_order_mark_is_refused_with_the_command_that_converts_it(tmp_path, encoding):
+    src = write(tmp_path / "u.csv", WINDOWS_EXPORT.encode(encoding))
+    with pytest.raises(PipelineError, match=rf"{src}:1: {encoding} text without a byte order mark; .* "
+                                            rf"iconv -f {encoding} -t UTF-8 {src} > {tmp_path}/u.utf8.csv"):
+        ingest(src, "csv", tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_broken_utf16_file_names_the_file_and_the_byte(tmp_path):
+    data = ("\ufeff" + WINDOWS_EXPORT).encode("utf-16-le")
+    src = write(tmp_path / "cut.csv", data + b"1")  # cut in the middle of a character
+    with pytest.raises(PipelineError, match=rf"{src}: not valid UTF-16 text at byte {len(data)} \(truncated data\)"):
+        ingest(src, "csv", tmp_path / "d")
+
+
+def test_lines_of_a_decoded_file_are_found_backwards_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline.ingest, "BLOCK_BYTES", 16)  # a decoded stream cannot seek: it is read again
+    text = "".join(f"u{n},i{n},{n}\r\n" for n in range(1, 30))
+    src = write(tmp_path / "u16.csv", ("\ufeff" + text).encode("utf-16-le"))
+    blocks = []
+    list(pipeline.ingest._read(src, ("a", "b", "c"), 0, ",", True, [], str, blocks))
+    with pipeline.ingest._SourceLines(src, blocks) as source:
+        for rows in ([25, 3], [28], [2], [29, 1]):
+            assert source.text(np.array(rows)).to_pylist() == [text.splitlines()[r - 1] for r in rows]

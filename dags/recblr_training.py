@@ -7,8 +7,8 @@ live under `DATA_DIR/runs/<logical date>/`, swapped in atomically, so clearing o
 replaces them. The prepared Parquet is published as the `recblr_prepared` asset. The train task goes to the
 `gpu` queue (a Celery or Kubernetes worker with a GPU takes it; without a GPU it trains on the CPU) and
 runs DDP on `nproc_per_node` processes, one per GPU of that worker (1: in the task's own process).
-The registered model gets alias `challenger`, and `champion` only if its test NDCG@10 beats the
-champion's on the same prepared data.
+The registered model (`recblr-<data_dir's name>` unless `model_name` says otherwise) gets alias `challenger`,
+and `champion` only if its test NDCG@10 beats the champion's on the same prepared data.
 
 Trigger with conf to override the params, e.g. `{"epochs": 1, "overrides": {"d_model": 16}}`.
 Environment: `RECBLR_DATA_DIR`, `RECBLR_SCHEDULE` (cron, default 03:00 daily; empty: manual only), `RECBLR_RETRIES`,
@@ -109,7 +109,8 @@ def _tracking_uri(data_dir: Path, params) -> str:
                                              "faster epochs at length 1000 on an H100; for long, uneven histories."),
         "tracking_uri": Param(None, type=["null", "string"],
                               description="null = $MLFLOW_TRACKING_URI, else SQLite under the data root."),
-        "model_name": Param("recblr", type="string", description="Registered model name."),
+        "model_name": Param(None, type=["null", "string"],
+                            description="Registered model name; null = recblr-<data_dir's name>, one per dataset."),
     },
 )
 def recblr_training():

@@ -216,7 +216,7 @@ def evaluate(
 @app.command()
 def recommend(
     data_dir: Path = DataDir,
-    model_name: str = typer.Option("recblr", "--model-name", help="Registered model name."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Registered model name (default recblr-<DATA_DIR's name>: one per dataset)."),
     alias: str = typer.Option("champion", "--alias", help="Registry alias of the version to serve."),
     k: int = typer.Option(10, "--k", help="Items per user."),
     out: Optional[Path] = typer.Option(None, "--out", help="Parquet file (default DATA_DIR/recommendations.parquet)."),
@@ -234,7 +234,7 @@ def recommend(
     emit(run_recommend(data_dir, model_name=model_name, alias=alias, k=k, out=out, device=device,
                        batch_size=batch_size, exclude_history=exclude_history, precision=precision,
                        tracking_uri=tracking_uri),
-         as_json, f"recommend ({model_name}@{alias})")
+         as_json, "recommend")
 
 
 @app.command("run")
@@ -258,7 +258,7 @@ def run_all(
     max_quarantined: float = typer.Option(0.05, "--max-quarantined", min=0.0, max=1.0, help="Largest share of rejected rows."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
                                                help="Default: SQLite under the data root."),
-    model_name: str = typer.Option("recblr", "--model-name", help="Registered model name."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Registered model name (default recblr-<DATA_DIR's name>: one per dataset)."),
     as_json: bool = AsJson,
 ) -> None:
     """The whole pipeline without Airflow: ingest, validate, prepare, train, evaluate, register and promote."""

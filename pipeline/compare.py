@@ -107,7 +107,7 @@ def compare(data_dir: Path, models=DEFAULT_MODELS, *, epochs: Optional[int] = No
         except ValueError as err:
             raise PipelineError(f"compare {name}: {err}") from err
     train = TrainConfig(**{k: v for k, v in {"epochs": epochs, "max_len": max_len}.items() if v is not None})
-    dataset = data_dir.resolve().name
+    dataset = tracking.dataset_name(data_dir)
     experiment_id = tracking.use_experiment(tracking.resolve_tracking_uri(data_dir, tracking_uri), dataset)
     out = data_dir / "compare"
     out.mkdir(parents=True, exist_ok=True)

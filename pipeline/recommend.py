@@ -1,6 +1,6 @@
 """Batch recommendation: the top-K next items of every user from a registered model version, to Parquet.
 
-The version is resolved by alias (`recblr@champion`) in the MLflow registry; its weights and item map are
+The version is resolved by alias (`recblr-<dataset>@champion`) in the MLflow registry; its weights and item map are
 downloaded as plain files and loaded with `torch.load(weights_only=True)`, nothing is unpickled. Each
 user's input is the whole prepared sequence (history + valid item + test item), cut to the most recent
 `max_len` items the model was trained with, so the output is the item after the last one seen. Prepared
@@ -27,7 +27,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.run import find_prepared
-from recblr.data import Sequences, load_prepared
+from recblr.data import Sequences, ids_by_index, load_prepared, vocabulary_lut
 from recblr.evaluate import PRECISIONS, mask_seen, next_item_hidden, next_item_scores
 from recblr.models import resolve_device
 
@@ -62,18 +62,6 @@ def top_k(model: torch.nn.Module, seqs: Sequences, k: int, *, max_len: int, batc
         yield rows, items.cpu().numpy(), values.cpu().numpy()
 
 
-def to_vocabulary(seqs: Sequences, prepared_ids: np.ndarray, model_ids: np.ndarray) -> Sequences:
-    """Re-index sequences from the prepared item ids to the model's, dropping items the model lacks.
-
-    prepared_ids / model_ids: raw id of each dense index (index 0 = padding, unused).
-    """
-    position = {item: idx for idx, item in enumerate(model_ids) if idx}
-    lut = np.array([0] + [position.get(item, 0) for item in prepared_ids[1:]], dtype=np.int64)
-    flat = lut[seqs.flat]
-    kept = np.concatenate([[0], np.cumsum(flat > 0)])  # kept items before each flat position
-    return Sequences(flat[flat > 0], kept[seqs.offsets])
-
-
 def write_recommendations(model: torch.nn.Module, seqs: Sequences, user_ids: np.ndarray, item_ids: np.ndarray,
                           out: Path, k: int, *, max_len: int, batch_size: int = 4096, exclude_history: bool = False,
                           precision: str = "fp32", progress: bool = True) -> int:
@@ -102,30 +90,23 @@ def write_recommendations(model: torch.nn.Module, seqs: Sequences, user_ids: np.
     return n_rows
 
 
-def _dense_ids(path: Path, idx_col: str, id_col: str) -> np.ndarray:
-    """Raw id of each dense index, as an array indexed by it (index 0 of items is padding)."""
-    table = pq.read_table(path, columns=[idx_col, id_col])
-    idx = table.column(idx_col).to_numpy().astype(np.int64)
-    ids = np.empty(int(idx.max(initial=-1)) + 1, dtype=object)
-    ids[idx] = np.asarray(table.column(id_col).to_pylist(), dtype=object).astype(str)
-    return ids
-
-
-def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion", k: int = 10,
+def recommend(data_dir: Path, model_name: str | None = None, alias: str = "champion", k: int = 10,
               out: Path | None = None, device: str = "auto", batch_size: int = 4096, exclude_history: bool = False,
               precision: str = "fp32", tracking_uri: str | None = None, progress: bool = True) -> dict:
     """Top-k of every prepared user (`find_prepared`) from `model_name@alias`, written to `out` (default
-    DATA_DIR/recommendations.parquet); returns users, k, output, seconds, users_per_s, model_version."""
+    DATA_DIR/recommendations.parquet); returns users, k, output, seconds, users_per_s, model_version. model_name
+    defaults to the dataset's own registered model (`tracking.registered_model_name`)."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking import registered_model_name, resolve_tracking_uri
     from recblr.models import load, trained_max_len
 
     if precision not in PRECISIONS:
         raise PipelineError(f"precision must be fp32 or bf16, got {precision!r}")
     data_dir = Path(data_dir)
+    model_name = registered_model_name(data_dir, model_name)
     prepared = find_prepared(data_dir)
     try:
         data = load_prepared(prepared)
@@ -134,7 +115,7 @@ def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion
     users_path = prepared / "users.parquet"
     if not users_path.is_file():
         raise PipelineError(f"{users_path}: missing; run `recblr prepare` first")
-    user_ids = _dense_ids(users_path, "user_idx", "user_id")
+    user_ids = ids_by_index(users_path, "user_idx", "user_id")
     if len(user_ids) != data.n_users:
         raise PipelineError(f"{users_path}: {len(user_ids)} users but sequences.parquet has {data.n_users}")
 
@@ -158,9 +139,9 @@ def recommend(data_dir: Path, model_name: str = "recblr", alias: str = "champion
         weights = model_dir / "artifacts" / "model.pt"
         model = load(weights).to(device)
         max_len = trained_max_len(weights) or 50
-        item_ids = _dense_ids(model_dir / "artifacts" / "items.parquet", "item_idx", "item_id")
-    prepared_ids = _dense_ids(prepared / "items.parquet", "item_idx", "item_id")
-    inputs = to_vocabulary(data.history.append(data.valid_item).append(data.test_item), prepared_ids, item_ids)
+        item_ids = ids_by_index(model_dir / "artifacts" / "items.parquet")
+    prepared_ids = ids_by_index(prepared / "items.parquet")
+    inputs = data.history.append(data.valid_item).append(data.test_item).remap(vocabulary_lut(prepared_ids, item_ids))
     unknown_items = len(set(prepared_ids[1:]) - set(item_ids[1:]))
     no_known_items = int((np.diff(inputs.offsets) == 0).sum())
     if no_known_items == data.n_users:  # every user would get the same, popularity-like list

@@ -19,17 +19,27 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 
 
+RUN_KEY_CHARS = "A-Za-z0-9_.-"  # a run key is one folder name under DATA_DIR/runs, never a path
+
+
 def run_key_for(logical_date, run_id: str | None = None) -> str:
     """`2026-11-23` for a dated run; a manual trigger without a logical date uses its (sanitised) run id."""
     if logical_date is not None:
         return logical_date.strftime("%Y-%m-%d")
     if not run_id:
         raise PipelineError("a run needs a logical date or a run id to name its partition")
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id)
+    return re.sub(f"[^{RUN_KEY_CHARS}]+", "_", run_id)
+
+
+def check_run_key(run_key: str) -> str:
+    """run_key if it names one folder: '../x' or '/x' would put a run's files outside DATA_DIR/runs."""
+    if not re.fullmatch(f"[{RUN_KEY_CHARS}]+", run_key) or run_key in (".", ".."):
+        raise PipelineError(f"run key {run_key!r}: use letters, digits, '_', '.' and '-' only (not '.' or '..')")
+    return run_key
 
 
 def partition(data_dir: Path, run_key: str) -> Path:
-    path = Path(data_dir).resolve() / "runs" / run_key
+    path = Path(data_dir).resolve() / "runs" / check_run_key(run_key)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -149,7 +159,7 @@ def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "re
     config = train_config(train)
     work = part / ".model.tmp"
     shutil.rmtree(work, ignore_errors=True)  # a worker killed outright leaves its folder to the next attempt
-    run_id = tracking.start_training_run(tracking_uri, Path(data_dir).name, run_key, part / "prepared")
+    run_id = tracking.start_training_run(tracking_uri, tracking.dataset_name(data_dir), run_key, part / "prepared")
     try:
         result = fit_on_processes(nproc, part, work, model, overrides=overrides or None, train=config,
                                   on_epoch=tracking.log_epoch)
@@ -186,8 +196,9 @@ def evaluate_step(data_dir: Path, run_key: str, tracking_uri: str, run_id: str, 
 
 
 def register_step(data_dir: Path, run_key: str, tracking_uri: str, run_id: str, model_path: str,
-                  model_name: str = "recblr") -> dict:
-    """Register the run's model as a new version (alias challenger), then let the gate pick the champion."""
+                  model_name: str | None = None) -> dict:
+    """Register the run's model as a new version of `model_name` (default `tracking.registered_model_name`: one
+    per dataset) with alias challenger, then let the gate pick the champion."""
     import mlflow
 
     from pipeline import tracking
@@ -195,13 +206,14 @@ def register_step(data_dir: Path, run_key: str, tracking_uri: str, run_id: str, 
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         prepared = partition(data_dir, run_key) / "prepared"
-        return tracking.promote(model_name, tracking.register(Path(model_path), prepared, model_name), prepared)
+        name = tracking.registered_model_name(data_dir, model_name)
+        return tracking.promote(name, tracking.register(Path(model_path), prepared, name), prepared)
 
 
 def run_pipeline(data_dir: Path, *, run_key: str | None = None, source: str | None = None, fmt: str = "csv",
                  model: str = "recblr", train: dict | None = None, overrides: dict | None = None,
                  min_count: int = 5, max_quarantined: float = 0.05, tracking_uri: str | None = None,
-                 model_name: str = "recblr", synthetic: dict | None = None, format_options: dict | None = None,
+                 model_name: str | None = None, synthetic: dict | None = None, format_options: dict | None = None,
                  nproc_per_node: int | str = 1) -> dict:
     """All steps in order, training on nproc_per_node DDP ranks: what the DAG does, without Airflow.
 
@@ -212,9 +224,9 @@ def run_pipeline(data_dir: Path, *, run_key: str | None = None, source: str | No
     from pipeline.tracking import resolve_tracking_uri
 
     # bad values fail now, not after ingest and prepare
+    run_key = check_run_key(run_key or date.today().isoformat())
     resolve_nproc(nproc_per_node)
     train_config(train)
-    run_key = run_key or date.today().isoformat()
     tracking_uri = resolve_tracking_uri(data_dir, tracking_uri)
     out = {"run_key": run_key, "tracking_uri": tracking_uri}
     out["ingest"] = ingest_step(data_dir, run_key, source, fmt, synthetic, **(format_options or {}))

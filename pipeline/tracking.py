@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
@@ -26,7 +27,6 @@ from pipeline.errors import PipelineError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "recblr"
 GATE_METRIC = "test_ndcg_at_10"
 RUN_KEY_TAG = "recblr.run_key"
 DIGEST_TAG = "recblr.dataset_digest"
@@ -45,6 +45,17 @@ def default_tracking_uri(data_dir: Path, create: bool = True) -> str:
     if create:
         root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def dataset_name(data_dir: Path) -> str:
+    """data/<name> -> name: it names the dataset's experiment (recblr-<name>) and, by default, its registered model."""
+    return Path(data_dir).resolve().name
+
+
+def registered_model_name(data_dir: Path, name: str | None = None) -> str:
+    """`name`, else recblr-<dataset>: a registered model per dataset, so datasets sharing a store never compete for
+    one champion, nor does `recommend` serve one dataset another's model."""
+    return name or f"recblr-{dataset_name(data_dir)}"
 
 
 def resolve_tracking_uri(data_dir: Path, tracking_uri: str | None = None, *, must_exist: bool = False) -> str:
@@ -208,13 +219,20 @@ def start_training_run(tracking_uri: str, dataset: str, run_key: str, prepared_d
     experiment_id = use_experiment(tracking_uri, dataset)
     client = MlflowClient()
     for old in client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'"):
-        log.info("replacing MLflow run %s of run key %s", old.info.run_id, run_key)
+        serving = False
         for found in client.search_model_versions(f"run_id = '{old.info.run_id}'"):
             # search results carry no aliases: fetch each version, the serving model must never be deleted
             version = client.get_model_version(found.name, found.version)
-            if "champion" not in version.aliases:
+            if "champion" in version.aliases:
+                serving = True
+            else:
                 client.delete_model_version(version.name, version.version)
-        client.delete_run(old.info.run_id)
+        if serving:  # its metrics, gate decision and curves are the record of the model in service
+            log.info("keeping MLflow run %s of run key %s: it holds the champion", old.info.run_id, run_key)
+            client.set_tag(old.info.run_id, RUN_KEY_TAG, f"{run_key} (replaced)")
+        else:
+            log.info("replacing MLflow run %s of run key %s", old.info.run_id, run_key)
+            client.delete_run(old.info.run_id)
     mlflow.set_system_metrics_sampling_interval(1)
     mlflow.set_system_metrics_samples_before_logging(1)
     digest = dataset_digest(prepared_dir)
@@ -312,30 +330,38 @@ def _champion_score(client: MlflowClient, champion, cand_run, prepared_dir: Path
         unknown = f"champion's run logged no {GATE_METRIC}"
     if prepared_dir is None:
         return None, unknown
-    import pandas as pd
-
-    from recblr.data import load_prepared
-    from recblr.evaluate import evaluate
+    from recblr.data import ids_by_index, load_prepared, vocabulary_lut
+    from recblr.evaluate import rank_metrics
     from recblr.models import load, trained_max_len
 
+    data = load_prepared(prepared_dir)
+    inputs, targets = data.split("test")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{champion.name}/{champion.version}", dst_path=tmp))
-        theirs = pd.read_parquet(model_dir / "artifacts" / "items.parquet", columns=["item_idx", "item_id"])
-        ours = pd.read_parquet(Path(prepared_dir) / "items.parquet", columns=["item_idx", "item_id"])
-        if not theirs.equals(ours):  # other item ids: its output rows mean other items here
-            return None, "champion has another item vocabulary; promote by hand if intended"
+        theirs = ids_by_index(model_dir / "artifacts" / "items.parquet")
         weights = model_dir / "artifacts" / "model.pt"
-        max_len = trained_max_len(weights) or 50
-        test = evaluate(load(weights), load_prepared(prepared_dir), "test", max_len=max_len, progress=False)
-    return test["ndcg_at_10"], "champion re-scored on this run's prepared data"
+        model, max_len = load(weights), trained_max_len(weights) or 50
+    # New data renumbers items (ids follow counts), so the champion reads and ranks through its own ids: a
+    # target it never saw is a miss, and its items missing from today's catalogue are not ranked.
+    lut = vocabulary_lut(ids_by_index(Path(prepared_dir) / "items.parquet"), theirs)
+    if not lut.any():
+        return None, "champion knows none of this data's items (another dataset?); promote by hand if intended"
+    unranked = np.ones(len(theirs), dtype=bool)  # index 0, padding, is never ranked either way
+    unranked[lut] = False
+    test = rank_metrics(model, inputs.remap(lut), lut[targets], len(theirs), max_len=max_len, unranked=unranked,
+                        desc="re-score champion", progress=False)
+    how = "champion re-scored on this run's prepared data"
+    if not np.array_equal(lut, np.arange(len(theirs))):
+        how += f" through its own item ids ({int((lut[1:] == 0).sum())} of this data's items are new to it)"
+    return test["ndcg_at_10"], how
 
 
 def promote(name: str, version: str, prepared_dir: Path | None = None) -> dict:
     """Give `version` the alias challenger, and champion only if its test NDCG@10 beats the champion's.
 
     Both numbers come from the same prepared data: the champion's logged number when its run used the
-    same data (equal digests) and logged it, else the champion re-scored on `prepared_dir` when the item ids agree;
-    when neither is possible the champion stays. The decision and both numbers go to the active run.
+    same data (equal digests) and logged it, else the champion re-scored on `prepared_dir` (matching items by raw
+    id, as yesterday's champion scores today's data); when neither is possible the champion stays. The decision and both numbers go to the active run.
     """
     client = MlflowClient()
     client.set_registered_model_alias(name, "challenger", version)

@@ -38,6 +38,29 @@ class Sequences:
         stop = self.offsets[rows + 1]
         return np.maximum(self.offsets[rows], stop - max_len), stop
 
+    def remap(self, lut: np.ndarray) -> "Sequences":
+        """Items re-indexed through lut (`vocabulary_lut`); the items it maps to 0 are dropped."""
+        flat = lut[self.flat]
+        kept = np.concatenate([[0], np.cumsum(flat > 0)])  # kept items before each flat position
+        return Sequences(flat[flat > 0], kept[self.offsets])
+
+
+def ids_by_index(path: Path, idx_col: str = "item_idx", id_col: str = "item_id") -> np.ndarray:
+    """Raw id (str) of each dense index in a prepared items.parquet (or users.parquet), indexed by it; the item
+    table's index 0 is padding."""
+    table = pq.read_table(path, columns=[idx_col, id_col])
+    idx = table.column(idx_col).to_numpy().astype(np.int64)
+    ids = np.empty(int(idx.max(initial=-1)) + 1, dtype=object)
+    ids[idx] = np.asarray(table.column(id_col).to_pylist(), dtype=object).astype(str)
+    return ids
+
+
+def vocabulary_lut(ids: np.ndarray, into: np.ndarray) -> np.ndarray:
+    """(len(ids),) int64: for each dense index of one vocabulary, the index of the same raw id in another
+    (`ids_by_index` arrays), 0 where the other lacks it; index 0 (padding) maps to 0."""
+    position = {item: idx for idx, item in enumerate(into) if idx}
+    return np.array([0] + [position.get(item, 0) for item in ids[1:]], dtype=np.int64)
+
 
 @dataclass(frozen=True)
 class Prepared:

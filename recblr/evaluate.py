@@ -90,11 +90,23 @@ def evaluate(model: nn.Module, data: Prepared, split: str = "test", ks=(10, 20),
         raise ValueError(f"the model scores {trained_on} items and the prepared data has {data.n_items}: evaluate a "
                          "model on the prepared data it was trained on")
     inputs, targets = data.split(split)
+    return rank_metrics(model, inputs, targets, data.n_items + 1, ks, remove_history, max_len=max_len,
+                        batch_size=batch_size, desc=f"evaluate {split}", progress=progress)
+
+
+def rank_metrics(model: nn.Module, inputs: Sequences, targets: np.ndarray, n_scores: int, ks=(10, 20),
+                 remove_history: bool = False, *, max_len: int = 50, batch_size: int = 4096,
+                 unranked: np.ndarray | None = None, desc: str = "evaluate", progress: bool = True) -> dict:
+    """`evaluate` on inputs and targets (U,) given in the model's item indices; a target 0 (an item the model
+    does not have) is a miss. unranked: (n_scores,) bool, items left out of the ranking (scored -inf), e.g.
+    a model's items that another catalogue lacks."""
     was_training = model.training
     model.eval()
     sums = dict.fromkeys(metric_keys(ks), 0.0)
-    for rows, scores in next_item_scores(model, inputs, data.n_items + 1, max_len=max_len, batch_size=batch_size,
-                                         desc=f"evaluate {split}", progress=progress):
+    for rows, scores in next_item_scores(model, inputs, n_scores, max_len=max_len, batch_size=batch_size,
+                                         desc=desc, progress=progress):
+        if unranked is not None:
+            scores.masked_fill_(torch.from_numpy(unranked).to(scores.device), float("-inf"))
         target = torch.from_numpy(targets[rows]).to(scores.device)[:, None]  # (B, 1)
         target_score = scores.gather(1, target)  # taken first: history removal keeps the target's own score
         if remove_history:
@@ -108,4 +120,4 @@ def evaluate(model: nn.Module, data: Prepared, split: str = "test", ks=(10, 20),
             sums[f"ndcg_at_{k}"] += (hit / torch.log2(rank.double() + 2)).sum().item()
             sums[f"mrr_at_{k}"] += (hit / (rank.double() + 1)).sum().item()
     model.train(was_training)
-    return {key: value / max(data.n_users, 1) for key, value in sums.items()}
+    return {key: value / max(len(targets), 1) for key, value in sums.items()}

@@ -173,7 +173,7 @@ def mlflow_server(group: Services, data_dir: Path, port: int, tracking_uri: str 
     return url
 
 
-def champion_and_challenger(mlflow_url: str, name: str = "recblr") -> dict:
+def champion_and_challenger(mlflow_url: str, name: str = "recblr-toy") -> dict:
     """Read the registered model back through MLflow's REST API: {alias: version}."""
     model = http("GET", f"{mlflow_url}/api/2.0/mlflow/registered-models/get?name={name}")["registered_model"]
     return {a["alias"]: a["version"] for a in model.get("aliases", [])}

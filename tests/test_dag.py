@@ -149,8 +149,8 @@ def test_dag_runs_end_to_end_and_gate_keeps_a_worse_candidate(dag, workdir, monk
     assert launched[1][1] == TrainConfig(epochs=2, max_len=TINY["max_len"], time_budget_s=1e-3, recompute=True,
                                          batch_by_length=True)
     client = MlflowClient(f"sqlite:///{workdir / 'data' / 'mlflow' / 'mlflow.db'}")
-    champion = client.get_model_version_by_alias("recblr", "champion")
-    challenger = client.get_model_version_by_alias("recblr", "challenger")
+    champion = client.get_model_version_by_alias("recblr-toy", "champion")  # named after the dataset
+    challenger = client.get_model_version_by_alias("recblr-toy", "challenger")
     assert (str(champion.version), str(challenger.version)) == ("1", "2")
     gate = client.get_run(challenger.run_id).data
     assert gate.tags["gate.decision"] == "challenger"

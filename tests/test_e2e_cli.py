@@ -33,11 +33,12 @@ def test_run_twice_for_one_date_replaces_instead_of_adding(tmp_path):
     assert [p.name for p in (data_dir / "runs").iterdir()] == ["2026-02-01"]
     assert not [p for p in (data_dir / "runs" / "2026-02-01").iterdir() if p.name.startswith(".")]
     client = MlflowClient(summary["tracking_uri"])
-    runs = client.search_runs([client.get_experiment_by_name("recblr-toy").experiment_id])
-    assert [r.info.run_id for r in runs] == [second["run_id"]]  # the first run was replaced
+    runs = client.search_runs([client.get_experiment_by_name("recblr-toy").experiment_id],
+                              "tags.`recblr.run_key` = '2026-02-01'")
+    assert [r.info.run_id for r in runs] == [second["run_id"]]  # the first run holds the champion: kept, re-tagged
     # version 1 stays (it is the champion); the rerun's equal model does not take over
     assert second["champion"] is False, second["gate"]
-    assert {a: str(client.get_model_version_by_alias("recblr", a).version) for a in ("champion", "challenger")} == \
+    assert {a: str(client.get_model_version_by_alias("recblr-toy", a).version) for a in ("champion", "challenger")} == \
         {"champion": "1", "challenger": second["version"]}
     scored = recblr("evaluate", "--data-dir", str(data_dir), "--json")  # finds the partition's data and model
     assert scored.returncode == 0, scored.stderr[-3000:]

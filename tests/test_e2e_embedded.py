@@ -33,7 +33,7 @@ def test_standalone_airflow_and_mlflow_server(tmp_path):
         shots = REPO / "data" / "e2e"
         shots.mkdir(parents=True, exist_ok=True)
         screenshot = shots / "mlflow-registered-model.png"
-        dom = browse(browser, f"{mlflow_url}/#/models/recblr", screenshot, tmp_path / "chromium")
+        dom = browse(browser, f"{mlflow_url}/#/models/recblr-toy", screenshot, tmp_path / "chromium")
         assert screenshot.stat().st_size > 10_000
         assert "recblr" in dom and "Version 1" in dom and "champion" in dom and "challenger" in dom
         shutil.copy(screenshot, tmp_path / screenshot.name)

@@ -3,11 +3,13 @@ own files, leave its earlier outputs in place and leave no work folders behind."
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.run import ingest_step, partition, prepare_step, run_pipeline, train_config, train_step
+from pipeline.run import (ingest_step, partition, prepare_step, run_key_for, run_pipeline, train_config,
+                          train_step)
 from recblr.train import TrainConfig
 
 
@@ -49,6 +51,17 @@ def test_every_recblr_run_option_named_as_a_train_config_field_reaches_run_pipel
     result = CliRunner().invoke(app, ["run", "--data-dir", str(tmp_path / "d"), *args])
     assert isinstance(result.exception, PipelineError), result.output
     assert given["train"] == changed
+
+
+@pytest.mark.parametrize("key", ["../../outside", "..", ".", "", "a/b"])
+def test_a_run_key_that_is_not_a_plain_name_is_refused_naming_it(tmp_path, key):
+    data_dir = tmp_path / "data" / "d"
+    with pytest.raises(PipelineError, match=f"run key {re.escape(repr(key))}"):
+        partition(data_dir, key)
+    with pytest.raises(PipelineError, match="run key"):  # before anything is written
+        run_pipeline(data_dir, run_key=key or "..")
+    assert list(tmp_path.rglob("*")) == []
+    assert partition(data_dir, run_key_for(None, "manual__2026-01-01T03:00:00+00:00")).parent == data_dir / "runs"
 
 
 def _hidden(folder):

@@ -24,9 +24,9 @@ from kernels import fused_score_topk
 from pipeline import tracking
 from pipeline.cli import app
 from pipeline.errors import PipelineError
-from pipeline.recommend import recommend, to_vocabulary, top_k
+from pipeline.recommend import recommend, top_k
 from recblr import models
-from recblr.data import Sequences
+from recblr.data import Sequences, vocabulary_lut
 from recblr.train import TrainConfig, fit
 
 N_ITEMS, MAX_LEN, NAME = 25, 4, "shop-model"
@@ -189,7 +189,7 @@ def test_inputs_move_to_the_models_vocabulary_by_raw_id():
     prepared_ids = np.array([None, "b", "new", "a"], dtype=object)  # dense index -> raw id
     model_ids = np.array([None, "a", "b"], dtype=object)
     seqs = Sequences(np.array([1, 2, 3, 2, 2, 1]), np.array([0, 3, 5, 6]))  # [b new a] [new new] [b]
-    moved = to_vocabulary(seqs, prepared_ids, model_ids)
+    moved = seqs.remap(vocabulary_lut(prepared_ids, model_ids))
     assert moved.flat.tolist() == [2, 1, 2] and moved.offsets.tolist() == [0, 2, 2, 3]
 
 

@@ -252,11 +252,48 @@ def test_gate_rescores_the_champion_on_the_candidates_data(tmp_path, store, weig
     assert str(MlflowClient(store).get_model_version_by_alias("split", "champion").version) == better["version"]
 
 
-def test_gate_keeps_the_champion_when_the_items_differ(tmp_path, store, weights):
+def test_gate_keeps_the_champion_when_it_knows_none_of_the_items(tmp_path, store, weights):
     first, _ = candidate(store, tracking_prepared(tmp_path / "a"), weights, "2026-01-01", 0.10, "vocab")
     other, _ = candidate(store, tracking_prepared(tmp_path / "b", sku="other"), weights, "2026-01-02", 0.90, "vocab")
-    assert not other["promoted"] and "item vocabulary" in other["reason"]
+    assert not other["promoted"] and "knows none of this data's items" in other["reason"]
     assert str(MlflowClient(store).get_model_version_by_alias("vocab", "champion").version) == first["version"]
+
+
+def test_gate_rescores_the_champion_through_raw_ids_when_new_data_renumbers_the_items(tmp_path, store, weights):
+    from recblr.data import load_prepared
+    from recblr.evaluate import evaluate
+
+    old = tracking_prepared(tmp_path / "old")
+    sequences, raw = _sequences_and_ids(old)
+    on_old = evaluate(models.load(weights), load_prepared(old), "test", progress=False)["ndcg_at_10"]
+    assert on_old > 0
+    candidate(store, old, weights, "2026-01-01", on_old, "grown")
+    # the next night: item indices reversed (counts moved) and a new item in a history, which the champion drops
+    reverse = {i: N_ITEMS + 1 - i for i in range(1, N_ITEMS + 1)}
+    night = [[reverse[i] for i in seq] for seq in sequences]
+    night[0].insert(0, N_ITEMS + 1)
+    ids = [raw[N_ITEMS + 1 - i] for i in range(1, N_ITEMS + 1)] + ["sku-new"]
+    renumbered = write_prepared(tmp_path / "renumbered", night, N_ITEMS + 1, ids)
+    decision, _ = candidate(store, renumbered, weights, "2026-01-02", on_old - 1e-4, "grown")
+    assert not decision["promoted"]
+    assert "through its own item ids (1 of this data's items are new to it)" in decision["reason"]
+    assert decision["champion_test_ndcg_at_10"] == pytest.approx(on_old)  # the same ranking of the same users
+    # a target the champion never saw is a miss: every user ending on the new item scores 0
+    for seq in night:
+        seq[-1] = N_ITEMS + 1
+    new_targets = write_prepared(tmp_path / "new_targets", night, N_ITEMS + 1, ids)
+    decision, _ = candidate(store, new_targets, weights, "2026-01-03", 1e-6, "grown")
+    assert decision["promoted"] and decision["champion_test_ndcg_at_10"] == 0
+
+
+def _sequences_and_ids(prepared: Path) -> tuple[list[list[int]], list]:
+    """Each user's whole sequence (dense indices) and the raw id of each index (index 0: None)."""
+    from recblr.data import ids_by_index, load_prepared
+
+    data = load_prepared(prepared)
+    whole = data.history.append(data.valid_item).append(data.test_item)
+    return [whole.flat[a:b].tolist() for a, b in zip(whole.offsets[:-1], whole.offsets[1:])], \
+        list(ids_by_index(prepared / "items.parquet"))
 
 
 def test_rerun_of_a_run_key_replaces_its_mlflow_run(tmp_path, store):
@@ -272,6 +309,21 @@ def test_rerun_of_a_run_key_replaces_its_mlflow_run(tmp_path, store):
     run = client.get_run(ids[1])
     assert run.data.metrics["val_ndcg_at_10"] == 0.1
     assert run.inputs.dataset_inputs[0].dataset.digest == tracking.dataset_digest(prepared)
+
+
+def test_rerun_of_a_run_key_keeps_the_run_of_the_champion(tmp_path, store, weights):
+    prepared = tracking_prepared(tmp_path / "prepared")
+    first, first_run = candidate(store, prepared, weights, "2026-01-01", 0.2, "rerun")
+    assert first["promoted"]
+    again = tracking.start_training_run(store, "rerun", "2026-01-01", prepared)
+    mlflow.end_run()
+    client = MlflowClient(store)
+    kept = client.get_run(first_run)  # the serving model's metrics and gate decision stay browsable
+    assert kept.info.lifecycle_stage == "active" and kept.data.metrics["test_ndcg_at_10"] == 0.2
+    assert kept.data.tags[tracking.RUN_KEY_TAG] == "2026-01-01 (replaced)"
+    live = client.search_runs([tracking.use_experiment(store, "rerun")],
+                              f"tags.`{tracking.RUN_KEY_TAG}` = '2026-01-01'")
+    assert [r.info.run_id for r in live] == [again]
 
 
 def test_ui_json_names_the_loopback_url_and_serves_the_default_store(tmp_path, monkeypatch):

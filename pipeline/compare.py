@@ -89,7 +89,8 @@ def compare(data_dir: Path, models=DEFAULT_MODELS, *, epochs: Optional[int] = No
 
     from pipeline import tracking
     from pipeline.errors import PipelineError
-    from recblr.models import MODELS, build
+    from pipeline.run import check_model
+    from recblr.models import MODELS
     from recblr.train import OutOfGPUMemory, TrainConfig, TrainingDiverged
 
     data_dir = Path(data_dir)
@@ -102,10 +103,7 @@ def compare(data_dir: Path, models=DEFAULT_MODELS, *, epochs: Optional[int] = No
     if unknown:
         raise PipelineError(f"unknown or unselected model(s) {unknown}; choose from {sorted(MODELS)}")
     for name in models:  # fields, types and ranges of every config, before the first model trains
-        try:
-            build(name, 1, **config_overrides(name, dropout, (overrides or {}).get(name)))
-        except ValueError as err:
-            raise PipelineError(f"compare {name}: {err}") from err
+        check_model(name, config_overrides(name, dropout, (overrides or {}).get(name)), f"compare {name}")
     train = TrainConfig(**{k: v for k, v in {"epochs": epochs, "max_len": max_len}.items() if v is not None})
     dataset = tracking.dataset_name(data_dir)
     experiment_id = tracking.use_experiment(tracking.resolve_tracking_uri(data_dir, tracking_uri), dataset)

@@ -138,6 +138,17 @@ def train_config(train: dict | None):
         raise PipelineError(str(err)) from err
 
 
+def check_model(model: str, overrides: dict | None, what: str) -> None:
+    """Build `model` over one item with `overrides`, so an unknown model, config field, type or range fails before
+    any data is read; the error starts with `what`."""
+    from recblr.models import build
+
+    try:
+        build(model, 1, **(overrides or {}))
+    except ValueError as err:
+        raise PipelineError(f"{what}: {err}") from err
+
+
 def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "recblr", train: dict | None = None,
                overrides: dict | None = None, nproc_per_node: int | str = 1) -> dict:
     """Train on the run's prepared data, logging to a fresh MLflow run; the weights land in <partition>/model.
@@ -227,6 +238,7 @@ def run_pipeline(data_dir: Path, *, run_key: str | None = None, source: str | No
     run_key = check_run_key(run_key or date.today().isoformat())
     resolve_nproc(nproc_per_node)
     train_config(train)
+    check_model(model, overrides, f"train {model}")
     tracking_uri = resolve_tracking_uri(data_dir, tracking_uri)
     out = {"run_key": run_key, "tracking_uri": tracking_uri}
     out["ingest"] = ingest_step(data_dir, run_key, source, fmt, synthetic, **(format_options or {}))

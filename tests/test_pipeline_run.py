@@ -27,6 +27,17 @@ def test_an_unknown_train_field_fails_before_ingest_naming_it(tmp_path, value):
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize("model, overrides, message", [
+    ("sasrc", {}, "train sasrc: unknown model 'sasrc'"),
+    ("recblr", {"d_modle": 16}, r"train recblr: recblr has no config field\(s\) \['d_modle'\]"),
+    ("gru4rec", {"dropout": 5.0}, r"train gru4rec: GRU4RecConfig: dropout must be in \[0, 1\)"),
+])
+def test_a_bad_model_or_override_fails_before_ingest_naming_it(tmp_path, model, overrides, message):
+    with pytest.raises(PipelineError, match=message):
+        run_pipeline(tmp_path / "d", model=model, overrides=overrides)
+    assert not (tmp_path / "d").exists()
+
+
 def test_every_recblr_run_option_named_as_a_train_config_field_reaches_run_pipeline(tmp_path, monkeypatch):
     from typer.main import get_command
     from typer.testing import CliRunner

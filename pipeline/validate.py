@@ -33,8 +33,10 @@ from pipeline.duck import connect, sql
 
 SUITE_PATH = Path(__file__).resolve().parent / "expectations" / "events.json"
 BATCH_ROWS = 1_000_000
-# What ingest stages: the event columns, then `raw` (the line, kept only for rows already known to be bad),
-# and the structural `rule` and `detail` (null for rows that still have to pass the suite).
+# What ingest stages: the event columns, then `raw`, and the structural `rule` and `detail` (null for rows that
+# still have to pass the suite). `raw` is null for a text source, whose quarantine ingest rewrites afterwards with
+# each row's line read back from the file; for a Parquet source, which has no lines, it is the row's values,
+# staged only for rows sure to be quarantined.
 STAGING_SCHEMA = pa.schema([
     ("row", pa.int64()), ("user_id", pa.string()), ("item_id", pa.string()), ("timestamp", pa.int64()),
     ("rating", pa.float64()), ("behavior", pa.string()), ("raw", pa.string()), ("rule", pa.string()),

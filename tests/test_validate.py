@@ -75,7 +75,7 @@ def test_each_rule_quarantines_its_row_and_the_rest_is_kept(tmp_path):
     assert events.column("row").to_pylist() == [1, 12, 15]
     assert summary["rows_in"] == len(rows) == summary["rows_kept"] + summary["rows_quarantined"]
     assert summary["quarantine_reasons"]["rating_in_range"] == 3
-    assert quarantine[6]["raw"] == "u2,i2,yesterday,4"  # the line ingest kept, not the parsed values
+    assert quarantine[6]["raw"] == "u2,i2,yesterday,4"  # what ingest staged, not the parsed values
     assert quarantine[9]["raw"].startswith("u2,i2,1600000005,11")
     assert "row 1" in quarantine[13]["detail"] and "got '11'" in quarantine[9]["detail"]
     assert {q["source"] for q in quarantine.values()} == {"src.csv"}

@@ -121,11 +121,14 @@ def recommend(data_dir: Path, model_name: str | None = None, alias: str = "champ
 
     uri = resolve_tracking_uri(data_dir, tracking_uri, must_exist=True)  # reading: never create a store
     mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
     try:
-        version = MlflowClient(uri).get_model_version_by_alias(model_name, alias)
+        version = client.get_model_version_by_alias(model_name, alias)
     except MlflowException as err:
+        others = sorted(m.name for m in client.search_registered_models(max_results=20))
+        hint = f"; registered here: {', '.join(others)} (--model-name)" if others else ""
         raise PipelineError(f"no model version {model_name}@{alias} in {uri} ({err.message.splitlines()[0]}); "
-                            f"`recblr run --data-dir {data_dir}` trains and registers one") from err
+                            f"`recblr run --data-dir {data_dir}` trains and registers one{hint}") from err
     out = Path(out) if out else data_dir / "recommendations.parquet"
     if out.is_dir():
         raise PipelineError(f"--out {out}: a folder; name the Parquet file to write")

@@ -150,7 +150,7 @@ def test_cli_json_summary(registered, tmp_path):
 
 
 def test_missing_champion_and_bad_k_are_clear_errors(registered, tmp_path):
-    with pytest.raises(PipelineError, match="no model version nobody@champion"):
+    with pytest.raises(PipelineError, match=f"no model version nobody@champion.*registered here: .*{NAME}"):
         recommend(registered["data_dir"], model_name="nobody", tracking_uri=registered["uri"], progress=False)
     with pytest.raises(PipelineError, match="no model version shop-model@gold"):
         recommend(registered["data_dir"], model_name=NAME, alias="gold", tracking_uri=registered["uri"], progress=False)

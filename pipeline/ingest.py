@@ -15,7 +15,7 @@ rows_in = rows_kept + rows_quarantined + rows_filtered, where rows_filtered are 
 --behaviors (0 without it). For `sequences` a row is one event (one item of a line) and a line without items is
 one quarantined row.
 
-A file that cannot be read at all (missing, empty, binary, no valid line) raises PipelineError naming the
+A file that cannot be read at all (missing, empty or only white space, binary, no valid line) raises PipelineError naming the
 file, the line and the layout expected. Outputs are renamed into place at the end, so a failure leaves no
 partial file behind; but when every row is quarantined, ingest writes both files and then fails, so that
 quarantine.parquet shows why.
@@ -165,8 +165,20 @@ def _first_line(path: Path, expected: str) -> str:
         raise PipelineError(f"{path}:1: not UTF-8 text; expected {expected}") from None
 
 
+def _blank(path: Path, head: bytes) -> bool:
+    """Whether the file holds nothing but white space after a byte order mark: no record, as in an empty file."""
+    if head.removeprefix(codecs.BOM_UTF8).strip():
+        return False
+    with _open(path) as f:  # rare: a head of white space only, so read on
+        f.read(len(head))
+        while chunk := f.read(BLOCK_BYTES):
+            if chunk.strip():
+                return False
+    return True
+
+
 def _resolve(source: Path, fmt: str) -> Path:
-    """The file to read: it exists, is not empty and, unless Parquet, is not binary."""
+    """The file to read: it exists, holds more than white space and, unless Parquet, is not binary."""
     path = Path(source).expanduser()
     if path.is_dir():
         wanted = {"movielens": ("ratings.dat", "ratings.csv", "u.data"), "recbole": ("*.inter",)}.get(fmt, ())
@@ -177,9 +189,10 @@ def _resolve(source: Path, fmt: str) -> Path:
         path = found[0]
     if not path.is_file():
         raise PipelineError(f"{path}: file not found (format {fmt})")
-    if path.stat().st_size == 0:
-        raise PipelineError(f"{path}:1: file is empty; expected {fmt} records")
     head = _head(path)
+    if _blank(path, head):
+        kind = " (only white space or a byte order mark)" if path.stat().st_size else ""
+        raise PipelineError(f"{path}:1: file is empty{kind}; expected {fmt} records")
     if not (fmt == "csv" and head.startswith(b"PAR1")) and b"\x00" in head:
         encoding = _unmarked_utf(head)
         if encoding:

@@ -1,4 +1,5 @@
 """ingest: every format, real logs with independently computed counts, corruption, unreadable files, the CLI."""
+import codecs
 import csv
 import json
 import subprocess
@@ -380,6 +381,22 @@ def test_unreadable_files_fail_with_file_and_line_and_leave_nothing(tmp_path, na
     if line is not None:
         assert f"{src}:{line}:" in message
     assert not data_dir.exists() or not any(data_dir.iterdir())
+
+
+@pytest.mark.parametrize("content", [b"", codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF32_BE,
+                                     b" \n\r\n\t\n", codecs.BOM_UTF8 + b"\r\n\r\n"])
+@pytest.mark.parametrize("fmt", ["csv", "sequences", "movielens"])
+def test_a_file_of_white_space_or_a_byte_order_mark_is_empty(tmp_path, content, fmt):
+    src = write(tmp_path / "blank.txt", content)
+    with pytest.raises(PipelineError, match=rf"^{src}:1: file is empty\b.*; expected {fmt} records$"):
+        ingest(src, fmt, tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
+def test_white_space_is_empty_only_when_nothing_follows_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline.ingest, "HEAD_BYTES", 8)  # the text lies past the head
+    summary = ingest(write(tmp_path / "seq.txt", b"\n" * 20 + b"u a b\n"), "sequences", tmp_path / "d")
+    assert (summary["rows_kept"], summary["rows_quarantined"]) == (2, 20)
 
 
 def test_options_that_do_not_apply_are_refused(tmp_path):

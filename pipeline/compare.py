@@ -79,7 +79,8 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> Path:
 def compare(data_dir: Path, models=DEFAULT_MODELS, *, epochs: Optional[int] = None, max_len: Optional[int] = None,
             dropout: Optional[float] = None, overrides: Optional[dict] = None,
             tracking_uri: Optional[str] = None) -> dict:
-    """Train and evaluate `models` on DATA_DIR/prepared into DATA_DIR/compare/; log it all to MLflow.
+    """Train and evaluate `models` on DATA_DIR's prepared data (`recblr prepare`'s, else the newest `recblr run`
+    partition's) into DATA_DIR/compare/; log it all to MLflow.
 
     overrides: {model: {config field: value}}. Writes comparison.md, comparison.csv and comparison.png
     beside the models' folders and returns {"rows", "best", "parent_run_id", "output"}.
@@ -89,22 +90,23 @@ def compare(data_dir: Path, models=DEFAULT_MODELS, *, epochs: Optional[int] = No
 
     from pipeline import tracking
     from pipeline.errors import PipelineError
-    from pipeline.run import check_model
+    from pipeline.run import check_model, find_prepared, train_config
     from recblr.models import MODELS
-    from recblr.train import OutOfGPUMemory, TrainConfig, TrainingDiverged
+    from recblr.train import OutOfGPUMemory, TrainingDiverged
 
     data_dir = Path(data_dir)
-    prepared = data_dir / "prepared"
-    if not (prepared / "sequences.parquet").is_file():
-        raise PipelineError(f"{prepared / 'sequences.parquet'}: missing; run `recblr prepare --data-dir {data_dir}`")
+    prepared = find_prepared(data_dir)
     if not models:
         raise PipelineError(f"no model to compare; choose from {sorted(MODELS)}")
+    twice = sorted({name for name in models if list(models).count(name) > 1})
+    if twice:  # each model's folder, child run and table row would be written twice
+        raise PipelineError(f"model(s) {twice} given more than once; name each model once")
     unknown = sorted(set(models) - set(MODELS)) + sorted(set(overrides or {}) - set(models))
     if unknown:
         raise PipelineError(f"unknown or unselected model(s) {unknown}; choose from {sorted(MODELS)}")
     for name in models:  # fields, types and ranges of every config, before the first model trains
         check_model(name, config_overrides(name, dropout, (overrides or {}).get(name)), f"compare {name}")
-    train = TrainConfig(**{k: v for k, v in {"epochs": epochs, "max_len": max_len}.items() if v is not None})
+    train = train_config({"epochs": epochs, "max_len": max_len})
     dataset = tracking.dataset_name(data_dir)
     experiment_id = tracking.use_experiment(tracking.resolve_tracking_uri(data_dir, tracking_uri), dataset)
     out = data_dir / "compare"
@@ -121,7 +123,7 @@ def compare(data_dir: Path, models=DEFAULT_MODELS, *, epochs: Optional[int] = No
                 try:
                     result = train_one(prepared, out, name, train=train, overrides=(overrides or {}).get(name),
                                        dropout=dropout, on_epoch=tracking.log_epoch)
-                except (OutOfGPUMemory, TrainingDiverged) as err:
+                except (ValueError, FileNotFoundError, OutOfGPUMemory, TrainingDiverged) as err:
                     raise PipelineError(f"compare {name}: {err}") from err
                 tracking.log_training(result, prepared)
                 tracking.log_evaluation(result["test"], result["valid"])

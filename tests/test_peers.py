@@ -250,6 +250,38 @@ def test_compare_rejects_unknown_models_and_fields_before_training(tmp_path):
     assert not (data_dir / "compare").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--max-len", "0"], "max_len must be >= 1, got 0"),
+    (["--models", "pop,gru4rec,pop"], r"model\(s\) \['pop'\] given more than once"),
+])
+def test_compare_refuses_bad_settings_before_training(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    data_dir = tmp_path / "toy"
+    write_prepared(data_dir / "prepared", markov_sequences(20, N_ITEMS, 5), N_ITEMS)
+    invoked = CliRunner().invoke(app, ["compare", "--data-dir", str(data_dir), "--models", "pop",
+                                       "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", *args])
+    assert isinstance(invoked.exception, PipelineError), invoked.exception
+    assert re.search(message, str(invoked.exception))
+    assert not (data_dir / "compare").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_compare_trains_on_a_recblr_run_partition_and_names_data_it_cannot_train_on(tmp_path):
+    from pipeline.compare import compare
+
+    data_dir, uri = tmp_path / "toy", f"sqlite:///{tmp_path / 'm.db'}"
+    write_prepared(data_dir / "runs" / "2026-01-01" / "prepared", markov_sequences(20, N_ITEMS, 5), N_ITEMS)
+    summary = compare(data_dir, ["pop"], epochs=1, tracking_uri=uri)
+    assert [row["model"] for row in summary["rows"]] == ["pop"]
+    # two events a user: a validation and a test item, no training pair
+    write_prepared(data_dir / "runs" / "2026-01-02" / "prepared", markov_sequences(20, N_ITEMS, 2), N_ITEMS)
+    with pytest.raises(PipelineError, match="compare pop: .*2026-01-02.*nothing to learn from"):
+        compare(data_dir, ["pop"], epochs=1, tracking_uri=uri)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("use_conv", "False", "recblr.use_conv must be true or false, got 'False'"),
     ("n_layers", True, "recblr.n_layers must be an int, got True"),

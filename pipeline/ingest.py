@@ -15,10 +15,11 @@ rows_in = rows_kept + rows_quarantined + rows_filtered, where rows_filtered are 
 --behaviors (0 without it). For `sequences` a row is one event (one item of a line) and a line without items is
 one quarantined row.
 
-A file that cannot be read at all (missing, empty or only white space, binary, no valid line) raises PipelineError naming the
-file, the line and the layout expected. Outputs are renamed into place at the end, so a failure leaves no
-partial file behind; but when every row is quarantined, ingest writes both files and then fails, so that
-quarantine.parquet shows why.
+A file that cannot be read at all (missing, empty or only white space, binary, no valid line, no header column
+for a role) raises PipelineError naming the file, the line and the layout expected, and the format to use when the
+first line has the layout of another (RECOGNISED_FIRST_LINES). Outputs are renamed into place at the end, so a
+failure leaves no partial file behind; but when every row is quarantined, ingest writes both files and then fails,
+so that quarantine.parquet shows why.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import codecs
 import csv
 import io
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -58,6 +60,19 @@ FORMAT_OPTIONS = {  # beyond rating_min / rating_max, which every format takes
 DEFAULT_COLUMNS = {"user_col": "user_id", "item_col": "item_id", "time_col": "timestamp",
                    "rating_col": "rating", "behavior_col": "behavior"}
 MOVIELENS_CSV_COLUMNS = {"user_col": "userId", "item_col": "movieId", "time_col": "timestamp", "rating_col": "rating"}
+ROLES = {"user_col": "user id", "item_col": "item id", "time_col": "timestamp"}  # the columns every format needs
+TAOBAO_BEHAVIORS = ("pv", "buy", "cart", "fav")  # UserBehavior.csv's, the only ones it has
+# First lines that show which format a file is in, to suggest it when another was asked for: (format, pattern,
+# what the line is). Only layouts unlikely to be anything else: integers, RecBole's typed names, taobao's behaviors.
+RECOGNISED_FIRST_LINES = (
+    ("movielens", r".*::.*", "a line of MovieLens' ratings.dat (user::item::rating::timestamp)"),
+    ("movielens", r"[0-9]+(\t[0-9]+){3}", "a line of MovieLens' u.data (user<TAB>item<TAB>rating<TAB>timestamp)"),
+    ("recbole", r"[^\t:]+:(token|token_seq|float|float_seq)(\t[^\t:]+:(token|token_seq|float|float_seq))*",
+     "a RecBole .inter header (name:type, separated by tabs)"),
+    ("taobao", rf"[0-9]+,[0-9]+,[0-9]+,({'|'.join(TAOBAO_BEHAVIORS)}),[0-9]+",
+     "a line of Taobao's UserBehavior.csv (user,item,category,behavior,timestamp)"),
+    ("sequences", r" *[0-9]+( +[0-9]+)+ *", "a line of item sequences (a user id, then item ids, separated by spaces)"),
+)
 NUMERIC_ID_FORMATS = ("movielens", "taobao")
 HEAD_BYTES = 64 << 10
 BLOCK_BYTES = 16 << 20  # the read unit, and so about the longest line ingest can take
@@ -177,6 +192,16 @@ def _blank(path: Path, head: bytes) -> bool:
     return True
 
 
+def _format_hint(path: Path, fmt: str) -> tuple[str, str] | None:
+    """(format, what its first line is) when the file's first line has the layout of a format other than `fmt`."""
+    try:
+        line = _first_line(path, "")
+    except PipelineError:  # not UTF-8, so no format's layout
+        return None
+    return next(((other, what) for other, pattern, what in RECOGNISED_FIRST_LINES
+                 if other != fmt and re.fullmatch(pattern, line)), None)
+
+
 def _resolve(source: Path, fmt: str) -> Path:
     """The file to read: it exists, holds more than white space and, unless Parquet, is not binary."""
     path = Path(source).expanduser()
@@ -220,13 +245,26 @@ def _header_layout(path: Path, fmt: str, options: dict, defaults: dict, delimite
         elif (name or default) in keys:
             chosen[option] = names[keys.index(name or default)]
         else:
-            raise PipelineError(f"{path}:1: the header has no column {name or default!r} for "
-                                f"{_flag(option)} (columns: {', '.join(keys)})")
+            raise _missing_column(path, fmt, option, name, default, keys)
     if len(set(names)) < len(names):
         raise PipelineError(f"{path}:1: the header repeats a column name ({', '.join(names)})")
     _check_roles(f"{path}:1", chosen, options)
     return Layout(delimiter, tuple(names), chosen["user_col"], chosen["item_col"], chosen["time_col"],
                   chosen["rating_col"], chosen.get("behavior_col"), header=True, quoted=fmt == "csv")
+
+
+def _missing_column(path: Path, fmt: str, option: str, name: str | None, default: str,
+                    keys: list[str]) -> PipelineError:
+    """The error for a header without a needed column: the format the file seems to be in, when its first line
+    shows one; else the column looked for, blaming the option only when the user gave it."""
+    hint = _format_hint(path, fmt)
+    if hint:
+        return PipelineError(f"{path}:1: this looks like {hint[1]}, not a {fmt} header: use --format {hint[0]}")
+    columns = f"(columns: {', '.join(keys)})"
+    if name is not None:
+        return PipelineError(f"{path}:1: the header has no column {name!r} for {_flag(option)} {columns}")
+    rename = f"; if it is called otherwise, name it with {_flag(option)}" if option in FORMAT_OPTIONS[fmt] else ""
+    return PipelineError(f"{path}:1: the header has no column {default!r} for the {ROLES[option]}{rename} {columns}")
 
 
 def _flag(option: str) -> str:
@@ -765,7 +803,9 @@ def _check_staged(path: Path, fmt: str, expected: str, header: bool, counts: dic
     if counts["staged"] == 0:
         raise PipelineError(f"{path}:{2 if header else 1}: no data rows; expected lines of {expected}")
     row, detail = counts["first_bad"]
-    raise PipelineError(f"{path}:{row}: no line is a valid {fmt} record; the first fails with: {detail}")
+    hint = _format_hint(path, fmt)
+    also = f"; line 1 looks like {hint[1]}: use --format {hint[0]}" if hint else ""
+    raise PipelineError(f"{path}:{row}: no line is a valid {fmt} record; the first fails with: {detail}{also}")
 
 
 def _nothing_kept(path: Path, quarantine: Path, summary: dict, filtered: int) -> PipelineError:

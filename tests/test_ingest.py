@@ -212,6 +212,51 @@ def test_csv_tsv_is_sniffed_and_a_missing_column_is_named(tmp_path):
         ingest(src, "csv", tmp_path / "e", time_col="when")
 
 
+def test_a_missing_column_blames_an_option_only_when_it_was_given(tmp_path):
+    src = write(tmp_path / "log.csv", "who,what,when\na,b,1\n")
+    with pytest.raises(PipelineError, match=r"log.csv:1: the header has no column 'user_id' for the user id; if it is "
+                                            r"called otherwise, name it with --user-col \(columns: who, what, when\)$"):
+        ingest(src, "csv", tmp_path / "d")
+    with pytest.raises(PipelineError, match=r"log.csv:1: the header has no column 'item_id' for the item id; "):
+        ingest(src, "csv", tmp_path / "d", user_col="who")
+    ratings = write(tmp_path / "ratings.csv", "userId,movie,rating,timestamp\n1,2,3,4\n")
+    with pytest.raises(PipelineError, match=r"ratings.csv:1: the header has no column 'movieId' for the item id "
+                                            r"\(columns: userId, movie, rating, timestamp\)$"):
+        ingest(ratings, "movielens", tmp_path / "d")  # which takes no --item-col
+
+
+@pytest.mark.parametrize("name, content, fmt, fits", [
+    ("Beauty.txt", "1 1 2 3 4 5\n2 6 7 8 9 10 4 11\n", "csv", "sequences"),
+    ("x.inter", "user_id:token\titem_id:token\trating:float\ttimestamp:float\n196\t242\t3\t881250949\n", "csv",
+     "recbole"),
+    ("ub.csv", "1,2268318,2520377,pv,1511544070\n", "csv", "taobao"),
+    ("ratings.dat", "1::1193::5::978300760\n", "csv", "movielens"),
+    ("u.data", "196\t242\t3\t881250949\n", "csv", "movielens"),
+    ("Beauty.txt", "1 1 2 3 4 5\n", "recbole", "sequences"),
+])
+def test_a_header_in_another_format_names_that_format(tmp_path, name, content, fmt, fits):
+    src = write(tmp_path / name, content)
+    with pytest.raises(PipelineError, match=rf"^{src}:1: this looks like .*, not a {fmt} header: use --format {fits}$"):
+        ingest(src, fmt, tmp_path / "d")
+
+
+@pytest.mark.parametrize("content, fmt, fits", [("1 1 2 3 4 5\n2 6 7\n", "taobao", "sequences"),
+                                                ("1 1 2 3 4 5\n", "movielens", "sequences"),
+                                                ("1,10,3,pv,100\n", "sequences", "taobao")])
+def test_a_file_without_one_valid_record_names_the_format_its_first_line_has(tmp_path, content, fmt, fits):
+    src = write(tmp_path / "log.txt", content)
+    with pytest.raises(PipelineError, match=rf"^{src}:1: no line is a valid {fmt} record; .*; line 1 looks like .*: "
+                                            rf"use --format {fits}$"):
+        ingest(src, fmt, tmp_path / "d")
+
+
+@pytest.mark.parametrize("name, fits", [("amazon-beauty/Beauty.txt", "sequences"),
+                                        ("ml-100k/ml-100k.inter", "recbole")])
+def test_real_logs_read_as_csv_name_their_format(tmp_path, shared_data, name, fits):
+    with pytest.raises(PipelineError, match=rf":1: this looks like .*: use --format {fits}$"):
+        ingest(shared_data(name), "csv", tmp_path / "d")
+
+
 def test_csv_reads_parquet_through_the_same_rules(tmp_path):
     src = tmp_path / "log.parquet"
     pq.write_table(pa.table({"u": ["a", "b", None], "i": ["x", "y", "z"], "t": [1, 2, 3], "r": [1.0, 99.0, 2.0]}), src)

@@ -20,6 +20,22 @@ console = Console(stderr=True)
 
 DataDir = typer.Option(Path("data/default"), "--data-dir", help="Folder for this dataset's files.")
 AsJson = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout.")
+# ingest's options, which `recblr run` passes on to its ingest step
+Format = typer.Option("csv", "--format", help="movielens, recbole, csv (CSV/TSV/Parquet), taobao or sequences.")
+UserCol = typer.Option(None, "--user-col", help="Header name of the user id (csv, recbole).")
+ItemCol = typer.Option(None, "--item-col", help="Header name of the item id (csv, recbole).")
+TimeCol = typer.Option(None, "--time-col", help="Header name of the timestamp: Unix seconds or ISO 8601.")
+RatingCol = typer.Option(None, "--rating-col", help="Header name of the rating (optional).")
+BehaviorCol = typer.Option(None, "--behavior-col", help="Header name of the behavior (optional).")
+Delimiter = typer.Option(None, "--delimiter", help="csv field separator, e.g. ',' or '\\t'; default: sniffed.")
+Behaviors = typer.Option(None, "--behaviors", help="Keep only these behaviors, e.g. buy,cart (taobao).")
+RatingMin = typer.Option(None, "--rating-min", help="Lowest valid rating (default 0).")
+RatingMax = typer.Option(None, "--rating-max", help="Highest valid rating (default 10).")
+
+
+def format_options(**options) -> dict:
+    """The ingest options given on the command line; the others stay the format's defaults."""
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def emit(summary: dict, as_json: bool, title: str) -> None:
@@ -36,25 +52,25 @@ def emit(summary: dict, as_json: bool, title: str) -> None:
 @app.command()
 def ingest(
     source: Optional[Path] = typer.Argument(None, help="Raw log; omitted: generate the synthetic log into DATA_DIR/raw."),
-    fmt: str = typer.Option("csv", "--format", help="movielens, recbole, csv (CSV/TSV/Parquet), taobao or sequences."),
+    fmt: str = Format,
     data_dir: Path = DataDir,
-    user_col: Optional[str] = typer.Option(None, "--user-col", help="Header name of the user id (csv, recbole)."),
-    item_col: Optional[str] = typer.Option(None, "--item-col", help="Header name of the item id (csv, recbole)."),
-    time_col: Optional[str] = typer.Option(None, "--time-col", help="Header name of the timestamp: Unix seconds or ISO 8601."),
-    rating_col: Optional[str] = typer.Option(None, "--rating-col", help="Header name of the rating (optional)."),
-    behavior_col: Optional[str] = typer.Option(None, "--behavior-col", help="Header name of the behavior (optional)."),
-    delimiter: Optional[str] = typer.Option(None, "--delimiter", help="csv field separator, e.g. ',' or '\\t'; default: sniffed."),
-    behaviors: Optional[str] = typer.Option(None, "--behaviors", help="Keep only these behaviors, e.g. buy,cart (taobao)."),
-    rating_min: Optional[float] = typer.Option(None, "--rating-min", help="Lowest valid rating (default 0)."),
-    rating_max: Optional[float] = typer.Option(None, "--rating-max", help="Highest valid rating (default 10)."),
+    user_col: Optional[str] = UserCol,
+    item_col: Optional[str] = ItemCol,
+    time_col: Optional[str] = TimeCol,
+    rating_col: Optional[str] = RatingCol,
+    behavior_col: Optional[str] = BehaviorCol,
+    delimiter: Optional[str] = Delimiter,
+    behaviors: Optional[str] = Behaviors,
+    rating_min: Optional[float] = RatingMin,
+    rating_max: Optional[float] = RatingMax,
     as_json: bool = AsJson,
 ) -> None:
     """Read a raw log, validate it, and write DATA_DIR/events.parquet plus the rejected rows in quarantine.parquet."""
     from pipeline.ingest import ingest as run_ingest
 
-    options = {"user_col": user_col, "item_col": item_col, "time_col": time_col, "rating_col": rating_col,
-               "behavior_col": behavior_col, "delimiter": delimiter, "behaviors": behaviors,
-               "rating_min": rating_min, "rating_max": rating_max}
+    options = format_options(user_col=user_col, item_col=item_col, time_col=time_col, rating_col=rating_col,
+                             behavior_col=behavior_col, delimiter=delimiter, behaviors=behaviors,
+                             rating_min=rating_min, rating_max=rating_max)
     emit(run_ingest(source, fmt, data_dir, **{k: v for k, v in options.items() if v is not None}), as_json, "ingest")
 
 
@@ -241,7 +257,16 @@ def recommend(
 def run_all(
     data_dir: Path = DataDir,
     source: Optional[Path] = typer.Option(None, "--source", help="Raw log (default: generate the synthetic log)."),
-    fmt: str = typer.Option("csv", "--format", help="Format of --source, as for `recblr ingest`."),
+    fmt: str = Format,
+    user_col: Optional[str] = UserCol,
+    item_col: Optional[str] = ItemCol,
+    time_col: Optional[str] = TimeCol,
+    rating_col: Optional[str] = RatingCol,
+    behavior_col: Optional[str] = BehaviorCol,
+    delimiter: Optional[str] = Delimiter,
+    behaviors: Optional[str] = Behaviors,
+    rating_min: Optional[float] = RatingMin,
+    rating_max: Optional[float] = RatingMax,
     users: Optional[int] = typer.Option(None, "--users", min=1, help="Users in the synthetic log (without --source)."),
     events_per_user: Optional[int] = typer.Option(None, "--events-per-user", min=1, help="Mean events per synthetic user."),
     run_key: Optional[str] = typer.Option(None, "--run-key", help="Partition DATA_DIR/runs/KEY (default: today)."),
@@ -262,14 +287,22 @@ def run_all(
     as_json: bool = AsJson,
 ) -> None:
     """The whole pipeline without Airflow: ingest, validate, prepare, train, evaluate, register and promote."""
+    from pipeline.errors import PipelineError
     from pipeline.run import run_pipeline
 
+    if source is not None and (users, events_per_user) != (None, None):
+        raise PipelineError(f"--users and --events-per-user size the synthetic log, which --source {source} "
+                            "replaces: drop them")
     train = {"epochs": epochs, "max_len": max_len, "time_budget_s": time_budget_s, "compile": compile,
              "recompute": recompute, "batch_by_length": batch_by_length}
     out = run_pipeline(data_dir, run_key=run_key, source=str(source) if source else None, fmt=fmt, model=model,
                        train=train, overrides=_parse_sets(set_), min_count=min_count,
                        max_quarantined=max_quarantined, tracking_uri=tracking_uri, model_name=model_name,
                        nproc_per_node=nproc_per_node,
+                       format_options=format_options(user_col=user_col, item_col=item_col, time_col=time_col,
+                                                     rating_col=rating_col, behavior_col=behavior_col,
+                                                     delimiter=delimiter, behaviors=behaviors,
+                                                     rating_min=rating_min, rating_max=rating_max),
                        synthetic={k: v for k, v in {"n_users": users, "mean_events": events_per_user}.items()
                                   if v is not None})
     gate = out["register"]

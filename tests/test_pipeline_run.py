@@ -64,6 +64,47 @@ def test_every_recblr_run_option_named_as_a_train_config_field_reaches_run_pipel
     assert given["train"] == changed
 
 
+def test_recblr_run_takes_every_ingest_option_and_hands_it_to_run_pipeline(tmp_path, monkeypatch):
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from pipeline import run
+    from pipeline.cli import app
+
+    commands = get_command(app).commands
+    ingest_options = [p for p in commands["ingest"].params if p.name not in ("source", "data_dir", "as_json")]
+    run_options = {p.name: p for p in commands["run"].params}
+    assert [(p.opts, p.help) for p in ingest_options] == [(run_options[p.name].opts, run_options[p.name].help)
+                                                           for p in ingest_options]
+    given = []
+
+    def run_pipeline(data_dir, **kwargs):
+        given.append(kwargs)
+        raise PipelineError("stop before ingest")
+
+    monkeypatch.setattr(run, "run_pipeline", run_pipeline)
+    base = ["run", "--data-dir", str(tmp_path / "d"), "--source", str(tmp_path / "UserBehavior.csv")]
+    options = {"behaviors": "buy,cart", "user_col": "uid", "item_col": "sku", "time_col": "ts", "rating_col": "stars",
+               "behavior_col": "act", "delimiter": ";", "rating_min": 1.0, "rating_max": 5.0}
+    args = [a for name, value in options.items() for a in (f"--{name.replace('_', '-')}", str(value))]
+    for argv in (base, [*base, "--format", "taobao", *args]):
+        assert isinstance(CliRunner().invoke(app, argv).exception, PipelineError)
+    assert [(kwargs["fmt"], kwargs["format_options"]) for kwargs in given] == [("csv", {}), ("taobao", options)]
+
+
+@pytest.mark.parametrize("option", ["--users", "--events-per-user"])
+def test_recblr_run_refuses_a_synthetic_size_with_a_source(tmp_path, monkeypatch, option):
+    from typer.testing import CliRunner
+
+    from pipeline import run
+    from pipeline.cli import app
+
+    monkeypatch.setattr(run, "run_pipeline", lambda data_dir, **kwargs: pytest.fail("run_pipeline was called"))
+    result = CliRunner().invoke(app, ["run", "--data-dir", str(tmp_path / "d"), "--source", str(tmp_path / "x.csv"),
+                                      option, "300"])
+    assert isinstance(result.exception, PipelineError) and option in str(result.exception)
+
+
 @pytest.mark.parametrize("key", ["../../outside", "..", ".", "", "a/b"])
 def test_a_run_key_that_is_not_a_plain_name_is_refused_naming_it(tmp_path, key):
     data_dir = tmp_path / "data" / "d"

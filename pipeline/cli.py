@@ -71,7 +71,7 @@ def ingest(
     options = format_options(user_col=user_col, item_col=item_col, time_col=time_col, rating_col=rating_col,
                              behavior_col=behavior_col, delimiter=delimiter, behaviors=behaviors,
                              rating_min=rating_min, rating_max=rating_max)
-    emit(run_ingest(source, fmt, data_dir, **{k: v for k, v in options.items() if v is not None}), as_json, "ingest")
+    emit(run_ingest(source, fmt, data_dir, **options), as_json, "ingest")
 
 
 @app.command()

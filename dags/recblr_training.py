@@ -27,6 +27,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from pipeline import run
 from pipeline.errors import PipelineError, ServiceUnavailable
+from pipeline.prepare import MIN_EVENTS_PER_USER
 
 DATA_DIR = Path(os.environ.get("RECBLR_DATA_DIR", Path(__file__).resolve().parent.parent / "data" / "default"))
 # one asset for every run's prepared/; each event's extra names the partition and the data digest
@@ -82,7 +83,7 @@ def _tracking_uri(data_dir: Path, params) -> str:
         "format_options": Param({}, type="object", description="Extra ingest options for the format."),
         "synthetic": Param({}, type="object",
                            description="Size of the generated log when source is null, e.g. {\"n_users\": 300}."),
-        "min_count": Param(5, type="integer", minimum=1, description="k of the k-core filter."),
+        "min_count": Param(5, type="integer", minimum=MIN_EVENTS_PER_USER, description="k of the k-core filter."),
         "max_quarantined": Param(0.05, type="number", minimum=0, maximum=1,
                                  description="Largest share of rejected rows that still lets the run go on."),
         "model": Param("recblr", type="string", description="Model name in recblr.models.MODELS."),

@@ -15,11 +15,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.prepare import MIN_EVENTS_PER_USER
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 console = Console(stderr=True)
 
 DataDir = typer.Option(Path("data/default"), "--data-dir", help="Folder for this dataset's files.")
 AsJson = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout.")
+MinCount = typer.Option(5, "--min-count", min=MIN_EVENTS_PER_USER,
+                        help="k of the k-core filter: keep users and items with at least this many events.")
 # ingest's options, which `recblr run` passes on to its ingest step
 Format = typer.Option("csv", "--format", help="movielens, recbole, csv (CSV/TSV/Parquet), taobao or sequences.")
 UserCol = typer.Option(None, "--user-col", help="Header name of the user id (csv, recbole).")
@@ -77,7 +81,7 @@ def ingest(
 @app.command()
 def prepare(
     data_dir: Path = DataDir,
-    min_count: int = typer.Option(5, "--min-count", help="Keep users and items with at least this many events (k-core)."),
+    min_count: int = MinCount,
     as_json: bool = AsJson,
 ) -> None:
     """Filter events to the k-core, index users and items, and split each user's sequence leave-one-out."""
@@ -279,7 +283,7 @@ def run_all(
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the training forward, as `recblr train --compile`."),
     recompute: bool = typer.Option(False, "--recompute/--no-recompute", help="Less GPU memory for some more time, as `recblr train --recompute`."),
     batch_by_length: bool = typer.Option(False, "--batch-by-length/--no-batch-by-length", help="Batches of similar-length windows, as `recblr train --batch-by-length`."),
-    min_count: int = typer.Option(5, "--min-count", help="k of the k-core filter."),
+    min_count: int = MinCount,
     max_quarantined: float = typer.Option(0.05, "--max-quarantined", min=0.0, max=1.0, help="Largest share of rejected rows."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
                                                help="Default: SQLite under the data root."),

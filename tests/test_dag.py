@@ -96,6 +96,8 @@ def test_bad_input_fails_at_once_and_a_tracking_outage_takes_the_retries(dag):
 def test_params_reject_a_wrong_type(dag):
     from airflow.sdk.exceptions import ParamValidationError
 
+    from pipeline.prepare import MIN_EVENTS_PER_USER
+
     params = copy.deepcopy(dag.params)
     params["epochs"] = 3  # a manual trigger's conf overrides the default
     assert params["epochs"] == 3
@@ -105,6 +107,9 @@ def test_params_reject_a_wrong_type(dag):
     for wrong in (0, "all", "2"):
         with pytest.raises(ParamValidationError):
             params["nproc_per_node"] = wrong
+    params["min_count"] = MIN_EVENTS_PER_USER
+    with pytest.raises(ParamValidationError):  # at trigger time, not in the prepare task
+        params["min_count"] = MIN_EVENTS_PER_USER - 1
     params["time_budget_s"] = 1800.5
     for wrong in (0, -1, "soon"):
         with pytest.raises(ParamValidationError):

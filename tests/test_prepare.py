@@ -196,6 +196,19 @@ def test_bad_min_count_and_missing_columns(tmp_path):
         prepare(data_dir)
 
 
+@pytest.mark.parametrize("command", ["prepare", "run"])
+def test_cli_refuses_a_min_count_below_the_split_before_any_step(tmp_path, monkeypatch, command):
+    from pipeline import run
+
+    monkeypatch.setattr(prepare_module, "prepare", lambda *args, **kwargs: pytest.fail("prepare was called"))
+    monkeypatch.setattr(run, "run_pipeline", lambda *args, **kwargs: pytest.fail("run_pipeline was called"))
+    below = prepare_module.MIN_EVENTS_PER_USER - 1
+    result = CliRunner().invoke(app, [command, "--data-dir", str(tmp_path), "--min-count", str(below)])
+    message = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2, result.output
+    assert f"'--min-count': Input should be greater than or equal to {below + 1}" in message
+
+
 def test_cli_prints_json_last_and_exits_2_on_user_errors(tmp_path):
     data_dir = write_events(tmp_path, [(u, i, 0) for u in "abc" for i in "pqr"])
     result = CliRunner().invoke(app, ["prepare", "--data-dir", str(data_dir), "--min-count", "3", "--json"])

@@ -12,8 +12,10 @@ validate has decided, from the blocks that hold quarantined lines only; a Parque
 is the row's values. Text is UTF-8; a file that starts with a UTF-16 or UTF-32 byte order mark is decoded as it
 is read, one without the mark is refused with the iconv command that converts it. Counts always add up:
 rows_in = rows_kept + rows_quarantined + rows_filtered, where rows_filtered are rows dropped on purpose by
---behaviors (0 without it). For `sequences` a row is one event (one item of a line) and a line without items is
-one quarantined row.
+--behaviors (0 without it). A behavior asked for that no row has is likely a typo, or a rare behavior absent from
+this file: taobao, whose behaviors are known, refuses an unknown one up front; otherwise it is a warning and the
+summary's behaviors_unmatched, beside behaviors_seen (each behavior's rows), and an error only when no row at all
+matched. For `sequences` a row is one event (one item of a line) and a line without items is one quarantined row.
 
 A file that cannot be read at all (missing, empty or only white space, binary, no valid line, no header column
 for a role) raises PipelineError naming the file, the line and the layout expected, and the format to use when the
@@ -26,6 +28,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import logging
 import os
 import re
 import time
@@ -46,6 +49,8 @@ from tqdm import tqdm
 from pipeline.errors import PipelineError
 from pipeline.validate import STAGING_SCHEMA, validate
 
+log = logging.getLogger(__name__)
+
 FORMATS = ("movielens", "recbole", "csv", "taobao", "sequences")
 COLUMN_OPTIONS = ("user_col", "item_col", "time_col", "rating_col", "behavior_col")
 OPTIONAL_COLUMNS = ("rating_col", "behavior_col")
@@ -62,6 +67,7 @@ DEFAULT_COLUMNS = {"user_col": "user_id", "item_col": "item_id", "time_col": "ti
 MOVIELENS_CSV_COLUMNS = {"user_col": "userId", "item_col": "movieId", "time_col": "timestamp", "rating_col": "rating"}
 ROLES = {"user_col": "user id", "item_col": "item id", "time_col": "timestamp"}  # the columns every format needs
 TAOBAO_BEHAVIORS = ("pv", "buy", "cart", "fav")  # UserBehavior.csv's, the only ones it has
+BEHAVIORS_SEEN_MAX = 1000  # distinct behaviors tallied for the summary; more means it is not a behavior column
 # First lines that show which format a file is in, to suggest it when another was asked for: (format, pattern,
 # what the line is). Only layouts unlikely to be anything else: integers, RecBole's typed names, taobao's behaviors.
 RECOGNISED_FIRST_LINES = (
@@ -546,20 +552,45 @@ def _delimited(path: Path, layout: Layout, behaviors: list[str] | None, counts: 
             if pc.any(mask).as_py():
                 bad += zip(row.filter(mask).to_pylist(), repeat(rule), repeat(detail))
                 drop = pc.or_(drop, mask)
-        if behaviors is not None:
-            behavior = _field(text[layout.behavior])
-            wanted = pc.fill_null(pc.is_in(behavior, pa.array(behaviors, pa.string())), False)
-            counts["filtered"] += pc.sum(pc.and_not(pc.invert(wanted), drop)).as_py() or 0
-            drop = pc.or_(drop, pc.invert(wanted))
         if pc.any(drop).as_py():
             keep = pc.invert(drop)
             row, text = row.filter(keep), {n: t.filter(keep) for n, t in text.items()}
+        if behaviors is not None:
+            wanted = _wanted(_field(text[layout.behavior]), behaviors, counts)
+            row, text = row.filter(wanted), {n: t.filter(wanted) for n, t in text.items()}
         yield _events(row, text, layout)
         if bad:
             yield _structural(bad)
             bad.clear()
     if bad:
         yield _structural(bad)
+
+
+def _wanted(behavior: pa.Array, behaviors: list[str], counts: dict) -> pa.Array:
+    """Which rows have one of `behaviors`; counts the others as filtered, and tallies the rows of each behavior in
+    counts["seen"] (None once it holds more than BEHAVIORS_SEEN_MAX) and the behaviors found in counts["matched"]."""
+    wanted = pc.fill_null(pc.is_in(behavior, pa.array(behaviors, pa.string())), False)
+    counts["filtered"] += len(behavior) - (pc.sum(wanted).as_py() or 0)
+    counts["matched"].update(pc.unique(behavior.filter(wanted)).to_pylist())
+    if counts["seen"] is not None:
+        tally = pc.value_counts(behavior.drop_null())  # an empty field is no behavior
+        for value, n in zip(tally.field("values").to_pylist(), tally.field("counts").to_pylist()):
+            counts["seen"][value] = counts["seen"].get(value, 0) + n
+        if len(counts["seen"]) > BEHAVIORS_SEEN_MAX:
+            counts["seen"] = None
+    return wanted
+
+
+def _behaviors_seen(counts: dict) -> dict | None:
+    """Rows of each behavior read, commonest first; None when there were too many behaviors to tally."""
+    return counts["seen"] and dict(sorted(counts["seen"].items(), key=lambda item: (-item[1], item[0])))
+
+
+def _show_behaviors(counts: dict) -> str:
+    seen = _behaviors_seen(counts)
+    if seen is None:
+        return f"more than {BEHAVIORS_SEEN_MAX} different values (is that the behavior column?)"
+    return ", ".join(f"{b} ({n})" for b, n in seen.items()) or "none (every behavior field is empty)"
 
 
 def _all(masks: list[pa.Array]) -> pa.Array:
@@ -750,9 +781,7 @@ def _parquet(path: Path, options: dict, counts: dict) -> Iterator[pa.RecordBatch
         rows = pa.array(np.arange(row, row + batch.num_rows, dtype=np.int64))
         row += batch.num_rows
         if options["behaviors"] is not None:
-            wanted = pc.fill_null(pc.is_in(_field(text[layout.behavior]), pa.array(options["behaviors"], pa.string())),
-                                  False)
-            counts["filtered"] += len(rows) - (pc.sum(wanted).as_py() or 0)
+            wanted = _wanted(_field(text[layout.behavior]), options["behaviors"], counts)
             rows, text = rows.filter(wanted), {n: t.filter(wanted) for n, t in text.items()}
         yield _events(rows, text, layout, shown=list(text.values()))
 
@@ -771,6 +800,10 @@ def _check_options(fmt: str, options: dict) -> dict:
         behaviors = [b for b in (s.strip() for s in behaviors.split(",")) if b]
     if behaviors is not None and not behaviors:
         raise PipelineError("--behaviors needs at least one behavior, e.g. buy,cart")
+    unknown = [b for b in behaviors if b not in TAOBAO_BEHAVIORS] if fmt == "taobao" and behaviors else []
+    if unknown:  # a known vocabulary: a typo is certain, and would silently drop that behavior's rows
+        raise PipelineError(f"--behaviors {','.join(unknown)}: not a taobao behavior; taobao's are "
+                            f"{', '.join(TAOBAO_BEHAVIORS)}")
     return {**options, "behaviors": list(behaviors) if behaviors is not None else None}
 
 
@@ -790,16 +823,17 @@ def _stage(batches: Iterator[pa.RecordBatch], staging: Path, counts: dict) -> No
 
 def _check_staged(path: Path, fmt: str, expected: str, header: bool, counts: dict,
                   behaviors: list[str] | None) -> None:
-    """Fail before validating when no staged row can become an event: --behaviors filtered out every row
-    (checked first: a typo there must not be blamed on the odd malformed line), there were no data rows, or
-    no line was well formed."""
+    """Fail before validating when no staged row can become an event: no row has any of --behaviors (checked
+    first: a typo there must not be blamed on the odd malformed line), there were no data rows, or no line was
+    well formed."""
     if counts["well_formed"]:
         return
     if counts["filtered"]:
         malformed = f" ({counts['staged']} more would be quarantined; the first, line {counts['first_bad'][0]}: " \
                     f"{counts['first_bad'][1]})" if counts["staged"] else ""
         raise PipelineError(f"{path}: all {counts['filtered']} rows were filtered out by --behaviors "
-                            f"{','.join(behaviors)}{malformed}")
+                            f"{','.join(behaviors)}, which no row has; the file's behaviors: "
+                            f"{_show_behaviors(counts)}{malformed}")
     if counts["staged"] == 0:
         raise PipelineError(f"{path}:{2 if header else 1}: no data rows; expected lines of {expected}")
     row, detail = counts["first_bad"]
@@ -830,11 +864,24 @@ def _first_quarantined(quarantine: Path, rule: str) -> tuple[int, str]:
     raise ValueError(f"{quarantine}: no row under rule {rule}")
 
 
+def _behaviors_summary(path: Path, behaviors: list[str] | None, counts: dict) -> dict:
+    """behaviors_seen and behaviors_unmatched, with a warning naming the unmatched. Not an error: a nightly run
+    that keeps a rare behavior must not fail on a day without it; with no behavior matched, _check_staged fails."""
+    if behaviors is None:
+        return {}
+    unmatched = [b for b in behaviors if b not in counts["matched"]]
+    if unmatched:
+        log.warning("%s: --behaviors %s matched no row; the file's behaviors: %s", path, ",".join(unmatched),
+                    _show_behaviors(counts))
+    return {"behaviors_seen": _behaviors_seen(counts), "behaviors_unmatched": unmatched}
+
+
 def ingest(source: Path | None, fmt: str, data_dir: Path, **format_options) -> dict:
     """Read `source` (None: generate the synthetic log into DATA_DIR/raw and read it as csv) in format `fmt`.
 
     Writes DATA_DIR/events.parquet and DATA_DIR/quarantine.parquet and returns the summary: rows_in,
-    rows_kept, rows_quarantined, rows_filtered, quarantine_reasons, output and more. format_options:
+    rows_kept, rows_quarantined, rows_filtered, quarantine_reasons, output, with --behaviors behaviors_seen and
+    behaviors_unmatched, and more. format_options:
     user_col, item_col, time_col, rating_col, behavior_col (header names, csv and recbole), delimiter (csv),
     behaviors (list or comma-separated; csv, recbole, taobao), rating_min and rating_max (default 0..10).
     """
@@ -850,7 +897,7 @@ def ingest(source: Path | None, fmt: str, data_dir: Path, **format_options) -> d
 
         source = write_synthetic_log(data_dir / "raw" / "synthetic.csv")
     path = _resolve(Path(source), fmt)
-    counts = {"staged": 0, "filtered": 0, "well_formed": 0, "first_bad": None}
+    counts = {"staged": 0, "filtered": 0, "well_formed": 0, "first_bad": None, "seen": {}, "matched": set()}
     blocks: list[tuple[int, int]] = []  # of a text source, to show quarantined lines (see _SourceLines)
     if fmt == "csv" and _head(path).startswith(b"PAR1"):
         expected, header = "a Parquet file", False
@@ -880,6 +927,7 @@ def ingest(source: Path | None, fmt: str, data_dir: Path, **format_options) -> d
         staging.unlink(missing_ok=True)
     if blocks:
         _show_source_lines(data_dir / "quarantine.parquet", path, blocks)
+    behaviors = _behaviors_summary(path, options["behaviors"], counts)
     if summary["rows_kept"] == 0:
         raise _nothing_kept(path, data_dir / "quarantine.parquet", summary, counts["filtered"])
     rows_in = summary["rows_in"] + counts["filtered"]
@@ -895,5 +943,7 @@ def ingest(source: Path | None, fmt: str, data_dir: Path, **format_options) -> d
         "quarantine_reasons": summary["quarantine_reasons"],
         "output": summary["output"],
         "quarantine": str(data_dir / "quarantine.parquet"),
+        **behaviors,
         "seconds": round(time.perf_counter() - started, 2),
     }
+

@@ -329,11 +329,58 @@ def test_taobao_behaviors_are_filtered_not_quarantined(tmp_path):
     assert "rows_filtered" in summary["counts"]
 
 
-def test_a_behaviors_typo_is_named_not_a_malformed_line(tmp_path):
+def test_a_behavior_no_row_has_is_named_not_a_malformed_line(tmp_path):
     src = write(tmp_path / "ub.csv", "1,10,3,buy,100\n1,11,3,buy,101\n2,10,3,cart,102\n2,11,3,buy\n")
-    with pytest.raises(PipelineError, match=r"ub.csv: all 3 rows were filtered out by --behaviors purchase "
-                                            r"\(1 more would be quarantined; the first, line 4: expected 5 fields"):
-        ingest(src, "taobao", tmp_path / "d", behaviors="purchase")
+    with pytest.raises(PipelineError, match=r"ub.csv: all 3 rows were filtered out by --behaviors fav,pv, which no "
+                                            r"row has; the file's behaviors: buy \(2\), cart \(1\) \(1 more would be "
+                                            r"quarantined; the first, line 4: expected 5 fields"):
+        ingest(src, "taobao", tmp_path / "d", behaviors="fav,pv")
+
+
+def test_a_taobao_behavior_that_does_not_exist_is_refused_before_reading(tmp_path):
+    src = write(tmp_path / "ub.csv", "1,10,3,buy,100\n2,10,3,cart,102\n")
+    with pytest.raises(PipelineError, match=r"^--behaviors carts,Buy: not a taobao behavior; taobao's are pv, buy, "
+                                            r"cart, fav$"):
+        ingest(src, "taobao", tmp_path / "d", behaviors="buy,carts,Buy")
+    assert not (tmp_path / "d").exists()
+
+
+def behavior_log(tmp_path, kind):
+    rows = [("u1", "i1", 10, "view"), ("u1", "i2", 11, "buy"), ("u2", "i1", 12, "view"), ("u2", "i3", 13, None)]
+    if kind == "parquet":
+        src = tmp_path / "log.parquet"
+        pq.write_table(pa.table(list(zip(*rows)), names=["user_id", "item_id", "timestamp", "behavior"]), src)
+        return src
+    return write(tmp_path / "log.csv", "user_id,item_id,timestamp,behavior\n"
+                 + "".join(f"{u},{i},{t},{b or ''}\n" for u, i, t, b in rows) + "u3,i4\n")
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_a_behavior_that_matched_no_row_is_a_warning_and_in_the_summary(tmp_path, caplog, kind):
+    # not an error: a nightly run that keeps a rare behavior must not fail on a day without it
+    summary = ingest(behavior_log(tmp_path, kind), "csv", tmp_path / "d", behaviors="buy,carts")
+    assert [e["item_id"] for e in outputs(tmp_path / "d")[0]] == ["i2"]
+    assert summary["behaviors_unmatched"] == ["carts"] and summary["behaviors_seen"] == {"view": 2, "buy": 1}
+    assert summary["rows_filtered"] == 3 and balanced(summary)
+    assert any(r.levelname == "WARNING" and r.getMessage().endswith(
+        "--behaviors carts matched no row; the file's behaviors: view (2), buy (1)") for r in caplog.records)
+    with pytest.raises(PipelineError, match=r"all 4 rows were filtered out by --behaviors carts,cart, which no row "
+                                            r"has; the file's behaviors: view \(2\), buy \(1\)"):
+        ingest(behavior_log(tmp_path, kind), "csv", tmp_path / "e", behaviors="carts,cart")
+
+
+def test_a_column_of_too_many_behaviors_to_list_is_questioned(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline.ingest, "BEHAVIORS_SEEN_MAX", 2)
+    src = write(tmp_path / "log.csv", "user_id,item_id,timestamp,behavior\nu1,i1,10,a\nu1,i2,11,b\nu2,i1,12,c\n")
+    assert ingest(src, "csv", tmp_path / "d", behaviors="a,z")["behaviors_seen"] is None
+    with pytest.raises(PipelineError, match=r"the file's behaviors: more than 2 different values \(is that the "
+                                            r"behavior column\?\)$"):
+        ingest(src, "csv", tmp_path / "e", behaviors="z")
+
+
+def test_a_typo_in_taobao_behaviors_of_the_real_log_is_refused(tmp_path, shared_data):
+    with pytest.raises(PipelineError, match=r"--behaviors carts: not a taobao behavior"):
+        ingest(shared_data("taobao-sample/UserBehavior.csv"), "taobao", tmp_path / "d", behaviors="buy,carts")
 
 
 def test_a_file_with_every_row_quarantined_fails_and_keeps_both_outputs(tmp_path):

@@ -17,6 +17,14 @@ this file: taobao, whose behaviors are known, refuses an unknown one up front; o
 summary's behaviors_unmatched, beside behaviors_seen (each behavior's rows), and an error only when no row at all
 matched. For `sequences` a row is one event (one item of a line) and a line without items is one quarantined row.
 
+A timestamp is Unix seconds (an integer or a decimal) or an ISO 8601 datetime, and events hold it as whole seconds
+(int64, the unit the suite's bounds are in). A fraction of a second is dropped (floor) and counted in the summary's
+timestamps_truncated: events of a user within one second then keep the order of their lines (prepare breaks ties
+by line, so a file sorted by time loses no order), and two otherwise equal events in one second are duplicates.
+A number is seconds whatever its size, since a unit guessed from the digits could shift a file without a word:
+milli-, micro- and nanoseconds since 1970 (13, 16, 19 digits) are beyond now + 1 day and break timestamp_in_range,
+shown exactly; a number no int64 holds (20 digits, 1e30) breaks it too, set by ingest, which cannot stage it.
+
 A file that cannot be read at all (missing, empty or only white space, binary, no valid line, no header column
 for a role) raises PipelineError naming the file, the line and the layout expected, and the format to use when the
 first line has the layout of another (RECOGNISED_FIRST_LINES). Outputs are renamed into place at the end, so a
@@ -87,8 +95,14 @@ SPACE = " \t\r"
 # A byte order mark names its encoding; UTF-32LE's starts with UTF-16LE's, so it is looked for first.
 BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
                     (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
-INT_PATTERN = r"^[+-]?[0-9]{1,18}$"
+INT_PATTERN = r"^-?[0-9]{1,18}$"  # what int64 holds whatever the digits; pyarrow's cast to int takes no "+"
+LONG_INT_PATTERN = r"^-?[0-9]{19}$"  # what int64 holds up to INT64_MAX: nanoseconds since 1970 until 2262
+INT64_MAX = str(2 ** 63 - 1)
 FLOAT_PATTERN = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
+# the detail of a numeric timestamp that no int64 holds, around its text; the suite's timestamp_in_range says the
+# same of the numbers it sees
+BEYOND_ANY_DATE = ("timestamp must be Unix seconds (1970-01-01 .. now + 1 day), not milli-, micro- or nanoseconds, "
+                   "which ingest does not convert; got '", "', beyond any date")
 
 
 @dataclass(frozen=True)
@@ -339,23 +353,37 @@ def _field(text: pa.Array) -> pa.Array:
     return pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
 
 
-def _parse_timestamp(text: pa.Array) -> pa.Array:
-    """Unix seconds (integer or decimal, as RecBole's timestamp:float) or an ISO 8601 datetime (UTC unless
-    it has an offset), as int64; null where the text is missing or none of these."""
+def _parse_timestamp(text: pa.Array) -> tuple[pa.Array, pa.Array | None, int]:
+    """Unix seconds (integer or decimal, as RecBole's timestamp:float) or an ISO 8601 datetime (UTC unless it has
+    an offset), as int64 seconds; null where the text is missing or none of these. A number is seconds whatever its
+    size: a unit guessed from the digits could shift a whole file without a word. A fraction of a second is dropped
+    (floor), since events hold whole seconds. Also returns which rows are numbers that no int64 holds (null too;
+    None when there are none) and how many timestamps lost a fraction."""
     is_int = pc.fill_null(pc.match_substring_regex(text, INT_PATTERN), False)
     if pc.all(is_int).as_py():
-        return pc.cast(text, pa.int64())
+        return pc.cast(text, pa.int64()), None, 0
     out = pc.cast(pc.if_else(is_int, text, pa.scalar(None, pa.string())), pa.int64())
     is_float = pc.and_not(pc.fill_null(pc.match_substring_regex(text, FLOAT_PATTERN), False), is_int)
-    seconds = pc.floor(pc.cast(pc.if_else(is_float, text, pa.scalar(None, pa.string())), pa.float64()))
-    seconds = pc.if_else(pc.less(pc.abs(seconds), 9e18), seconds, pa.scalar(None, pa.float64()))
+    number = pc.cast(pc.if_else(is_float, text, pa.scalar(None, pa.string())), pa.float64())
+    if pc.any(pc.greater_equal(pc.abs(number), 2.0 ** 53)).as_py():  # where a float stops holding every integer
+        # 19 digits up to INT64_MAX are read exactly, as integers (text of one length compares as its value)
+        long = pc.fill_null(pc.and_(pc.match_substring_regex(text, LONG_INT_PATTERN),
+                                    pc.less_equal(pc.utf8_ltrim(text, characters="-"), INT64_MAX)), False)
+        out = pc.coalesce(out, pc.cast(pc.if_else(long, text, pa.scalar(None, pa.string())), pa.int64()))
+        number = pc.if_else(long, pa.scalar(None, pa.float64()), number)
+    whole = pc.floor(number)
+    beyond = pc.fill_null(pc.greater_equal(pc.abs(whole), 2.0 ** 63), False)
+    seconds = pc.if_else(beyond, pa.scalar(None, pa.float64()), whole)
+    truncated = pc.sum(pc.not_equal(seconds, number)).as_py() or 0
     out = pc.coalesce(out, pc.cast(seconds, pa.int64()))
-    rest = pc.and_(pc.is_null(out), pc.is_valid(text))
+    rest = pc.and_not(pc.and_(pc.is_null(out), pc.is_valid(text)), beyond)
     if pc.any(rest).as_py():  # datetimes: pandas parses every ISO 8601 variant
         stamps = pd.to_datetime(text.filter(rest).to_pandas(), format="ISO8601", utc=True, errors="coerce")
+        missing = stamps.isna().to_numpy()
+        truncated += int((stamps.to_numpy(dtype="datetime64[ns]").astype(np.int64) % 10 ** 9 != 0)[~missing].sum())
         seconds = stamps.to_numpy(dtype="datetime64[s]").astype(np.int64)
-        out = pc.replace_with_mask(out, rest, pa.array(seconds, mask=stamps.isna().to_numpy()))
-    return out
+        out = pc.replace_with_mask(out, rest, pa.array(seconds, mask=missing))
+    return out, beyond if pc.any(beyond).as_py() else None, truncated
 
 
 def _parse_rating(text: pa.Array) -> pa.Array:
@@ -558,7 +586,7 @@ def _delimited(path: Path, layout: Layout, behaviors: list[str] | None, counts: 
         if behaviors is not None:
             wanted = _wanted(_field(text[layout.behavior]), behaviors, counts)
             row, text = row.filter(wanted), {n: t.filter(wanted) for n, t in text.items()}
-        yield _events(row, text, layout)
+        yield _events(row, text, layout, counts)
         if bad:
             yield _structural(bad)
             bad.clear()
@@ -600,15 +628,23 @@ def _all(masks: list[pa.Array]) -> pa.Array:
     return out
 
 
-def _events(row: pa.Array, text: dict, layout: Layout, shown: list[pa.Array] | None = None) -> pa.RecordBatch:
-    """Typed staging rows from the text of the mapped fields. `shown`, for a source without lines to show (Parquet),
-    are all of a row's fields as text, joined by commas into the raw of rows sure to be quarantined."""
-    user, item = _field(text[layout.user]), _field(text[layout.item])
-    timestamp = _parse_timestamp(_field(text[layout.time]))
+def _events(row: pa.Array, text: dict, layout: Layout, counts: dict,
+            shown: list[pa.Array] | None = None) -> pa.RecordBatch:
+    """Typed staging rows from the text of the mapped fields; counts["truncated"] adds the timestamps that lost a
+    fraction of a second. `shown`, for a source without lines to show (Parquet), are all of a row's fields as text,
+    joined by commas into the raw of rows sure to be quarantined."""
+    user, item, when = _field(text[layout.user]), _field(text[layout.item]), _field(text[layout.time])
+    timestamp, beyond, truncated = _parse_timestamp(when)
+    counts["truncated"] += truncated
+    rule = detail = None
+    if beyond is not None:  # a number no int64 holds cannot be staged for the suite to check: its rule is set here
+        rule = pc.if_else(beyond, "timestamp_in_range", pa.scalar(None, pa.string()))
+        detail = pc.if_else(beyond, pc.binary_join_element_wise(BEYOND_ANY_DATE[0], when, BEYOND_ANY_DATE[1], ""),
+                            pa.scalar(None, pa.string()))
     rating = _parse_rating(_field(text[layout.rating])) if layout.rating else None
     behavior = _field(text[layout.behavior]) if layout.behavior else None
     if shown is None:  # a text source: the quarantine shows the line itself (see _show_source_lines)
-        return _staging_batch(row, user, item, timestamp, rating, behavior)
+        return _staging_batch(row, user, item, timestamp, rating, behavior, rule=rule, detail=detail)
     # for rows sure to be quarantined, whose values alone would not show what was there (an empty field, text
     # that did not parse); other rejects are shown by their values
     unparsed = pc.or_(pc.or_(pc.is_null(user), pc.is_null(item)), pc.is_null(timestamp))
@@ -616,7 +652,7 @@ def _events(row: pa.Array, text: dict, layout: Layout, shown: list[pa.Array] | N
         unparsed = pc.or_(unparsed, pc.fill_null(pc.is_nan(rating), False))
     raw = pc.if_else(unparsed, pc.binary_join_element_wise(*shown, ","), pa.scalar(None, pa.string())) \
         if pc.any(unparsed).as_py() else None
-    return _staging_batch(row, user, item, timestamp, rating, behavior, raw)
+    return _staging_batch(row, user, item, timestamp, rating, behavior, raw, rule, detail)
 
 
 def _line_starts(users: pa.Array, lengths: np.ndarray, seen: dict) -> np.ndarray:
@@ -783,7 +819,7 @@ def _parquet(path: Path, options: dict, counts: dict) -> Iterator[pa.RecordBatch
         if options["behaviors"] is not None:
             wanted = _wanted(_field(text[layout.behavior]), options["behaviors"], counts)
             rows, text = rows.filter(wanted), {n: t.filter(wanted) for n, t in text.items()}
-        yield _events(rows, text, layout, shown=list(text.values()))
+        yield _events(rows, text, layout, counts, shown=list(text.values()))
 
 
 def _check_options(fmt: str, options: dict) -> dict:
@@ -897,7 +933,8 @@ def ingest(source: Path | None, fmt: str, data_dir: Path, **format_options) -> d
 
         source = write_synthetic_log(data_dir / "raw" / "synthetic.csv")
     path = _resolve(Path(source), fmt)
-    counts = {"staged": 0, "filtered": 0, "well_formed": 0, "first_bad": None, "seen": {}, "matched": set()}
+    counts = {"staged": 0, "filtered": 0, "well_formed": 0, "first_bad": None, "seen": {}, "matched": set(),
+              "truncated": 0}
     blocks: list[tuple[int, int]] = []  # of a text source, to show quarantined lines (see _SourceLines)
     if fmt == "csv" and _head(path).startswith(b"PAR1"):
         expected, header = "a Parquet file", False
@@ -941,6 +978,7 @@ def ingest(source: Path | None, fmt: str, data_dir: Path, **format_options) -> d
         "counts": f"rows_in {rows_in} = rows_kept {summary['rows_kept']} + rows_quarantined "
                   f"{summary['rows_quarantined']} + rows_filtered {counts['filtered']}",
         "quarantine_reasons": summary["quarantine_reasons"],
+        "timestamps_truncated": counts["truncated"],
         "output": summary["output"],
         "quarantine": str(data_dir / "quarantine.parquet"),
         **behaviors,

@@ -87,6 +87,38 @@ def test_csv_with_options_iso_datetimes_quotes_and_crlf(tmp_path):
     assert summary["rows_in"] == 4 and balanced(summary)
 
 
+def test_a_numeric_timestamp_is_seconds_whatever_its_size(tmp_path):
+    # ms, us and ns since 1970 are numbers out of range, not text that does not parse, and are shown as written
+    stamps = {2: "1600000000", 3: "+1600000001", 4: "1600000000000", 5: "1600000000000000",
+              6: "1600000000123456789", 7: "9223372036854775807", 8: "9223372036854775808",
+              9: "99999999999999999999", 10: "-99999999999999999999", 11: "1e30", 12: "yesterday"}
+    src = write(tmp_path / "t.csv", "user_id,item_id,timestamp\n" + "".join(f"u,i{r},{t}\n" for r, t in stamps.items()))
+    summary = ingest(src, "csv", tmp_path / "d")
+    events, quarantine = outputs(tmp_path / "d")
+    assert [(e["row"], e["timestamp"]) for e in events] == [(2, 1600000000), (3, 1600000001)]
+    assert {r: q["rule"] for r, q in quarantine.items()} == {**{r: "timestamp_in_range" for r in range(4, 12)},
+                                                             12: "timestamp_parses"}
+    for row in range(4, 8):  # numbers an int64 holds: the suite's range rule
+        assert quarantine[row]["detail"].endswith(f"; got '{stamps[row]}'")
+    for row in range(8, 12):  # numbers beyond it: ingest's own detail, the same rule
+        assert quarantine[row]["detail"].endswith(f"not milli-, micro- or nanoseconds, which ingest does not convert; "
+                                                  f"got '{stamps[row]}', beyond any date")
+    assert balanced(summary)
+
+
+def test_a_fraction_of_a_second_is_dropped_and_counted(tmp_path):
+    src = write(tmp_path / "t.csv", "user_id,item_id,timestamp\nu,a,1600000000.75\nu,b,1600000000.25\n"
+                                    "u,c,1600000001.0\nu,d,2024-01-02T03:04:05.5Z\nu,e,2024-01-02T03:04:06Z\n")
+    summary = ingest(src, "csv", tmp_path / "d")
+    events, _ = outputs(tmp_path / "d")
+    # whole seconds: a and b tie, and their lines order them
+    assert [(e["item_id"], e["timestamp"]) for e in events] == [
+        ("a", 1600000000), ("b", 1600000000), ("c", 1600000001), ("d", 1704164645), ("e", 1704164646)]
+    assert summary["timestamps_truncated"] == 3
+    assert ingest(write(tmp_path / "s.csv", "user_id,item_id,timestamp\nu,a,5\n"), "csv",
+                  tmp_path / "e")["timestamps_truncated"] == 0
+
+
 def test_csv_quoted_ids_keep_their_text(tmp_path):
     src = write(tmp_path / "log.csv", 'user_id,item_id,timestamp\n"a,1","y""z""",10\n"a b",z,11\n')
     ingest(src, "csv", tmp_path / "d")
@@ -259,12 +291,15 @@ def test_real_logs_read_as_csv_name_their_format(tmp_path, shared_data, name, fi
 
 def test_csv_reads_parquet_through_the_same_rules(tmp_path):
     src = tmp_path / "log.parquet"
-    pq.write_table(pa.table({"u": ["a", "b", None], "i": ["x", "y", "z"], "t": [1, 2, 3], "r": [1.0, 99.0, 2.0]}), src)
+    pq.write_table(pa.table({"u": ["a", "b", None, "c", "d"], "i": ["x", "y", "z", "w", "v"],
+                             "t": [1, 2, 3, 1e30, 4.5], "r": [1.0, 99.0, 2.0, 3.0, 4.0]}), src)
     summary = ingest(src, "csv", tmp_path / "d", user_col="u", item_col="i", time_col="t", rating_col="r")
     events, quarantine = outputs(tmp_path / "d")
-    assert [e["row"] for e in events] == [1]
-    assert {r: q["rule"] for r, q in quarantine.items()} == {2: "rating_in_range", 3: "user_id_not_null"}
-    assert balanced(summary)
+    assert [(e["row"], e["timestamp"]) for e in events] == [(1, 1), (5, 4)]
+    assert {r: q["rule"] for r, q in quarantine.items()} == {2: "rating_in_range", 3: "user_id_not_null",
+                                                             4: "timestamp_in_range"}
+    assert quarantine[4]["raw"] == "c,w,1e+30,3"  # a Parquet row shows its values
+    assert summary["timestamps_truncated"] == 1 and balanced(summary)
 
 
 def test_one_column_cannot_take_two_roles(tmp_path):

@@ -172,7 +172,7 @@ def train(
     Multi-GPU: `torchrun --nproc-per-node N -m pipeline.cli train ...` (DDP, same global --batch-size); only
     rank 0 prints. `recblr run --nproc-per-node N` launches it that way.
     """
-    from pipeline.errors import PipelineError
+    from pipeline.errors import Interrupted, PipelineError
     from pipeline.run import train_config
     from recblr.train import OutOfGPUMemory, TrainingDiverged, fit
 
@@ -182,9 +182,13 @@ def train(
                         "patience": patience, "seed": seed, "device": device, "precision": precision,
                         "eval_batch_size": eval_batch_size, "time_budget_s": time_budget_s, "compile": compile,
                         "recompute": recompute, "cuda_graph": cuda_graph, "batch_by_length": batch_by_length})
+    run_dir = run_dir or data_dir / "runs" / model
+    finished = []  # epochs whose checkpoint fit has written: what a Ctrl-C leaves to resume from
     try:
-        result = fit(data_dir / "prepared", run_dir or data_dir / "runs" / model, model,
-                     overrides=_parse_sets(set_), train=cfg, resume=resume)
+        result = fit(data_dir / "prepared", run_dir, model, overrides=_parse_sets(set_), train=cfg, resume=resume,
+                     on_epoch=lambda epoch, record: finished.append(epoch))
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted(run_dir / "checkpoint.pt", finished, resume)) from None
     except (FileNotFoundError, ValueError, OutOfGPUMemory, TrainingDiverged) as err:
         raise PipelineError(str(err)) from err
     if result is None:  # a DDP rank other than 0: rank 0 reports
@@ -192,6 +196,15 @@ def train(
     emit({**result["test"], "valid": result["valid"], "model": model, "regime": result["train"]["regime"],
           "epochs": result["epochs"], "best_epoch": result["best_epoch"], "stopped": result["stopped"],
           "seconds": round(result["seconds"], 1), "model_path": result["model_path"]}, as_json, "train (test metrics of the best epoch)")
+
+
+def _interrupted(checkpoint: Path, finished: list[int], resumed: bool) -> str:
+    go_on = "continue with `recblr train ... --resume` (the same options)"
+    if finished:
+        return f"interrupted after epoch {finished[-1]}; its checkpoint is {checkpoint}: {go_on}"
+    if resumed:
+        return f"interrupted before an epoch finished; {checkpoint} is still the one this run resumed from: {go_on}"
+    return "interrupted before the first epoch finished, so there is no checkpoint to resume: run `recblr train` again"
 
 
 @app.command()
@@ -346,10 +359,10 @@ def main() -> None:
     try:
         app()
     except PipelineError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)  # one line, however long: scripts grep it
         if "--json" in sys.argv[1:]:
             sys.stdout.write(json.dumps({"error": str(err)}) + "\n")
-        raise SystemExit(2)
+        raise SystemExit(err.exit_code)
 
 
 if __name__ == "__main__":  # `python -m pipeline.cli`, which torchrun can launch

@@ -309,6 +309,39 @@ def test_running_out_of_memory_in_validation_names_the_eval_batch(prepared, tmp_
     assert type(out.exception).__name__ == "PipelineError"
 
 
+@pytest.mark.parametrize("in_epoch, said", [
+    (2, "interrupted after epoch 1; its checkpoint is {checkpoint}: continue with `recblr train ... --resume`"),
+    (1, "interrupted before the first epoch finished, so there is no checkpoint to resume"),
+])
+def test_ctrl_c_in_train_exits_130_naming_the_checkpoint_to_resume(prepared, tmp_path, monkeypatch, capsys, in_epoch,
+                                                                    said):
+    from pipeline.cli import app, main
+
+    epochs, train_epoch = [], recblr.train.train_epoch
+
+    def interrupted(*args, **kwargs):
+        epochs.append(len(epochs) + 1)
+        if epochs[-1] == in_epoch:
+            raise KeyboardInterrupt
+        return train_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(recblr.train, "train_epoch", interrupted)
+    run_dir = tmp_path / "run"
+    args = ["train", "--data-dir", str(prepared.parent), "--run-dir", str(run_dir), "--epochs", "2", "--max-len", "8",
+            "--device", "cpu", "--set", "d_model=16", "--json"]
+    monkeypatch.setattr(sys, "argv", ["recblr", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    message = said.format(checkpoint=run_dir / "checkpoint.pt")
+    assert exit_info.value.code == 130 and f"error: {message}" in err.splitlines()[-1]
+    assert json.loads(out.strip().splitlines()[-1])["error"].startswith(message)
+    if in_epoch == 2:  # the advice works: the run goes on from epoch 2
+        resumed = CliRunner().invoke(app, [*args, "--resume"])
+        assert resumed.exit_code == 0, resumed.output
+        assert json.loads(resumed.stdout.strip().splitlines()[-1])["epochs"] == 2 and epochs == [1, 2, 3]
+
+
 def test_cli_names_a_missing_prepared_dir(tmp_path):
     from pipeline.cli import main
 

@@ -210,7 +210,11 @@ def _interrupted(checkpoint: Path, finished: list[int], resumed: bool) -> str:
 @app.command()
 def evaluate(
     data_dir: Path = DataDir,
-    model_path: Optional[Path] = typer.Option(None, "--model-path", help="A saved model (default: `recblr train`'s DATA_DIR/runs/recblr/model.pt, else the newest `recblr run` partition's model)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The model `recblr train --model NAME` saved, "
+                                        "DATA_DIR/runs/NAME/model.pt (default recblr); after `recblr run`, the "
+                                        "partition's model, checked to be NAME."),
+    model_path: Optional[Path] = typer.Option(None, "--model-path", help="A saved model file (default: as --model "
+                                              "says)."),
     popularity: bool = typer.Option(False, "--popularity", help="Rank by training popularity instead of a saved model."),
     split: str = typer.Option("test", "--split", help="test or valid."),
     remove_history: bool = typer.Option(False, "--remove-history", help="Drop items the user already has from the ranking."),
@@ -223,7 +227,7 @@ def evaluate(
     from pipeline.run import find_prepared
     from recblr.data import load_prepared
     from recblr.evaluate import evaluate as run_evaluate
-    from recblr.models import build, load, resolve_device, trained_max_len
+    from recblr.models import build, load, model_name, resolve_device, trained_max_len
 
     try:
         device = resolve_device(device)
@@ -233,10 +237,19 @@ def evaluate(
             net, trained_len = build("pop", data.n_items), None
             net.fit_counts(data.item_counts())
         else:
-            # a `recblr run` partition keeps its model beside its prepared data
-            default = data_dir / "runs" / "recblr" if prepared == data_dir / "prepared" else prepared.parent / "model"
-            path = model_path or default / "model.pt"
-            net, trained_len = load(path), trained_max_len(path)
+            if prepared == data_dir / "prepared":
+                path = model_path or data_dir / "runs" / (model or "recblr") / "model.pt"
+            else:  # a `recblr run` partition keeps its model beside its prepared data
+                path = model_path or prepared.parent / "model" / "model.pt"
+            try:
+                net, trained_len = load(path), trained_max_len(path)
+            except FileNotFoundError as err:
+                trained = sorted(p.parent.name for p in (data_dir / "runs").glob("*/model.pt"))
+                raise PipelineError(f"{err}; pick one with --model NAME (trained here: {', '.join(trained) or 'none'})"
+                                    " or --model-path FILE") from err
+            if model is not None and model_name(net) != model:
+                raise PipelineError(f"{path} holds a {model_name(net)} model, not --model {model}; leave --model out "
+                                    "or pick the file with --model-path")
         metrics = run_evaluate(net.to(device), data, split, remove_history=remove_history,
                                max_len=max_len if max_len is not None else trained_len or 50)
     except (FileNotFoundError, ValueError) as err:

@@ -289,6 +289,38 @@ def test_cli_train_then_evaluate(prepared, tmp_path):
     assert out.exit_code == 0 and json.loads(out.stdout.strip().splitlines()[-1])["hr_at_10"] < evaluated["hr_at_10"]
 
 
+def test_cli_evaluate_picks_the_model_train_saved_by_name(prepared, tmp_path):
+    from pipeline.cli import app
+    from pipeline.errors import PipelineError
+    from recblr.models import save
+
+    data_dir, runner = tmp_path / "d", CliRunner()
+    shutil.copytree(prepared, data_dir / "prepared")
+    out = runner.invoke(app, ["train", "--data-dir", str(data_dir), "--model", "gru4rec", "--epochs", "1",
+                              "--max-len", "8", "--device", "cpu", "--set", "d_model=16", "--json"])
+    assert out.exit_code == 0, out.output
+    trained = json.loads(out.stdout.strip().splitlines()[-1])
+    default = runner.invoke(app, ["evaluate", "--data-dir", str(data_dir), "--device", "cpu"])
+    assert isinstance(default.exception, PipelineError)
+    assert str(default.exception) == (f"{data_dir / 'runs' / 'recblr' / 'model.pt'}: no saved model here; pick one "
+                                      "with --model NAME (trained here: gru4rec) or --model-path FILE")
+    out = runner.invoke(app, ["evaluate", "--data-dir", str(data_dir), "--model", "gru4rec", "--device", "cpu",
+                              "--json"])
+    assert out.exit_code == 0, out.output
+    evaluated = json.loads(out.stdout.strip().splitlines()[-1])
+    assert evaluated["model"] == trained["model_path"]
+    assert evaluated["ndcg_at_10"] == pytest.approx(trained["ndcg_at_10"])
+    # `recblr run`'s data: the partition's own model, which --model names or is refused
+    part = tmp_path / "r" / "runs" / "2026-01-01"
+    shutil.copytree(prepared, part / "prepared")
+    save(build("recblr", N_ITEMS, d_model=8), part / "model" / "model.pt")
+    args = ["evaluate", "--data-dir", str(tmp_path / "r"), "--device", "cpu"]
+    assert runner.invoke(app, [*args, "--model", "recblr"]).exit_code == 0
+    wrong = runner.invoke(app, [*args, "--model", "gru4rec"])
+    assert isinstance(wrong.exception, PipelineError)
+    assert str(wrong.exception).startswith(f"{part / 'model' / 'model.pt'} holds a recblr model, not --model gru4rec")
+
+
 @pytest.mark.parametrize("model_name", ["recblr", "gru4rec"])
 def test_running_out_of_memory_says_what_needs_less(prepared, tmp_path, model_name, monkeypatch):
     monkeypatch.setattr(recblr.train, "train_epoch", out_of_memory)

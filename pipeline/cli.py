@@ -353,9 +353,18 @@ def ui(
 ) -> None:
     """Serve the MLflow UI (and REST API) of the tracking store on 127.0.0.1 until Ctrl-C."""
     import os
+    import socket
 
+    from pipeline.errors import PipelineError
     from pipeline.tracking import resolve_tracking_uri, server_command
 
+    # mlflow only fails to bind after this process has printed the URL and exec'd it, and then it exits 0
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a TIME_WAIT port is free
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise PipelineError(f"port {port} on 127.0.0.1: {err.strerror}; pick another with --port") from err
     uri = resolve_tracking_uri(data_dir, tracking_uri)
     url = f"http://127.0.0.1:{port}"
     if as_json:  # the server never ends, so the line comes first, flushed before exec replaces this process

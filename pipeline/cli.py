@@ -32,7 +32,7 @@ TimeCol = typer.Option(None, "--time-col", help="Header name of the timestamp: U
 RatingCol = typer.Option(None, "--rating-col", help="Header name of the rating (optional).")
 BehaviorCol = typer.Option(None, "--behavior-col", help="Header name of the behavior (optional).")
 Delimiter = typer.Option(None, "--delimiter", help="csv field separator, e.g. ',' or '\\t'; default: sniffed.")
-Behaviors = typer.Option(None, "--behaviors", help="Keep only these behaviors, e.g. buy,cart (taobao).")
+Behaviors = typer.Option(None, "--behaviors", help="Keep only these behaviors, e.g. buy,cart (taobao; csv and recbole with a behavior column).")
 RatingMin = typer.Option(None, "--rating-min", help="Lowest valid rating (default 0).")
 RatingMax = typer.Option(None, "--rating-max", help="Highest valid rating (default 10).")
 
@@ -376,12 +376,18 @@ def ui(
 
 
 def main() -> None:
+    import logging
+
+    from rich.markup import escape
+
     from pipeline.errors import PipelineError
 
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)  # the steps' warnings, labelled
     try:
         app()
     except PipelineError as err:
-        console.print(f"[red]error:[/red] {err}", soft_wrap=True)  # one line, however long: scripts grep it
+        # one line, however long: scripts grep it; escaped, as a message may quote a file's "[...]"
+        console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
         if "--json" in sys.argv[1:]:
             sys.stdout.write(json.dumps({"error": str(err)}) + "\n")
         raise SystemExit(err.exit_code)

@@ -21,3 +21,25 @@ def test_ui_refuses_a_port_in_use_before_printing_or_serving(tmp_path, monkeypat
     assert isinstance(result.exception, PipelineError), result.exception
     assert str(result.exception).startswith(f"port {port} on 127.0.0.1: ")
     assert str(result.exception).endswith("pick another with --port") and result.stdout == ""
+
+
+def test_an_error_prints_as_one_literal_line_and_a_step_warning_is_labelled(tmp_path, monkeypatch, capsys):
+    import logging
+
+    from pipeline import cli
+
+    def prepare(data_dir, min_count):
+        logging.getLogger("pipeline.prepare").warning("few users")
+        raise PipelineError(f"{data_dir}/events.parquet: a [bold]bracketed[/bold] name, " + "long " * 40)
+
+    monkeypatch.setattr("pipeline.prepare.prepare", prepare)
+    monkeypatch.setattr("sys.argv", ["recblr", "prepare", "--data-dir", "shop[1]", "--json"])
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # pytest's own capture handler would take the record
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert lines[0] == "WARNING: few users"
+    assert lines[1:] == ["error: shop[1]/events.parquet: a [bold]bracketed[/bold] name, " + ("long " * 40).rstrip()]
+    assert out.strip().endswith('"}') and "shop[1]/events.parquet" in out

@@ -152,7 +152,7 @@ def test_an_ingest_that_quarantines_every_row_leaves_its_quarantine_in_the_parti
 def test_a_failed_training_leaves_the_previous_model_and_no_work_folder(tmp_path, monkeypatch):
     from pipeline import launch
     from recblr.train import TrainingDiverged
-    from tests.prepared_data import markov_sequences, write_prepared
+    from prepared_data import markov_sequences, write_prepared
 
     part = partition(tmp_path / "d", "k")
     write_prepared(part / "prepared", markov_sequences(8, 10, 6), 10)

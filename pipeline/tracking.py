@@ -352,7 +352,8 @@ def _champion_score(client: MlflowClient, champion, cand_run, prepared_dir: Path
                         desc="re-score champion", progress=False)
     how = "champion re-scored on this run's prepared data"
     if not np.array_equal(lut, np.arange(len(theirs))):
-        how += f" through its own item ids ({int((lut[1:] == 0).sum())} of this data's items are new to it)"
+        new_items = int((lut[1:] == 0).sum())
+        how += " through its own item ids" + (f", {new_items} of this data's items new to it" if new_items else "")
     return test["ndcg_at_10"], how
 
 

@@ -276,7 +276,7 @@ def test_gate_rescores_the_champion_through_raw_ids_when_new_data_renumbers_the_
     renumbered = write_prepared(tmp_path / "renumbered", night, N_ITEMS + 1, ids)
     decision, _ = candidate(store, renumbered, weights, "2026-01-02", on_old - 1e-4, "grown")
     assert not decision["promoted"]
-    assert "through its own item ids (1 of this data's items are new to it)" in decision["reason"]
+    assert "through its own item ids, 1 of this data's items new to it)" in decision["reason"]
     assert decision["champion_test_ndcg_at_10"] == pytest.approx(on_old)  # the same ranking of the same users
     # a target the champion never saw is a miss: every user ending on the new item scores 0
     for seq in night:

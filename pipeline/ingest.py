@@ -23,7 +23,8 @@ timestamps_truncated: events of a user within one second then keep the order of 
 by line, so a file sorted by time loses no order), and two otherwise equal events in one second are duplicates.
 A number is seconds whatever its size, since a unit guessed from the digits could shift a file without a word:
 milli-, micro- and nanoseconds since 1970 (13, 16, 19 digits) are beyond now + 1 day and break timestamp_in_range,
-shown exactly; a number no int64 holds (20 digits, 1e30) breaks it too, set by ingest, which cannot stage it.
+shown exactly; a number no int64 holds (20 digits, 1e30) breaks it too, set by ingest, which cannot stage it, as
+does a datetime that pandas cannot hold in nanoseconds (before 1677-09-21 or after 2262-04-11, e.g. 9999-12-31).
 
 A file that cannot be read at all (missing, empty or only white space, binary, no valid line, no header column
 for a role) raises PipelineError naming the file, the line and the layout expected, and the format to use when the
@@ -99,10 +100,13 @@ INT_PATTERN = r"^-?[0-9]{1,18}$"  # what int64 holds whatever the digits; pyarro
 LONG_INT_PATTERN = r"^-?[0-9]{19}$"  # what int64 holds up to INT64_MAX: nanoseconds since 1970 until 2262
 INT64_MAX = str(2 ** 63 - 1)
 FLOAT_PATTERN = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
-# the detail of a numeric timestamp that no int64 holds, around its text; the suite's timestamp_in_range says the
-# same of the numbers it sees
+# the details of a timestamp ingest cannot stage, around its text: a number that no int64 holds (the suite's
+# timestamp_in_range says the same of the numbers it sees) and a datetime that int64 nanoseconds do not
 BEYOND_ANY_DATE = ("timestamp must be Unix seconds (1970-01-01 .. now + 1 day), not milli-, micro- or nanoseconds, "
                    "which ingest does not convert; got '", "', beyond any date")
+BEYOND_NS_DATES = ("timestamp must be a datetime in 1970-01-01 .. now + 1 day; got '", "'")
+NS_YEARS = (1678, 2261)  # the whole years int64 nanoseconds since 1970 hold (1677-09-21 .. 2262-04-11)
+NS_SECONDS = 2 ** 63 // 10 ** 9  # the seconds they hold are fewer, either way
 
 
 @dataclass(frozen=True)
@@ -357,8 +361,9 @@ def _parse_timestamp(text: pa.Array) -> tuple[pa.Array, pa.Array | None, int]:
     """Unix seconds (integer or decimal, as RecBole's timestamp:float) or an ISO 8601 datetime (UTC unless it has
     an offset), as int64 seconds; null where the text is missing or none of these. A number is seconds whatever its
     size: a unit guessed from the digits could shift a whole file without a word. A fraction of a second is dropped
-    (floor), since events hold whole seconds. Also returns which rows are numbers that no int64 holds (null too;
-    None when there are none) and how many timestamps lost a fraction."""
+    (floor), since events hold whole seconds. Also returns, for the rows that are a number no int64 holds or a
+    datetime beyond int64 nanoseconds (null too), the detail saying that they are out of range (None when there are
+    none), and how many timestamps lost a fraction."""
     is_int = pc.fill_null(pc.match_substring_regex(text, INT_PATTERN), False)
     if pc.all(is_int).as_py():
         return pc.cast(text, pa.int64()), None, 0
@@ -377,13 +382,41 @@ def _parse_timestamp(text: pa.Array) -> tuple[pa.Array, pa.Array | None, int]:
     truncated = pc.sum(pc.not_equal(seconds, number)).as_py() or 0
     out = pc.coalesce(out, pc.cast(seconds, pa.int64()))
     rest = pc.and_not(pc.and_(pc.is_null(out), pc.is_valid(text)), beyond)
+    beyond_dates = pa.array(np.zeros(len(text), dtype=bool))
     if pc.any(rest).as_py():  # datetimes: pandas parses every ISO 8601 variant
-        stamps = pd.to_datetime(text.filter(rest).to_pandas(), format="ISO8601", utc=True, errors="coerce")
+        texts = text.filter(rest).to_pandas()
+        stamps = pd.to_datetime(texts, format="ISO8601", utc=True, errors="coerce")
+        seconds = stamps.to_numpy(dtype="datetime64[s]").astype(np.int64)
+        # a datetime beyond int64 nanoseconds is out of range, not unparsable: pandas 2 reads none, pandas 3 those of
+        # a block that needs no nanoseconds, so each is judged here whatever its neighbours; NaT is int64's minimum,
+        # so every text pandas did not read is looked at too
+        unsure = (seconds <= -NS_SECONDS) | (seconds >= NS_SECONDS)
+        beyond_ns = np.zeros(len(texts), dtype=bool)
+        beyond_ns[unsure] = _beyond_ns(texts[unsure])
+        stamps[beyond_ns] = pd.NaT
         missing = stamps.isna().to_numpy()
         truncated += int((stamps.to_numpy(dtype="datetime64[ns]").astype(np.int64) % 10 ** 9 != 0)[~missing].sum())
-        seconds = stamps.to_numpy(dtype="datetime64[s]").astype(np.int64)
         out = pc.replace_with_mask(out, rest, pa.array(seconds, mask=missing))
-    return out, beyond if pc.any(beyond).as_py() else None, truncated
+        beyond_dates = pc.replace_with_mask(beyond_dates, rest, pa.array(beyond_ns))
+    if not (pc.any(beyond).as_py() or pc.any(beyond_dates).as_py()):
+        return out, None, truncated
+    details = pc.coalesce(_around(BEYOND_ANY_DATE, text, beyond), _around(BEYOND_NS_DATES, text, beyond_dates))
+    return out, details, truncated
+
+
+def _beyond_ns(texts: pd.Series) -> np.ndarray:
+    """Whether each text is an ISO 8601 datetime, as pandas reads them, in a year outside NS_YEARS: moved to a year
+    that pandas holds and that has as many days in February, it parses."""
+    year = pd.to_numeric(texts.str.extract(r"^([0-9]{4})", expand=False), errors="coerce")
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    moved = pd.to_datetime(np.where(leap, "2000", "2001") + texts.str.slice(4), format="ISO8601", utc=True,
+                           errors="coerce")
+    return (year.notna() & ~year.between(*NS_YEARS)).to_numpy(dtype=bool) & moved.notna().to_numpy()
+
+
+def _around(parts: tuple[str, str], text: pa.Array, where: pa.Array) -> pa.Array:
+    """parts[0] + text + parts[1] where `where`, else null."""
+    return pc.if_else(where, pc.binary_join_element_wise(parts[0], text, parts[1], ""), pa.scalar(None, pa.string()))
 
 
 def _parse_rating(text: pa.Array) -> pa.Array:
@@ -634,13 +667,11 @@ def _events(row: pa.Array, text: dict, layout: Layout, counts: dict,
     fraction of a second. `shown`, for a source without lines to show (Parquet), are all of a row's fields as text,
     joined by commas into the raw of rows sure to be quarantined."""
     user, item, when = _field(text[layout.user]), _field(text[layout.item]), _field(text[layout.time])
-    timestamp, beyond, truncated = _parse_timestamp(when)
+    timestamp, detail, truncated = _parse_timestamp(when)
     counts["truncated"] += truncated
-    rule = detail = None
-    if beyond is not None:  # a number no int64 holds cannot be staged for the suite to check: its rule is set here
-        rule = pc.if_else(beyond, "timestamp_in_range", pa.scalar(None, pa.string()))
-        detail = pc.if_else(beyond, pc.binary_join_element_wise(BEYOND_ANY_DATE[0], when, BEYOND_ANY_DATE[1], ""),
-                            pa.scalar(None, pa.string()))
+    rule = None
+    if detail is not None:  # a timestamp ingest cannot stage cannot be checked by the suite: its rule is set here
+        rule = pc.if_else(pc.is_valid(detail), "timestamp_in_range", pa.scalar(None, pa.string()))
     rating = _parse_rating(_field(text[layout.rating])) if layout.rating else None
     behavior = _field(text[layout.behavior]) if layout.behavior else None
     if shown is None:  # a text source: the quarantine shows the line itself (see _show_source_lines)

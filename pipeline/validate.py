@@ -8,10 +8,10 @@ most BATCH_ROWS, result_format COMPLETE, failing rows from unexpected_index_list
 streaming pass; a row that breaks several rules is quarantined under the first in suite order.
 
 Structural rules (column_count, utf8_text, unbalanced_quote) arrive already set by ingest, as does
-timestamp_in_range for a number that no int64 holds, which cannot be staged for the suite; the whole-table rule,
-duplicate_event, runs in DuckDB (sql/validate_*.sql), which writes the quarantine; the events are the other
-staged rows, copied in one streaming pass. Every staged row lands in exactly one of the two files, written
-under temporary names and renamed at the end.
+timestamp_in_range for a number that no int64 holds or a datetime before 1677 or after 2262, which cannot be
+staged for the suite; the whole-table rule, duplicate_event, runs in DuckDB (sql/validate_*.sql), which writes
+the quarantine; the events are the other staged rows, copied in one streaming pass. Every staged row lands in
+exactly one of the two files, written under temporary names and renamed at the end.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 -- Every staged row that does not become an event, with the rule it broke: rules set at ingest (column_count,
--- utf8_text, unbalanced_quote; timestamp_in_range for a number no int64 holds), the GX suite's per-row failures
--- (registered as `failures`: ord, rule, detail), then duplicate_event, the one rule that needs the whole table:
--- among rows that passed everything else, the first occurrence (lowest source row) of an exact event stays and
--- later copies are quarantined (the events of one `sequences` line share a row but differ in timestamp, so two
--- copies never share a row).
+-- utf8_text, unbalanced_quote; timestamp_in_range for a number no int64 holds or a datetime before 1677 or after
+-- 2262), the GX suite's per-row failures (registered as `failures`: ord, rule, detail), then duplicate_event, the
+-- one rule that needs the whole table: among rows that passed everything else, the first occurrence (lowest
+-- source row) of an exact event stays and later copies are quarantined (the events of one `sequences` line share a
+-- row but differ in timestamp, so two copies never share a row).
 -- `ord` is the 0-based position in the staging file. `raw` is what ingest staged (a Parquet row's values), else
 -- the row's values as text; for a text source ingest then replaces it with the row's line, read from the file.
 CREATE OR REPLACE TEMP TABLE quarantined AS

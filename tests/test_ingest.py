@@ -107,6 +107,26 @@ def test_a_numeric_timestamp_is_seconds_whatever_its_size(tmp_path):
     assert balanced(summary)
 
 
+@pytest.mark.parametrize("neighbour", ["2024-01-02T03:04:05Z", "2024-01-02T03:04:05.123456789Z"])
+def test_an_iso_date_beyond_what_pandas_holds_is_out_of_range_not_unparsable(tmp_path, neighbour):
+    # pandas holds 1677-09-21 .. 2262-04-11 in nanoseconds; pandas 3 reads dates beyond in microseconds, but only
+    # where no other value of the block needs nanoseconds (the neighbour's .123456789): the verdict must not depend
+    # on it
+    stamps = {3: "0001-01-01T00:00:00", 4: "9999-12-31", 5: "1677-09-20T23:59:59Z", 6: "2262-04-12",
+              7: "0001-01-01T00:00:00+01:00", 8: "0001-02-29", 9: "2024-02-30"}  # year 1 has no 29 February
+    src = write(tmp_path / "t.csv", f"user_id,item_id,timestamp\nu,a,{neighbour}\n"
+                                    + "".join(f"u,i{r},{t}\n" for r, t in stamps.items()))
+    summary = ingest(src, "csv", tmp_path / "d")
+    events, quarantine = outputs(tmp_path / "d")
+    assert [e["row"] for e in events] == [2]
+    assert {r: q["rule"] for r, q in quarantine.items()} == {**{r: "timestamp_in_range" for r in range(3, 8)},
+                                                             8: "timestamp_parses", 9: "timestamp_parses"}
+    for row in range(3, 8):
+        assert quarantine[row]["detail"] == ("timestamp must be a datetime in 1970-01-01 .. now + 1 day; "
+                                             f"got '{stamps[row]}'")
+    assert summary["timestamps_truncated"] == neighbour.count(".") and balanced(summary)
+
+
 def test_a_fraction_of_a_second_is_dropped_and_counted(tmp_path):
     src = write(tmp_path / "t.csv", "user_id,item_id,timestamp\nu,a,1600000000.75\nu,b,1600000000.25\n"
                                     "u,c,1600000001.0\nu,d,2024-01-02T03:04:05.5Z\nu,e,2024-01-02T03:04:06Z\n")

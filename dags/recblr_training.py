@@ -2,7 +2,8 @@
 
 Nightly RecBLR training: **ingest -> validate -> prepare -> train -> evaluate -> register** (and promote).
 
-Each task is one call into `pipeline.run`; `recblr run` runs the same functions without Airflow. Outputs
+Each task is one call into `pipeline.run` (ingest first checks the training settings, so that a bad model or
+override fails before any data is read); `recblr run` runs the same functions without Airflow. Outputs
 live under `DATA_DIR/runs/<logical date>/`, swapped in atomically, so clearing or rerunning a date
 replaces them. The prepared Parquet is published as the `recblr_prepared` asset. The train task goes to the
 `gpu` queue (a Celery or Kubernetes worker with a GPU takes it; without a GPU it trains on the CPU) and
@@ -59,6 +60,12 @@ def _run():
     ctx = get_current_context()
     params = ctx["params"]
     return Path(params["data_dir"]), run.run_key_for(ctx.get("logical_date"), ctx["run_id"]), params
+
+
+def _training(params) -> dict:
+    """train_step's settings from the params: what the first task checks is what the train task gets."""
+    return {"model": params["model"], "train": {k: params[k] for k in TRAIN_PARAMS}, "overrides": params["overrides"],
+            "nproc_per_node": params["nproc_per_node"]}
 
 
 def _tracking_uri(data_dir: Path, params) -> str:
@@ -119,6 +126,7 @@ def recblr_training():
     @_fail_fast
     def ingest() -> dict:
         data_dir, key, p = _run()
+        run.check_settings(**_training(p))  # a bad model or override fails here, not after ingest and prepare
         return run.ingest_step(data_dir, key, p["source"], p["format"], p["synthetic"], **p["format_options"])
 
     @task
@@ -141,8 +149,7 @@ def recblr_training():
     def train(prepared: dict) -> dict:
         data_dir, key, p = _run()
         uri = _tracking_uri(data_dir, p)
-        return run.train_step(data_dir, key, uri, p["model"], {k: p[k] for k in TRAIN_PARAMS}, p["overrides"],
-                              p["nproc_per_node"])
+        return run.train_step(data_dir, key, uri, **_training(p))
 
     @task(**RETRIES)
     @_fail_fast

@@ -149,6 +149,18 @@ def check_model(model: str, overrides: dict | None, what: str) -> None:
         raise PipelineError(f"{what}: {err}") from err
 
 
+def check_settings(model: str = "recblr", train: dict | None = None, overrides: dict | None = None,
+                   nproc_per_node: int | str = 1) -> None:
+    """What train_step would refuse only after ingest and prepare, refused now, before any data is read: an unknown
+    model, config field or TrainConfig field, a value out of range, a bad process count. Its arguments are
+    train_step's; `recblr run` and the DAG's first task call it."""
+    from pipeline.launch import resolve_nproc
+
+    resolve_nproc(nproc_per_node)
+    train_config(train)
+    check_model(model, overrides, f"train {model}")
+
+
 def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "recblr", train: dict | None = None,
                overrides: dict | None = None, nproc_per_node: int | str = 1) -> dict:
     """Train on the run's prepared data, logging to a fresh MLflow run; the weights land in <partition>/model.
@@ -231,14 +243,11 @@ def run_pipeline(data_dir: Path, *, run_key: str | None = None, source: str | No
     train: TrainConfig fields by name, as for train_step (`recblr run` passes epochs, max_len, time_budget_s,
     compile, recompute and batch_by_length; recblr.train.TrainConfig says what they mean).
     """
-    from pipeline.launch import resolve_nproc
     from pipeline.tracking import resolve_tracking_uri
 
     # bad values fail now, not after ingest and prepare
     run_key = check_run_key(run_key or date.today().isoformat())
-    resolve_nproc(nproc_per_node)
-    train_config(train)
-    check_model(model, overrides, f"train {model}")
+    check_settings(model, train, overrides, nproc_per_node)
     tracking_uri = resolve_tracking_uri(data_dir, tracking_uri)
     out = {"run_key": run_key, "tracking_uri": tracking_uri}
     out["ingest"] = ingest_step(data_dir, run_key, source, fmt, synthetic, **(format_options or {}))

@@ -187,3 +187,17 @@ def test_bad_input_fails_its_task_at_once_with_the_pipeline_error(dag, workdir, 
     assert states["ingest"].try_number == 1  # a PipelineError is not retried
     assert states["train"].state == "upstream_failed"
     assert str(missing) in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("day, setting, message", [
+    (4, {"model": "sasrc"}, "train sasrc: unknown model 'sasrc'"),
+    (5, {"overrides": {"d_modle": 16}}, "train recblr: recblr has no config field(s) ['d_modle']"),
+])
+def test_a_bad_model_or_override_fails_the_first_task_before_any_data_is_read(dag, workdir, capfd, day, setting,
+                                                                             message):
+    result = run(dag, workdir, day, **setting)
+    states = {ti.task_id: ti for ti in result.get_task_instances()}
+    assert result.state == "failed" and states["ingest"].state == "failed" and states["ingest"].try_number == 1
+    assert states["validate"].state == "upstream_failed"
+    assert not (workdir / "data" / "toy" / "runs" / f"2026-01-0{day}").exists()
+    assert message in capfd.readouterr().out  # the message `recblr run` gives

@@ -229,6 +229,10 @@ def evaluate(
     from recblr.evaluate import evaluate as run_evaluate
     from recblr.models import build, load, model_name, resolve_device, trained_max_len
 
+    chosen = [option for option, value in (("--model", model), ("--model-path", model_path)) if value is not None]
+    if popularity and chosen:
+        raise PipelineError(f"--popularity ranks by training popularity, not a saved model: drop {' and '.join(chosen)}"
+                            " or --popularity")
     try:
         device = resolve_device(device)
         prepared = find_prepared(data_dir)

@@ -43,3 +43,14 @@ def test_an_error_prints_as_one_literal_line_and_a_step_warning_is_labelled(tmp_
     assert lines[0] == "WARNING: few users"
     assert lines[1:] == ["error: shop[1]/events.parquet: a [bold]bracketed[/bold] name, " + ("long " * 40).rstrip()]
     assert out.strip().endswith('"}') and "shop[1]/events.parquet" in out
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--model", "sasrec"], "drop --model or --popularity"),
+    (["--model-path", "m.pt"], "drop --model-path or --popularity"),
+    (["--model", "sasrec", "--model-path", "m.pt"], "drop --model and --model-path or --popularity"),
+])
+def test_evaluate_refuses_a_saved_model_beside_popularity(tmp_path, options, named):
+    result = CliRunner().invoke(app, ["evaluate", "--data-dir", str(tmp_path / "none"), "--popularity", *options])
+    assert isinstance(result.exception, PipelineError), result.output
+    assert str(result.exception).endswith(named)  # not that DATA_DIR has no prepared data: nothing was read

@@ -2,7 +2,9 @@
 
 Every subcommand takes --json and then prints one JSON object as the last line of stdout; otherwise it
 prints a human-readable summary. Errors a user can fix (bad input files, missing data) exit with code 2 and
-one line on stderr naming what is wrong; under --json, stdout's last line is then {"error": that line}.
+one line on stderr naming what is wrong; under --json, stdout's last line is then {"error": that line}. A value or
+option the command line itself refuses exits 2 with typer's usage and message on stderr, and under --json with
+{"error": that message} too.
 """
 from __future__ import annotations
 
@@ -392,9 +394,16 @@ def main() -> None:
     except PipelineError as err:
         # one line, however long: scripts grep it; escaped, as a message may quote a file's "[...]"
         console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
-        if "--json" in sys.argv[1:]:
-            sys.stdout.write(json.dumps({"error": str(err)}) + "\n")
-        raise SystemExit(err.exit_code)
+        error, code = str(err), err.exit_code
+    except SystemExit as done:
+        # what the command line got wrong (a value typer checks, an unknown option) typer prints with the usage and
+        # exits while handling, so the exit's context is the error: left as typer shows it, --json adds its line
+        if not isinstance(done.__context__, typer.TyperException):
+            raise
+        error, code = done.__context__.format_message(), done.code
+    if "--json" in sys.argv[1:]:
+        sys.stdout.write(json.dumps({"error": error}) + "\n")
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":  # `python -m pipeline.cli`, which torchrun can launch

@@ -1,7 +1,10 @@
 """Checks the `recblr` command line makes itself, before handing over to a step or a server."""
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -54,3 +57,21 @@ def test_evaluate_refuses_a_saved_model_beside_popularity(tmp_path, options, nam
     result = CliRunner().invoke(app, ["evaluate", "--data-dir", str(tmp_path / "none"), "--popularity", *options])
     assert isinstance(result.exception, PipelineError), result.output
     assert str(result.exception).endswith(named)  # not that DATA_DIR has no prepared data: nothing was read
+
+
+def recblr(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", *argv], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_value_typer_refuses_is_its_usage_error_and_under_json_an_error_line_too():
+    for argv, message in ((["prepare", "--min-count", "2"], "Invalid value for '--min-count': "),
+                          (["recommend", "--k", "abc"], "Invalid value for '--k': ")):
+        plain, as_json = recblr(*argv), recblr(*argv, "--json")
+        assert plain.returncode == as_json.returncode == 2
+        assert plain.stdout == "" and plain.stderr.startswith("Usage: ") and "Invalid value" in plain.stderr
+        assert as_json.stderr == plain.stderr  # typer's own message, as without --json
+        assert json.loads(as_json.stdout.splitlines()[-1])["error"].startswith(message)
+    helped = recblr("prepare", "--help", "--json")  # an exit that is no error stays as typer makes it
+    assert helped.returncode == 0 and helped.stderr == "" and "--min-count" in helped.stdout
+    assert not helped.stdout.rstrip().endswith("}")

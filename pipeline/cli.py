@@ -398,7 +398,8 @@ def main() -> None:
     except SystemExit as done:
         # what the command line got wrong (a value typer checks, an unknown option) typer prints with the usage and
         # exits while handling, so the exit's context is the error: left as typer shows it, --json adds its line
-        if not isinstance(done.__context__, typer.TyperException):
+        # (duck-typed: typer's exception classes moved between versions, and older ones are click's)
+        if not hasattr(done.__context__, "format_message"):
             raise
         error, code = done.__context__.format_message(), done.code
     if "--json" in sys.argv[1:]:

@@ -80,3 +80,16 @@ def test_no_secret_is_baked_in_and_ports_stay_on_loopback(spec):
                    if line and not line.startswith("#"))
     assert set(example.values()) == {"replace-me"}
     assert set(re.findall(r"\$\{(\w+):\?", text)) == set(example)
+
+
+def test_both_images_pin_the_same_torch_and_airflow():
+    # the scheduler, CPU worker and GPU worker share the DAG and the model files: loose ranges would let two builds
+    # on different days drift apart
+    pins = {}
+    for name in ("Dockerfile", "Dockerfile.gpu"):
+        text = (DOCKER / name).read_text()
+        (args,) = re.findall(r"^ARG (TORCH_VERSION=\S+ AIRFLOW_VERSION=\S+)$", text, re.M)
+        pins[name] = args
+        assert re.search(r"pip install torch==\$\{TORCH_VERSION\}", text)
+        assert re.search(r"pip install -e '\.\[production\]' apache-airflow==\$\{AIRFLOW_VERSION\}", text)
+    assert pins["Dockerfile"] == pins["Dockerfile.gpu"], pins

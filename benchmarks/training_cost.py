@@ -217,6 +217,11 @@ def save_plot(runs: list[dict], png: Path) -> None:
     print(f"wrote {png}", file=sys.stderr)
 
 
+def _ratio(theirs: float, ours: float, better: str, worse: str) -> str:
+    """'1.71x faster' or '1.25x slower': a ratio under 1 printed as 'faster' reads as the opposite."""
+    return f"{theirs / ours:.2f}x {better}" if theirs >= ours else f"{ours / theirs:.2f}x {worse}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -287,8 +292,8 @@ def main() -> None:
     for r in rows:
         if r["model"] != "recblr" and "error" not in r and r["T"] in ours:
             o = ours[r["T"]]
-            print(f"T={r['T']}: recblr vs {r['model']}: {r['epoch_s'] / o['epoch_s']:.2f}x faster, "
-                  f"{r['peak_mb'] / o['peak_mb']:.2f}x less memory")
+            print(f"T={r['T']}: recblr vs {r['model']}: {_ratio(r['epoch_s'], o['epoch_s'], 'faster', 'slower')}, "
+                  f"{_ratio(r['peak_mb'], o['peak_mb'], 'less memory', 'more memory')}")
     if len(ours) > 1:  # linear in T: seconds per epoch per token position of the padded windows
         Ts = sorted(ours)
         print("recblr s/epoch relative to T=" + str(Ts[0]) + ": "

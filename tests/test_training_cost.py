@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from training_cost import plot  # noqa: E402
+from training_cost import _ratio, plot  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -48,3 +48,9 @@ def test_cpu_run_writes_rows_and_figure_and_plot_redraws_them(tmp_path):
     subprocess.run([sys.executable, str(script), "--plot", str(out), str(out), "--png", str(redrawn)],
                    check=True, cwd=REPO, capture_output=True, env=env)
     assert redrawn.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_ratio_reads_the_right_way_round():
+    assert _ratio(0.76, 0.445, "faster", "slower") == "1.71x faster"
+    assert _ratio(1.21, 1.95, "faster", "slower") == "1.61x slower"  # printed as "0.62x faster" before
+    assert _ratio(5.0, 5.0, "less memory", "more memory") == "1.00x less memory"

@@ -33,8 +33,10 @@ DIGEST_TAG = "recblr.dataset_digest"
 PYFUNC_FILE = Path(__file__).with_name("recblr_pyfunc.py")
 PROBE_TIMEOUT_S = 5.0
 SIGNATURE = mlflow.models.ModelSignature(
-    inputs=Schema([ColSpec(Array(DataType.string), "history")]),
-    outputs=Schema([ColSpec(Array(DataType.string), "item_ids"), ColSpec(Array(DataType.double), "scores")]),
+    # Any, not string: integer ids are common in logs, and a string array refuses them; the pyfunc checks them
+    inputs=Schema([ColSpec(Array(mlflow.types.schema.AnyType()), "history")]),
+    outputs=Schema([ColSpec(Array(DataType.string), "item_ids"), ColSpec(Array(DataType.double), "scores"),
+                    ColSpec(DataType.boolean, "fallback")]),
     params=ParamSchema([ParamSpec("k", DataType.long, 10)]),
 )
 

@@ -32,6 +32,16 @@ def leaves(state) -> list[torch.Tensor]:
     return [leaf for part in state for leaf in leaves(part)]
 
 
+def _integers(name: str, values) -> torch.Tensor:
+    """`values` (a tensor, an array or a list of ints) as a tensor, refused when its dtype is float, complex or bool:
+    casting would turn 1.7 into 1 without a word. Empty passes whatever its dtype, as torch makes [] float."""
+    values = torch.as_tensor(values)
+    if values.numel() and (values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool):
+        raise ValueError(f"{name} must be integers (an integer tensor or array, or a list of ints), "
+                         f"got {values.dtype}")
+    return values
+
+
 class StepServer:
     """The cached state of `batch_size` users of a recurrent `model`, stepped together.
 
@@ -39,7 +49,8 @@ class StepServer:
     state, active) -> hidden`, advancing the state in place (RecBLR, GRU4Rec, LRURec), ranked by its `top_k`; it is
     put in eval mode and served on the device of its parameters. Its weights are read in place, so
     `load_state_dict` updates a captured graph too. `cuda_graph=False` steps eagerly on CUDA as well.
-    `capture_error` says why capture failed (also warned once), None otherwise.
+    `capture_error` says why capture failed (also warned once), None otherwise. Slots and item ids, wherever
+    given, are integers: an integer tensor or array, or a list of ints; floats are refused, not truncated.
     """
 
     @torch.inference_mode()
@@ -112,10 +123,9 @@ class StepServer:
         """
         if self.model.training:
             raise RuntimeError("StepServer: the model was put back in train mode; call model.eval()")
-        items = torch.as_tensor(items)
-        if items.shape != (self.batch_size,) or items.dtype.is_floating_point or items.dtype == torch.bool:
-            raise ValueError(f"items must be integer ids of shape ({self.batch_size},), "
-                             f"got {items.dtype} {tuple(items.shape)}")
+        items = _integers("items", items)
+        if items.shape != (self.batch_size,):
+            raise ValueError(f"items must be of shape ({self.batch_size},), got {tuple(items.shape)}")
         if items.device.type == "cpu" and not 0 <= items.min() <= items.max() <= self.n_items:
             raise ValueError(f"item ids must be in 0..{self.n_items}, got {items.min()}..{items.max()}")
         if active is None:
@@ -137,7 +147,7 @@ class StepServer:
         return self.top_items, self.top_scores
 
     def _check_slots(self, slots) -> torch.Tensor:
-        slots = torch.as_tensor(slots, dtype=torch.long)
+        slots = _integers("slots", slots).long()
         if slots.dim() != 1 or len(slots.unique()) != len(slots):
             raise ValueError(f"slots must be a 1-d list of distinct slot numbers, got {slots.tolist()}")
         if len(slots) and not 0 <= slots.min() <= slots.max() < self.batch_size:
@@ -163,7 +173,7 @@ class StepServer:
         upstream if a batch has many. For a user's top-k, prefill all but the newest event and `step` that one.
         """
         slots = self._check_slots(slots)
-        histories = [torch.as_tensor(h, dtype=torch.long) for h in histories]
+        histories = [_integers(f"histories[{j}]", h).long() for j, h in enumerate(histories)]
         if len(histories) != len(slots):
             raise ValueError(f"{len(slots)} slots but {len(histories)} histories")
         for h in histories:

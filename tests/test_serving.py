@@ -1,6 +1,7 @@
 """StepServer: prefill + steps give the full forward's top-k for every slot; masks, reset and bad inputs."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,6 +187,30 @@ def test_bad_inputs_raise_value_error():
     model.train()
     with pytest.raises(RuntimeError, match="train mode"):
         server.step([1, 2])
+
+
+def test_slots_and_items_must_be_integers_everywhere_not_truncated():
+    model = small("recblr")
+    server = StepServer(model, batch_size=2, k=K)
+    server.prefill([1], [random_items(3, seed=1)])
+    state = [leaf.clone() for leaf in leaves(server.state)]
+    refused = [
+        (lambda: server.prefill([0], [[1.7, 2.2]]), r"histories\[0\] must be integers"),
+        (lambda: server.prefill([0.0], [[1]]), "slots must be integers"),
+        (lambda: server.reset([1.5]), "slots must be integers"),
+        (lambda: server.reset(torch.tensor([True, False])), "slots must be integers"),
+        (lambda: server.step([1.0, 2.0]), "items must be integers"),
+        (lambda: server.step(torch.tensor([True, False])), "items must be integers"),
+    ]
+    for call, message in refused:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert all(torch.equal(a, b) for a, b in zip(leaves(server.state), state))  # nothing was half applied
+    # any integer dtype, and lists of ints, as before; an empty history is empty whatever torch makes of []
+    server.prefill(np.array([0], dtype=np.int32), [torch.tensor([3, 4], dtype=torch.int16)])
+    server.prefill([1], [[]])
+    server.step(np.array([5, 6]))
+    server.reset(torch.tensor([0], dtype=torch.int32))
 
 
 @pytest.mark.gpu

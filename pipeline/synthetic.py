@@ -10,12 +10,15 @@ Generation is vectorised over users and loops only over positions, so 10M events
 """
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 from tqdm import tqdm
+
+from pipeline.errors import PipelineError
 
 HEADER = ("user_id", "item_id", "timestamp", "rating")
 CLUSTER_SIZE = 100  # items per interest cluster, on average
@@ -28,6 +31,23 @@ RATING_P = np.array([0.05, 0.1, 0.2, 0.35, 0.3])  # ratings 1..5
 START = 1_577_836_800  # 2020-01-01 UTC; users join during the following year
 MEAN_GAP_S = 6 * 3600
 MALFORMED_ROWS = 4  # appended after the clean rows; see _malformed_lines
+SETTINGS = {"n_users": 1, "n_items": 2, "seed": 0, "mean_events": 3}  # the log's settings and the least each takes
+
+
+def check_synthetic(settings: dict | None) -> dict:
+    """`settings` (a DAG conf's or `recblr run`'s) as write_synthetic_log's keyword arguments. An unknown name, or a
+    value that is not an integer at or above its least, raises a PipelineError naming it and what the log takes:
+    a DAG run then fails at once instead of retrying a TypeError from inside the generator."""
+    settings = dict(settings or {})
+    takes = ", ".join(f"{name} (an integer >= {least})" for name, least in SETTINGS.items())
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise PipelineError(f"synthetic setting(s) {', '.join(unknown)} unknown; the synthetic log takes {takes}")
+    for name, value in settings.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < SETTINGS[name]:
+            raise PipelineError(f"synthetic setting {name}={value!r} is not an integer >= {SETTINGS[name]}; "
+                                f"the synthetic log takes {takes}")
+    return settings
 
 
 def _zipf_cdf(n: int, a: float) -> np.ndarray:
@@ -42,8 +62,7 @@ def _draw(cdf: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
 
 def generate_events(n_users: int = 6_000, n_items: int = 3_000, seed: int = 0, mean_events: int = 50) -> pa.Table:
     """The clean events, one row per interaction in global time order: user_id, item_id, timestamp, rating."""
-    if n_users < 1 or n_items < 2 or mean_events < 3:
-        raise ValueError(f"need n_users >= 1, n_items >= 2, mean_events >= 3; got {n_users}, {n_items}, {mean_events}")
+    check_synthetic({"n_users": n_users, "n_items": n_items, "seed": seed, "mean_events": mean_events})
     rng = np.random.default_rng(seed)
     n_clusters = max(1, n_items // CLUSTER_SIZE)
     # item j is the (j // n_clusters)-th most popular item of cluster j % n_clusters

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
+from pipeline.errors import PipelineError
 from pipeline.ingest import ingest
 from pipeline.prepare import prepare
-from pipeline.synthetic import HEADER, MALFORMED_ROWS, generate_events, write_synthetic_log
+from pipeline.synthetic import HEADER, MALFORMED_ROWS, check_synthetic, generate_events, write_synthetic_log
 
 
 def test_same_seed_same_bytes_other_seed_other_log(tmp_path):
@@ -16,6 +18,29 @@ def test_same_seed_same_bytes_other_seed_other_log(tmp_path):
     b = write_synthetic_log(tmp_path / "b.csv", n_users=300, n_items=200, seed=3).read_bytes()
     c = write_synthetic_log(tmp_path / "c.csv", n_users=300, n_items=200, seed=4).read_bytes()
     assert a == b and a != c
+
+
+@pytest.mark.parametrize("settings, bad", [
+    ({"users": 300}, "synthetic setting(s) users unknown"),
+    ({"n_users": "300"}, "synthetic setting n_users='300' is not an integer >= 1"),
+    ({"n_items": 300.0}, "synthetic setting n_items=300.0 is not an integer >= 2"),
+    ({"mean_events": True}, "synthetic setting mean_events=True is not an integer >= 3"),
+    ({"n_users": 300, "seed": -1}, "synthetic setting seed=-1 is not an integer >= 0"),
+])
+def test_a_bad_setting_is_named_with_what_the_log_takes(tmp_path, settings, bad):
+    with pytest.raises(PipelineError) as raised:
+        check_synthetic(settings)
+    assert str(raised.value).startswith(bad)
+    assert str(raised.value).endswith("takes n_users (an integer >= 1), n_items (an integer >= 2), "
+                                      "seed (an integer >= 0), mean_events (an integer >= 3)")
+    if "unknown" not in bad:  # generating checks the same, whoever calls it
+        with pytest.raises(PipelineError, match="is not an integer"):
+            write_synthetic_log(tmp_path / "log.csv", **settings)
+
+
+def test_good_settings_pass_as_they_are():
+    assert check_synthetic(None) == {}
+    assert check_synthetic({"n_users": 300, "seed": np.int64(3)}) == {"n_users": 300, "seed": 3}
 
 
 def test_clean_events_are_plausible():

@@ -38,6 +38,7 @@ import codecs
 import csv
 import io
 import logging
+import numbers
 import os
 import re
 import time
@@ -853,12 +854,39 @@ def _parquet(path: Path, options: dict, counts: dict) -> Iterator[pa.RecordBatch
         yield _events(rows, text, layout, counts, shown=list(text.values()))
 
 
+def _is_text(value) -> bool:
+    return isinstance(value, str)
+
+
+def _is_behaviors(value) -> bool:
+    return isinstance(value, str) or isinstance(value, (list, tuple)) and all(isinstance(b, str) for b in value)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# What each option takes (None: its default): a DAG conf can hold any JSON value, and a wrong type would fail
+# deep inside the read, as an error Airflow retries.
+OPTION_FORMS = {
+    **dict.fromkeys(COLUMN_OPTIONS, (_is_text, "a header name (a string)")),
+    "delimiter": (_is_text, "one character (a string), e.g. \",\" or \"\\t\""),
+    "behaviors": (_is_behaviors, "a list of strings or one comma-separated string, e.g. \"buy,cart\""),
+    "rating_min": (_is_number, "a number"),
+    "rating_max": (_is_number, "a number"),
+}
+
+
 def _check_options(fmt: str, options: dict) -> dict:
     allowed = FORMAT_OPTIONS[fmt] + ("rating_min", "rating_max")
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise PipelineError(f"option(s) {', '.join(unknown)} do not apply to format {fmt} "
                             f"(it takes: {', '.join(allowed)})")
+    for name, value in options.items():
+        accepts, form = OPTION_FORMS[name]
+        if value is not None and not accepts(value):
+            raise PipelineError(f"option {name}={value!r} of format {fmt}: expected {form}")
     low, high = options.get("rating_min"), options.get("rating_max")
     if low is not None and high is not None and low > high:
         raise PipelineError(f"--rating-min {low} is above --rating-max {high}")

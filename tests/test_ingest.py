@@ -557,6 +557,21 @@ def test_options_that_do_not_apply_are_refused(tmp_path):
         ingest(src, "sequences", tmp_path / "d", rating_min=5, rating_max=1)
 
 
+@pytest.mark.parametrize("option, value, expected", [
+    ("delimiter", 5, 'one character (a string), e.g. "," or "\\t"'),
+    ("user_col", ["user"], "a header name (a string)"),
+    ("behaviors", ["buy", 1], 'a list of strings or one comma-separated string, e.g. "buy,cart"'),
+    ("rating_min", "1", "a number"),
+    ("rating_max", True, "a number"),
+])
+def test_an_option_of_the_wrong_type_is_named_before_reading(tmp_path, option, value, expected):
+    src = write(tmp_path / "log.csv", "user_id,item_id,timestamp,behavior\nu,i,1,buy\n")
+    with pytest.raises(PipelineError) as raised:
+        ingest(src, "csv", tmp_path / "d", **{option: value})
+    assert str(raised.value) == f"option {option}={value!r} of format csv: expected {expected}"
+    assert not (tmp_path / "d").exists()
+
+
 def test_no_source_ingests_the_synthetic_log(tmp_path):
     pytest.importorskip("pipeline.synthetic")
     summary = ingest(None, "csv", tmp_path / "d")

@@ -206,7 +206,7 @@ def test_pyfunc_serves_variable_length_histories(tmp_path, store, weights):
     assert served.metadata.signature.inputs.to_dict()[0]["type"] == "array"
     histories = [["sku-7", "sku-14", "sku-21", "sku-28", "sku-35"], ["sku-70"], ["sku-7", "unknown", "sku-63"]]
     out = served.predict(pd.DataFrame({"history": histories}), params={"k": 5})
-    assert list(out.columns) == ["item_ids", "scores"] and len(out) == 3
+    assert list(out.columns) == ["item_ids", "scores", "fallback"] and len(out) == 3
     vocab = set(pd.read_parquet(prepared / "items.parquet")["item_id"])
     for ids, scores in zip(out["item_ids"], out["scores"]):
         assert len(ids) == 5 and set(ids) <= vocab and list(scores) == sorted(scores, reverse=True)

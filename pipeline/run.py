@@ -221,7 +221,8 @@ def evaluate_step(data_dir: Path, run_key: str, tracking_uri: str, run_id: str, 
 def register_step(data_dir: Path, run_key: str, tracking_uri: str, run_id: str, model_path: str,
                   model_name: str | None = None) -> dict:
     """Register the run's model as a new version of `model_name` (default `tracking.registered_model_name`: one
-    per dataset) with alias challenger, then let the gate pick the champion."""
+    per dataset) with alias challenger, let the gate pick the champion, and only then replace the run key's earlier
+    runs: the end of the pipeline, so a rerun that fails anywhere leaves the earlier run and its version."""
     import mlflow
 
     from pipeline import tracking
@@ -230,7 +231,9 @@ def register_step(data_dir: Path, run_key: str, tracking_uri: str, run_id: str, 
     with mlflow.start_run(run_id=run_id):
         prepared = partition(data_dir, run_key) / "prepared"
         name = tracking.registered_model_name(data_dir, model_name)
-        return tracking.promote(name, tracking.register(Path(model_path), prepared, name), prepared)
+        decision = tracking.promote(name, tracking.register(Path(model_path), prepared, name), prepared)
+        tracking.replace_earlier_runs(run_id)
+    return decision
 
 
 def run_pipeline(data_dir: Path, *, run_key: str | None = None, source: str | None = None, fmt: str = "csv",

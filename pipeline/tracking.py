@@ -3,7 +3,8 @@
 One experiment per dataset (`recblr-<dataset>`). The default store is embedded: a SQLite database and an
 artifact folder under the data root (`<data root>/mlflow/`), so a fresh machine needs no server; any
 other tracking URI (an `http://` server) works the same. Each pipeline run is tagged with its run key
-(the logical date), and a rerun of the same key replaces the earlier MLflow run instead of adding one.
+(the logical date), and a rerun of the same key, once registered and gated, replaces the earlier MLflow run
+instead of adding one.
 The store is opened through `resolve_tracking_uri` or `use_experiment`, which both run `check_store`: a server
 that is down or a mistyped SQLite path is one error within seconds, not minutes of MLflow's silent retries or a
 new empty store.
@@ -217,10 +218,32 @@ def flatten(prefix: str, value) -> dict:
 
 
 def start_training_run(tracking_uri: str, dataset: str, run_key: str, prepared_dir: Path) -> str:
-    """Open the run for one pipeline run key, replacing an earlier run of the same key; return its id."""
+    """Open the run for one pipeline run key and return its id; earlier runs of the key stay until
+    `replace_earlier_runs`."""
     experiment_id = use_experiment(tracking_uri, dataset)
+    mlflow.set_system_metrics_sampling_interval(1)
+    mlflow.set_system_metrics_samples_before_logging(1)
+    digest = dataset_digest(prepared_dir)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{dataset}-{run_key}", log_system_metrics=True,
+                           tags={RUN_KEY_TAG: run_key, DIGEST_TAG: digest, "recblr.dataset": dataset})
+    import pandas as pd
+
+    sequences = pd.read_parquet(Path(prepared_dir) / "sequences.parquet")
+    mlflow.log_input(mlflow.data.from_pandas(sequences, source=str(Path(prepared_dir).resolve()), name=dataset,
+                                             digest=digest), context="training")
+    return run.info.run_id
+
+
+def replace_earlier_runs(run_id: str) -> None:
+    """Delete the earlier runs of `run_id`'s run key and their model versions, once `run_id` is registered and gated:
+    a rerun that fails anywhere before leaves the key's earlier run as it was. A run whose version holds @champion
+    stays, re-tagged "<key> (replaced)", and so does that version."""
     client = MlflowClient()
-    for old in client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'"):
+    run = client.get_run(run_id)
+    run_key = run.data.tags[RUN_KEY_TAG]
+    for old in client.search_runs([run.info.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'"):
+        if old.info.run_id == run_id:
+            continue
         serving = False
         for found in client.search_model_versions(f"run_id = '{old.info.run_id}'"):
             # search results carry no aliases: fetch each version, the serving model must never be deleted
@@ -235,17 +258,6 @@ def start_training_run(tracking_uri: str, dataset: str, run_key: str, prepared_d
         else:
             log.info("replacing MLflow run %s of run key %s", old.info.run_id, run_key)
             client.delete_run(old.info.run_id)
-    mlflow.set_system_metrics_sampling_interval(1)
-    mlflow.set_system_metrics_samples_before_logging(1)
-    digest = dataset_digest(prepared_dir)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{dataset}-{run_key}", log_system_metrics=True,
-                           tags={RUN_KEY_TAG: run_key, DIGEST_TAG: digest, "recblr.dataset": dataset})
-    import pandas as pd
-
-    sequences = pd.read_parquet(Path(prepared_dir) / "sequences.parquet")
-    mlflow.log_input(mlflow.data.from_pandas(sequences, source=str(Path(prepared_dir).resolve()), name=dataset,
-                                             digest=digest), context="training")
-    return run.info.run_id
 
 
 def log_epoch(epoch: int, metrics: dict) -> None:

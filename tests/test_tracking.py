@@ -56,12 +56,14 @@ def weights(tmp_path):
 
 
 def candidate(uri, prepared, weights, run_key, ndcg, name):
-    """A run as the pipeline leaves it before registering: tagged, with its test metric; then register+gate."""
+    """A run as the pipeline leaves it before registering: tagged, with its test metric; then what the register step
+    does: register, gate, replace the run key's earlier runs."""
     tracking.start_training_run(uri, name, run_key, prepared)
     tracking.log_evaluation({"ndcg_at_10": ndcg}, {"ndcg_at_10": ndcg})
     version = tracking.register(weights, prepared, name)
     decision = tracking.promote(name, version, prepared)
     run_id = mlflow.active_run().info.run_id
+    tracking.replace_earlier_runs(run_id)
     mlflow.end_run()
     return decision, run_id
 
@@ -296,7 +298,7 @@ def _sequences_and_ids(prepared: Path) -> tuple[list[list[int]], list]:
         list(ids_by_index(prepared / "items.parquet"))
 
 
-def test_rerun_of_a_run_key_replaces_its_mlflow_run(tmp_path, store):
+def test_rerun_of_a_run_key_replaces_its_mlflow_run_once_registered(tmp_path, store):
     prepared = tracking_prepared(tmp_path / "prepared")
     ids = []
     for _ in range(2):
@@ -304,8 +306,10 @@ def test_rerun_of_a_run_key_replaces_its_mlflow_run(tmp_path, store):
         tracking.log_epoch(1, {"epoch": 1, "loss": 2.0, "val_ndcg_at_10": 0.1})
         mlflow.end_run()
     client = MlflowClient(store)
-    live = client.search_runs([tracking.use_experiment(store, "toy")])
-    assert [r.info.run_id for r in live] == [ids[1]]
+    experiment = tracking.use_experiment(store, "toy")
+    assert {r.info.run_id for r in client.search_runs([experiment])} == set(ids)  # the rerun has not replaced yet
+    tracking.replace_earlier_runs(ids[1])
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [ids[1]]
     run = client.get_run(ids[1])
     assert run.data.metrics["val_ndcg_at_10"] == 0.1
     assert run.inputs.dataset_inputs[0].dataset.digest == tracking.dataset_digest(prepared)
@@ -315,15 +319,55 @@ def test_rerun_of_a_run_key_keeps_the_run_of_the_champion(tmp_path, store, weigh
     prepared = tracking_prepared(tmp_path / "prepared")
     first, first_run = candidate(store, prepared, weights, "2026-01-01", 0.2, "rerun")
     assert first["promoted"]
-    again = tracking.start_training_run(store, "rerun", "2026-01-01", prepared)
-    mlflow.end_run()
+    worse, again = candidate(store, prepared, weights, "2026-01-01", 0.1, "rerun")
+    assert not worse["promoted"]
     client = MlflowClient(store)
     kept = client.get_run(first_run)  # the serving model's metrics and gate decision stay browsable
     assert kept.info.lifecycle_stage == "active" and kept.data.metrics["test_ndcg_at_10"] == 0.2
     assert kept.data.tags[tracking.RUN_KEY_TAG] == "2026-01-01 (replaced)"
+    assert str(client.get_model_version_by_alias("rerun", "champion").version) == first["version"]
     live = client.search_runs([tracking.use_experiment(store, "rerun")],
                               f"tags.`{tracking.RUN_KEY_TAG}` = '2026-01-01'")
     assert [r.info.run_id for r in live] == [again]
+
+
+TINY_LOG = {"n_users": 100, "n_items": 50, "mean_events": 10}
+
+
+def night(root, store, dataset, run_key):
+    """`recblr run` of the popularity model on a tiny synthetic log: the whole pipeline in about a second."""
+    return run.run_pipeline(root / "data" / dataset, run_key=run_key, model="pop", train={"epochs": 1, "max_len": 20},
+                            synthetic=TINY_LOG, tracking_uri=store)
+
+
+def test_a_rerun_whose_training_fails_leaves_the_earlier_run_and_its_version(root, store, monkeypatch):
+    from pipeline import launch
+    from recblr.train import TrainingDiverged
+
+    night(root, store, "refail", "2026-01-01")
+    earlier = night(root, store, "refail", "2026-01-02")
+    assert not earlier["register"]["promoted"]  # the same data and model: a challenger, which no champion rule keeps
+    real_fit = launch.fit_on_processes
+
+    def diverge(*args, **kwargs):
+        raise TrainingDiverged("loss is nan in epoch 1")
+
+    monkeypatch.setattr(launch, "fit_on_processes", diverge)
+    with pytest.raises(PipelineError, match="loss is nan"):
+        night(root, store, "refail", "2026-01-02")
+    client = MlflowClient(store)
+    kept = client.get_run(earlier["train"]["run_id"])
+    assert kept.info.lifecycle_stage == "active" and kept.data.tags[tracking.RUN_KEY_TAG] == "2026-01-02"
+    assert kept.data.metrics["test_ndcg_at_10"] == earlier["evaluate"]["test"]["ndcg_at_10"]
+    version = client.get_model_version_by_alias("recblr-refail", "challenger")
+    assert (str(version.version), version.run_id) == (earlier["register"]["version"], earlier["train"]["run_id"])
+    # the next rerun that gets through the register step replaces both the earlier run and the failed one
+    monkeypatch.setattr(launch, "fit_on_processes", real_fit)
+    latest = night(root, store, "refail", "2026-01-02")
+    live = client.search_runs([client.get_experiment_by_name("recblr-refail").experiment_id],
+                              f"tags.`{tracking.RUN_KEY_TAG}` = '2026-01-02'")
+    assert [r.info.run_id for r in live] == [latest["train"]["run_id"]]
+    assert [v.version for v in client.search_model_versions(f"run_id = '{earlier['train']['run_id']}'")] == []
 
 
 def test_ui_json_names_the_loopback_url_and_serves_the_default_store(tmp_path, monkeypatch):

@@ -222,7 +222,8 @@ def register_step(data_dir: Path, run_key: str, tracking_uri: str, run_id: str, 
                   model_name: str | None = None) -> dict:
     """Register the run's model as a new version of `model_name` (default `tracking.registered_model_name`: one
     per dataset) with alias challenger, let the gate pick the champion, and only then replace the run key's earlier
-    runs: the end of the pipeline, so a rerun that fails anywhere leaves the earlier run and its version."""
+    runs: the end of the pipeline, so a rerun that fails anywhere leaves the earlier run and its version. A retry
+    reuses the version its earlier try registered."""
     import mlflow
 
     from pipeline import tracking

@@ -307,7 +307,21 @@ def log_evaluation(test: dict, valid: dict) -> None:
 
 
 def register(model_path: Path, prepared_dir: Path, name: str) -> str:
-    """Log the pyfunc in the active run, register it under `name` and tag the version; return the version."""
+    """Log the pyfunc in the active run, register it under `name` and tag the version; return the version.
+
+    The version a previous try registered from this run is reused: a retried register step adds none."""
+    client = MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    earlier = [found.version for found in client.search_model_versions(f"run_id = '{run_id}'") if found.name == name]
+    version = str(max(map(int, earlier))) if earlier else _log_pyfunc(model_path, prepared_dir, name)
+    tags = client.get_run(run_id).data.tags
+    for key in (RUN_KEY_TAG, DIGEST_TAG):
+        client.set_model_version_tag(name, version, key, tags[key])
+    return version
+
+
+def _log_pyfunc(model_path: Path, prepared_dir: Path, name: str) -> str:
+    """Log the pyfunc in the active run and register it as a new version of `name`; return the version."""
     import pandas as pd
 
     items = pd.read_parquet(Path(prepared_dir) / "items.parquet", columns=["item_id"])["item_id"].astype(str)
@@ -325,12 +339,7 @@ def register(model_path: Path, prepared_dir: Path, name: str) -> str:
         pip_requirements=["torch", "numpy", "pandas", "pyarrow", "mlflow"],
         registered_model_name=name,
     )
-    version = str(info.registered_model_version)
-    client = MlflowClient()
-    tags = client.get_run(mlflow.active_run().info.run_id).data.tags
-    for key in (RUN_KEY_TAG, DIGEST_TAG):
-        client.set_model_version_tag(name, version, key, tags[key])
-    return version
+    return str(info.registered_model_version)
 
 
 def _champion_score(client: MlflowClient, champion, cand_run, prepared_dir: Path | None) -> tuple[float | None, str]:
@@ -376,7 +385,8 @@ def promote(name: str, version: str, prepared_dir: Path | None = None) -> dict:
 
     Both numbers come from the same prepared data: the champion's logged number when its run used the
     same data (equal digests) and logged it, else the champion re-scored on `prepared_dir` (matching items by raw
-    id, as yesterday's champion scores today's data); when neither is possible the champion stays. The decision and both numbers go to the active run.
+    id, as yesterday's champion scores today's data); when neither is possible the champion stays. A version that
+    already is champion (a retried step) stays champion. The decision and both numbers go to the active run.
     """
     client = MlflowClient()
     client.set_registered_model_alias(name, "challenger", version)
@@ -392,6 +402,8 @@ def promote(name: str, version: str, prepared_dir: Path | None = None) -> dict:
     champion = None if champion_version is None else client.get_model_version(name, champion_version)
     if champion is None:
         decision.update(champion_version=None, promoted=True, reason="first model becomes champion")
+    elif str(champion.version) == version:  # a retried register step, whose earlier try crowned it
+        decision.update(champion_version=version, promoted=True, reason="already champion (an earlier try)")
     else:
         champ_score, how = _champion_score(client, champion, cand_run, prepared_dir)
         decision.update(champion_version=str(champion.version), **{"champion_" + GATE_METRIC: champ_score})

@@ -370,6 +370,30 @@ def test_a_rerun_whose_training_fails_leaves_the_earlier_run_and_its_version(roo
     assert [v.version for v in client.search_model_versions(f"run_id = '{earlier['train']['run_id']}'")] == []
 
 
+def test_a_retried_register_step_reuses_the_version_of_its_run(root, store, monkeypatch):
+    client = MlflowClient(store)
+    real_promote = tracking.promote
+
+    def promote_fails(*args, **kwargs):  # a tracking server blip after the version was registered
+        raise mlflow.exceptions.MlflowException("registry unavailable", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(tracking, "promote", promote_fails)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="unavailable"):
+        night(root, store, "retry", "2026-01-01")
+    monkeypatch.setattr(tracking, "promote", real_promote)
+    (failed,) = client.search_runs([client.get_experiment_by_name("recblr-retry").experiment_id])
+    run_id = failed.info.run_id
+    model_path = str(root / "data" / "retry" / "runs" / "2026-01-01" / "model" / "model.pt")
+    registered = [str(v.version) for v in client.search_model_versions(f"run_id = '{run_id}'")]
+    assert registered == ["1"]
+    # Airflow retries the task: the same version, then the gate; and again, as after a failure past the gate
+    for _ in range(2):
+        decision = run.register_step(root / "data" / "retry", "2026-01-01", store, run_id, model_path)
+        assert (decision["version"], decision["promoted"]) == ("1", True)
+    assert [str(v.version) for v in client.search_model_versions(f"run_id = '{run_id}'")] == registered
+    assert client.get_run(run_id).data.tags["gate.decision"] == "champion"
+
+
 def test_ui_json_names_the_loopback_url_and_serves_the_default_store(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

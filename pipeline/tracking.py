@@ -275,7 +275,8 @@ def log_training(result: dict, prepared_dir: Path) -> None:
     import pandas as pd
 
     mlflow.log_params(flatten("", {"model": result["model"], "config": result["config"], "train": result["train"]}))
-    mlflow.log_metrics({"best_epoch": result["best_epoch"], "train_seconds": result["seconds"]})
+    # not train_seconds, the epoch's key: the whole fit, its validation and final evaluation included
+    mlflow.log_metrics({"best_epoch": result["best_epoch"], "fit_seconds": result["seconds"]})
     mlflow.set_tag("recblr.stopped", result["stopped"])  # early stopping, epoch cap, time budget or diverged
     history = pd.DataFrame(result["history"])
     with tempfile.TemporaryDirectory() as tmp:

@@ -394,6 +394,19 @@ def test_a_retried_register_step_reuses_the_version_of_its_run(root, store, monk
     assert client.get_run(run_id).data.tags["gate.decision"] == "champion"
 
 
+def test_a_metric_key_means_one_thing(root, store):
+    run_id = night(root, store, "keys", "2026-01-01")["train"]["run_id"]
+    client = MlflowClient(store)
+    # train_seconds is each epoch's (steps 1..N), fit_seconds the whole fit's: the UI shows a key's last step
+    assert [m.step for m in client.get_metric_history(run_id, "train_seconds")] == [1]
+    assert [m.step for m in client.get_metric_history(run_id, "fit_seconds")] == [0]
+    # valid_* is the saved model, the best epoch's, scored again by the evaluate step
+    metrics = client.get_run(run_id).data.metrics
+    (at_best,) = [m.value for m in client.get_metric_history(run_id, "val_ndcg_at_10")
+                  if m.step == metrics["best_epoch"]]
+    assert metrics["valid_ndcg_at_10"] == pytest.approx(at_best)
+
+
 def test_ui_json_names_the_loopback_url_and_serves_the_default_store(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

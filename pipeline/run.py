@@ -10,6 +10,7 @@ its errors name the partition's own paths. Steps take and return plain JSON type
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ from pipeline.errors import PipelineError
 
 
 RUN_KEY_CHARS = "A-Za-z0-9_.-"  # a run key is one folder name under DATA_DIR/runs, never a path
+# each data step's summary in the partition: what made the data, which train logs with the model (tracking.log_data)
+RECORDS = {"ingest": "ingest.json", "validate": "validate.json", "prepare": "prepared/summary.json"}
 
 
 def run_key_for(logical_date, run_id: str | None = None) -> str:
@@ -67,9 +70,17 @@ def _publish(tmp: Path, target: Path) -> Path:
     return target
 
 
+def _write_record(path: Path, record: dict) -> None:
+    """A step's summary as JSON, renamed into place like the step's other outputs."""
+    staged = path.with_name(f".{path.name}.tmp")
+    staged.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(staged, path)
+
+
 def ingest_step(data_dir: Path, run_key: str, source: str | None = None, fmt: str = "csv",
                 synthetic: dict | None = None, **options) -> dict:
-    """Parse and validate the raw source into the run's events.
+    """Parse and validate the raw source into the run's events; ingest.json records the summary with the
+    format_options (and synthetic settings) it read the source with.
 
     source None: generate the synthetic log first (`synthetic` = write_synthetic_log's n_users, n_items,
     seed, mean_events) into the run's raw/ and read it as csv.
@@ -78,6 +89,7 @@ def ingest_step(data_dir: Path, run_key: str, source: str | None = None, fmt: st
     from pipeline.synthetic import write_synthetic_log
 
     part = partition(data_dir, run_key)
+    generated = {}
     if source is None:
         if fmt != "csv":
             raise PipelineError(f"without a source the pipeline generates the synthetic csv log; got format {fmt}")
@@ -85,14 +97,18 @@ def ingest_step(data_dir: Path, run_key: str, source: str | None = None, fmt: st
         staged = write_synthetic_log(source.with_name(".synthetic.csv.tmp"), **(synthetic or {}))
         os.replace(staged, source)
         options.setdefault("rating_col", "rating")
-    return ingest(Path(source), fmt, part, **options)
+        generated = {"synthetic": synthetic or {}}
+    summary = ingest(Path(source), fmt, part, **options)
+    _write_record(part / RECORDS["ingest"], {**summary, "format_options": options, **generated})
+    return summary
 
 
 def validate_step(data_dir: Path, run_key: str, max_quarantined: float = 0.05) -> dict:
     """The gate after ingest: stop the run when too large a share of the source was rejected.
 
     Row-level rules already ran inside ingest (rejected rows are in quarantine.parquet); this step judges
-    the batch as a whole, so a broken export fails here instead of training on what little survived.
+    the batch as a whole, so a broken export fails here instead of training on what little survived. A batch that
+    passes leaves the verdict in validate.json.
     """
     import pyarrow.parquet as pq
 
@@ -105,7 +121,10 @@ def validate_step(data_dir: Path, run_key: str, max_quarantined: float = 0.05) -
     if kept == 0 or share > max_quarantined:
         raise PipelineError(f"{part / 'quarantine.parquet'}: {len(quarantine)} of {total} rows rejected "
                             f"({share:.1%} > max_quarantined {max_quarantined:.1%}); reasons {reasons}")
-    return {"rows_kept": kept, "rows_quarantined": len(quarantine), "quarantined_share": share, "reasons": reasons}
+    verdict = {"max_quarantined": max_quarantined, "rows_kept": kept, "rows_quarantined": len(quarantine),
+               "quarantined_share": share, "reasons": reasons}
+    _write_record(part / RECORDS["validate"], verdict)
+    return verdict
 
 
 def prepare_step(data_dir: Path, run_key: str, min_count: int = 5) -> dict:
@@ -163,7 +182,8 @@ def check_settings(model: str = "recblr", train: dict | None = None, overrides: 
 
 def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "recblr", train: dict | None = None,
                overrides: dict | None = None, nproc_per_node: int | str = 1) -> dict:
-    """Train on the run's prepared data, logging to a fresh MLflow run; the weights land in <partition>/model.
+    """Train on the run's prepared data, logging to a fresh MLflow run, with what made the data (the partition's
+    RECORDS); the weights land in <partition>/model.
 
     train: TrainConfig fields by name, None for its default (see recblr.train.TrainConfig for what each
     means). The pipeline's callers pass epochs, max_len, time_budget_s, compile, recompute and batch_by_length:
@@ -184,6 +204,7 @@ def train_step(data_dir: Path, run_key: str, tracking_uri: str, model: str = "re
     shutil.rmtree(work, ignore_errors=True)  # a worker killed outright leaves its folder to the next attempt
     run_id = tracking.start_training_run(tracking_uri, tracking.dataset_name(data_dir), run_key, part / "prepared")
     try:
+        tracking.log_data({step: part / name for step, name in RECORDS.items()}, run_key, nproc)
         result = fit_on_processes(nproc, part, work, model, overrides=overrides or None, train=config,
                                   on_epoch=tracking.log_epoch)
         tracking.log_training(result, part / "prepared")

@@ -260,6 +260,28 @@ def replace_earlier_runs(run_id: str) -> None:
             client.delete_run(old.info.run_id)
 
 
+# per step, what log_data takes from its record as params: the settings to make the data again and the counts it saw
+DATA_PARAMS = {"ingest": ("source", "format", "format_options", "synthetic", "rows_in", "rows_kept", "rows_quarantined",
+                          "rows_filtered"),
+               "validate": ("max_quarantined",),
+               "prepare": ("min_count", "users", "items", "interactions")}
+
+
+def log_data(records: dict[str, Path], run_key: str, nproc_per_node: int) -> None:
+    """What made the run's data, so that a version can be made again from MLflow alone: from each step's record (a
+    step name of DATA_PARAMS: its JSON summary) the params `<step>.<key>`, and the whole record under artifacts data/;
+    with them the run key and the training processes. A record the partition lacks (one made by hand or by `recblr
+    ingest`, not the pipeline) is left out."""
+    params = {"run_key": run_key, "nproc_per_node": nproc_per_node}
+    for step, path in records.items():
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        params.update(flatten(step, {key: record[key] for key in DATA_PARAMS[step] if key in record}))
+        mlflow.log_artifact(str(path), "data")
+    mlflow.log_params(params)
+
+
 def log_epoch(epoch: int, metrics: dict) -> None:
     """fit's on_epoch hook: loss and validation metrics of one epoch, keyed by epoch."""
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch" and isinstance(v, (int, float))},

@@ -163,9 +163,15 @@ def test_dag_runs_end_to_end_and_gate_keeps_a_worse_candidate(dag, workdir, monk
     assert gate.params["model"] == "recblr" and gate.params["config.d_model"] == "16"
     assert gate.tags["recblr.stopped"] == "time budget" and gate.params["train.time_budget_s"] == "0.001"
     assert gate.params["train.recompute"] == "True"
+    # what made the data, from the partition's records: the train task gets it from no other task
+    assert (gate.params["run_key"], gate.params["nproc_per_node"]) == ("2026-01-02", "2")
+    assert gate.params["ingest.format"] == "csv" and gate.params["ingest.synthetic.n_users"] == "300"
+    partition = workdir / "data" / "toy" / "runs" / "2026-01-02"
+    assert gate.params["ingest.source"] == str(partition / "raw" / "synthetic.csv")
+    assert (gate.params["validate.max_quarantined"], gate.params["prepare.min_count"]) == ("0.05", "5")
     assert {"val_ndcg_at_10", "loss", "test_ndcg_at_10"} <= set(gate.metrics)
     artifacts = {a.path for a in client.list_artifacts(challenger.run_id)}
-    assert {"plots", "metrics", "item_map"} <= artifacts
+    assert {"plots", "metrics", "item_map", "data"} <= artifacts
     data = workdir / "data" / "toy"
     assert sorted(p.name for p in (data / "runs").iterdir()) == ["2026-01-01", "2026-01-02"]
     from airflow.models.asset import AssetEvent

@@ -334,10 +334,11 @@ def test_rerun_of_a_run_key_keeps_the_run_of_the_champion(tmp_path, store, weigh
 TINY_LOG = {"n_users": 100, "n_items": 50, "mean_events": 10}
 
 
-def night(root, store, dataset, run_key):
-    """`recblr run` of the popularity model on a tiny synthetic log: the whole pipeline in about a second."""
+def night(root, store, dataset, run_key, **settings):
+    """`recblr run` of the popularity model, by default on a tiny synthetic log: the whole pipeline in about a
+    second."""
     return run.run_pipeline(root / "data" / dataset, run_key=run_key, model="pop", train={"epochs": 1, "max_len": 20},
-                            synthetic=TINY_LOG, tracking_uri=store)
+                            tracking_uri=store, **{"synthetic": TINY_LOG, **settings})
 
 
 def test_a_rerun_whose_training_fails_leaves_the_earlier_run_and_its_version(root, store, monkeypatch):
@@ -405,6 +406,32 @@ def test_a_metric_key_means_one_thing(root, store):
     (at_best,) = [m.value for m in client.get_metric_history(run_id, "val_ndcg_at_10")
                   if m.step == metrics["best_epoch"]]
     assert metrics["valid_ndcg_at_10"] == pytest.approx(at_best)
+
+
+def test_a_run_logs_what_made_its_data(root, store, tmp_path):
+    rng = np.random.default_rng(0)
+    source = tmp_path / "orders.csv"
+    rows = [f"u{u};sku{rng.integers(20)};{1_700_000_000 + 60 * n}" for u in range(30) for n in range(8)]
+    source.write_text("\n".join(["uid;sku;ts", *rows, "u0;sku1;soon"]) + "\n")  # the last row is quarantined
+    options = {"user_col": "uid", "item_col": "sku", "time_col": "ts", "delimiter": ";"}
+    out = night(root, store, "made", "2026-01-01", source=str(source), format_options=options, min_count=4,
+                max_quarantined=0.2)
+    run_id = out["train"]["run_id"]
+    client = MlflowClient(store)
+    params = client.get_run(run_id).data.params
+    assert {key: value for key, value in params.items() if key.split(".")[0] in tracking.DATA_PARAMS} == {
+        "ingest.source": str(source), "ingest.format": "csv", "ingest.format_options.user_col": "uid",
+        "ingest.format_options.item_col": "sku", "ingest.format_options.time_col": "ts",
+        "ingest.format_options.delimiter": ";", "ingest.rows_in": "241", "ingest.rows_kept": "240",
+        "ingest.rows_quarantined": "1", "ingest.rows_filtered": "0", "validate.max_quarantined": "0.2",
+        "prepare.min_count": "4", "prepare.users": str(out["prepare"]["users"]),
+        "prepare.items": str(out["prepare"]["items"]), "prepare.interactions": str(out["prepare"]["interactions"])}
+    assert (params["run_key"], params["nproc_per_node"]) == ("2026-01-01", "1")
+    part = root / "data" / "made" / "runs" / "2026-01-01"
+    assert json.loads((part / "ingest.json").read_text())["format_options"] == options  # the partition keeps them
+    logged = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="data", dst_path=str(tmp_path)))
+    assert json.loads((logged / "validate.json").read_text())["max_quarantined"] == 0.2
+    assert sorted(p.name for p in logged.iterdir()) == ["ingest.json", "summary.json", "validate.json"]
 
 
 def test_ui_json_names_the_loopback_url_and_serves_the_default_store(tmp_path, monkeypatch):

@@ -86,18 +86,19 @@ def ingest_step(data_dir: Path, run_key: str, source: str | None = None, fmt: st
     seed, mean_events) into the run's raw/ and read it as csv.
     """
     from pipeline.ingest import ingest
-    from pipeline.synthetic import write_synthetic_log
+    from pipeline.synthetic import check_synthetic, write_synthetic_log
 
+    settings = check_synthetic(synthetic)  # a misnamed size fails here, not as a TypeError Airflow would retry
     part = partition(data_dir, run_key)
     generated = {}
     if source is None:
         if fmt != "csv":
             raise PipelineError(f"without a source the pipeline generates the synthetic csv log; got format {fmt}")
         source = part / "raw" / "synthetic.csv"
-        staged = write_synthetic_log(source.with_name(".synthetic.csv.tmp"), **(synthetic or {}))
+        staged = write_synthetic_log(source.with_name(".synthetic.csv.tmp"), **settings)
         os.replace(staged, source)
         options.setdefault("rating_col", "rating")
-        generated = {"synthetic": synthetic or {}}
+        generated = {"synthetic": settings}
     summary = ingest(Path(source), fmt, part, **options)
     _write_record(part / RECORDS["ingest"], {**summary, "format_options": options, **generated})
     return summary

@@ -168,3 +168,11 @@ def test_a_failed_training_leaves_the_previous_model_and_no_work_folder(tmp_path
     with pytest.raises(PipelineError, match="loss is nan"):
         train_step(tmp_path / "d", "k", f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert _hidden(part) == [] and (part / "model" / "model.pt").read_bytes() == b"yesterday's weights"
+
+
+@pytest.mark.parametrize("synthetic", [{"users": 300}, {"n_users": "300"}])
+def test_a_misnamed_or_mistyped_synthetic_size_fails_before_anything_is_written(tmp_path, synthetic):
+    # a TypeError from inside the generator would take the DAG task's retries; a PipelineError fails it at once
+    with pytest.raises(PipelineError, match=next(iter(synthetic))):
+        ingest_step(tmp_path / "d", "k", synthetic=synthetic)
+    assert not (tmp_path / "d").exists()

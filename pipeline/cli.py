@@ -24,6 +24,10 @@ console = Console(stderr=True)
 
 DataDir = typer.Option(Path("data/default"), "--data-dir", help="Folder for this dataset's files.")
 AsJson = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout.")
+TrackingUri = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                           help="Default: SQLite under the data root.")
+ModelName = typer.Option(None, "--model-name",
+                         help="Registered model name (default recblr-<DATA_DIR's name>: one per dataset).")
 MinCount = typer.Option(5, "--min-count", min=MIN_EVENTS_PER_USER,
                         help="k of the k-core filter: keep users and items with at least this many events.")
 # ingest's options, which `recblr run` passes on to its ingest step
@@ -34,7 +38,8 @@ TimeCol = typer.Option(None, "--time-col", help="Header name of the timestamp: U
 RatingCol = typer.Option(None, "--rating-col", help="Header name of the rating (optional).")
 BehaviorCol = typer.Option(None, "--behavior-col", help="Header name of the behavior (optional).")
 Delimiter = typer.Option(None, "--delimiter", help="csv field separator, e.g. ',' or '\\t'; default: sniffed.")
-Behaviors = typer.Option(None, "--behaviors", help="Keep only these behaviors, e.g. buy,cart (taobao; csv and recbole with a behavior column).")
+Behaviors = typer.Option(None, "--behaviors",
+                         help="Keep only these behaviors, e.g. buy,cart (taobao; csv and recbole with a behavior column).")
 RatingMin = typer.Option(None, "--rating-min", help="Lowest valid rating (default 0).")
 RatingMax = typer.Option(None, "--rating-max", help="Highest valid rating (default 10).")
 
@@ -100,7 +105,7 @@ def compare(
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Most recent items a model reads."),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout for every model that has one."),
     set_: list[str] = typer.Option([], "--set", help="MODEL.FIELD=VALUE config override, repeatable."),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
+    tracking_uri: Optional[str] = TrackingUri,
     as_json: bool = AsJson,
 ) -> None:
     """Train and evaluate several models on one prepared dataset: a table, a bar chart, MLflow runs."""
@@ -268,7 +273,7 @@ def evaluate(
 @app.command()
 def recommend(
     data_dir: Path = DataDir,
-    model_name: Optional[str] = typer.Option(None, "--model-name", help="Registered model name (default recblr-<DATA_DIR's name>: one per dataset)."),
+    model_name: Optional[str] = ModelName,
     alias: str = typer.Option("champion", "--alias", help="Registry alias of the version to serve."),
     k: int = typer.Option(10, "--k", help="Items per user."),
     out: Optional[Path] = typer.Option(None, "--out", help="Parquet file (default DATA_DIR/recommendations.parquet)."),
@@ -276,8 +281,7 @@ def recommend(
     batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Users per chunk (capped so users x items stays bounded)."),
     exclude_history: bool = typer.Option(False, "--exclude-history", help="Never recommend an item the user already has."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (the model under autocast; scores ranked in float32)."),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
-                                               help="Default: SQLite under the data root."),
+    tracking_uri: Optional[str] = TrackingUri,
     as_json: bool = AsJson,
 ) -> None:
     """Write the top-K next items of every prepared user from a registered model version to Parquet."""
@@ -317,9 +321,8 @@ def run_all(
     batch_by_length: bool = typer.Option(False, "--batch-by-length/--no-batch-by-length", help="Batches of similar-length windows, as `recblr train --batch-by-length`."),
     min_count: int = MinCount,
     max_quarantined: float = typer.Option(0.05, "--max-quarantined", min=0.0, max=1.0, help="Largest share of rejected rows."),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
-                                               help="Default: SQLite under the data root."),
-    model_name: Optional[str] = typer.Option(None, "--model-name", help="Registered model name (default recblr-<DATA_DIR's name>: one per dataset)."),
+    tracking_uri: Optional[str] = TrackingUri,
+    model_name: Optional[str] = ModelName,
     as_json: bool = AsJson,
 ) -> None:
     """The whole pipeline without Airflow: ingest, validate, prepare, train, evaluate, register and promote."""
@@ -351,8 +354,7 @@ def run_all(
 @app.command()
 def ui(
     data_dir: Path = DataDir,
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
-                                               help="Default: SQLite under the data root."),
+    tracking_uri: Optional[str] = TrackingUri,
     artifacts: Optional[str] = typer.Option(None, "--artifacts", help="Artifact folder or URI (default beside SQLite)."),
     port: int = typer.Option(5000, "--port"),
     as_json: bool = typer.Option(False, "--json", help="Print {url, tracking_uri} as one JSON line before serving."),

@@ -144,8 +144,9 @@ def recommend(data_dir: Path, model_name: str | None = None, alias: str = "champ
         max_len = trained_max_len(weights) or 50
         item_ids = ids_by_index(model_dir / "artifacts" / "items.parquet")
     prepared_ids = ids_by_index(prepared / "items.parquet")
-    inputs = data.history.append(data.valid_item).append(data.test_item).remap(vocabulary_lut(prepared_ids, item_ids))
-    unknown_items = len(set(prepared_ids[1:]) - set(item_ids[1:]))
+    lut = vocabulary_lut(prepared_ids, item_ids)
+    inputs = data.history.append(data.valid_item).append(data.test_item).remap(lut)
+    unknown_items = int((lut[1:] == 0).sum())
     no_known_items = int((np.diff(inputs.offsets) == 0).sum())
     if no_known_items == data.n_users:  # every user would get the same, popularity-like list
         raise PipelineError(f"none of {prepared}'s {len(prepared_ids) - 1} items is in the vocabulary of "

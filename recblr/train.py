@@ -347,8 +347,8 @@ def fit(prepared_dir: Path, run_dir: Path, model: str = "recblr", *, overrides: 
     """Train `model` on prepared_dir; run_dir gets checkpoint.pt (latest) and model.pt (best validation).
 
     Returns {"model", "config", "train", "epochs", "best_epoch", "stopped" (why training ended: "early stopping",
-    "epoch cap", "time budget" or "diverged": a NaN loss after the best epoch), "valid", "test", "history", "model_path", "seconds"} (None on DDP ranks
-    other than 0); on_epoch(epoch, record) is called on rank 0 after each epoch's checkpoint is written.
+    "epoch cap", "time budget" or "diverged": a NaN loss after the best epoch), "valid", "test", "history",
+    "model_path", "seconds"} (None on DDP ranks other than 0); on_epoch(epoch, record) is called on rank 0 after each epoch's checkpoint is written.
     """
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     cfg = (train or TrainConfig()).resolved()
